@@ -1,0 +1,111 @@
+//! Errors of the fetcher: each names the object, the store and the cause.
+
+use format::ChunkId;
+
+/// Why a chunk could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkFault {
+    /// The manifest names it but the store does not have it.
+    #[error("missing from the store")]
+    Missing,
+    /// The store failed to deliver it.
+    #[error("{0}")]
+    Store(Box<Error>),
+    /// It arrived but did not decode (corrupt, truncated, tampered with).
+    #[error("{0}")]
+    Decode(#[from] format::Error),
+}
+
+/// An error of a store or parcel operation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store URL could not be understood or opened.
+    #[error("store URL {url}: {why}")]
+    BadUrl { url: String, why: String },
+    /// An object that must exist does not.
+    #[error("{op} {object} in {store}: not found")]
+    NotFound {
+        op: &'static str,
+        object: String,
+        store: String,
+    },
+    /// The store refused the credentials or the operation.
+    #[error("{op} {object} in {store}: access denied ({detail})")]
+    Denied {
+        op: &'static str,
+        object: String,
+        store: String,
+        detail: String,
+    },
+    /// Any other store failure (after retries, for transient ones).
+    #[error("{op} {object} in {store} failed: {source}")]
+    Store {
+        op: &'static str,
+        object: String,
+        store: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+    /// A write to a read-only store (an http(s) mirror).
+    #[error("store {store} is read-only (an http(s) mirror); use file:// or s3:// to write")]
+    ReadOnly { store: String },
+    /// A parcel name isr does not accept.
+    #[error("invalid parcel name {name:?}: {why}")]
+    BadParcelName { name: String, why: &'static str },
+    /// The parcel has no version in the store.
+    #[error("parcel {parcel} does not exist in {store}")]
+    NoParcel { parcel: String, store: String },
+    /// The asked-for version does not exist.
+    #[error("parcel {parcel} has no version {version} (HEAD is version {head})")]
+    NoVersion {
+        parcel: String,
+        version: u64,
+        head: u64,
+    },
+    /// The manifest was written under another key.
+    #[error("the key does not open parcel {parcel} (manifest {object})")]
+    WrongKey { parcel: String, object: String },
+    /// The manifest is damaged or of an unsupported format.
+    #[error("manifest {object} of parcel {parcel} is unusable: {source}")]
+    BadManifest {
+        parcel: String,
+        object: String,
+        #[source]
+        source: format::Error,
+    },
+    /// A chunk named by a manifest is missing, unreadable or corrupt.
+    #[error("chunk {id} (disk chunk {index}) of parcel {parcel} version {version}: {fault}")]
+    BadChunk {
+        id: ChunkId,
+        index: u64,
+        parcel: String,
+        version: u64,
+        fault: ChunkFault,
+    },
+    /// Somebody else published this version first (put-if-absent lost).
+    #[error(
+        "version {version} of parcel {parcel} was published by another writer first; nothing was overwritten"
+    )]
+    VersionExists { parcel: String, version: u64 },
+    /// A request that contradicts the parcel (e.g. another chunk size).
+    #[error("{0}")]
+    Invalid(String),
+    /// A local file failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! isr's data plane below the block device: store back ends, parcels
+//! (versions, manifests, HEAD), and moving chunks between a store and local
+//! files.
+//!
+//! ```text
+//!   ops::{import, export, verify}   whole-image transfers, parallel
+//!           │
+//!        Parcel                     versions of one VM: HEAD, manifests, chunks
+//!           │
+//!        Store                      one trait object (object_store), any back end:
+//!           │                       file://, s3://, http(s):// (read-only), memory://
+//!   object_store back ends          retries with backoff, conditional create
+//! ```
+
+mod error;
+pub mod ops;
+mod parcel;
+pub mod sparse;
+mod store;
+
+pub use error::{ChunkFault, Error};
+pub use parcel::{Parcel, Published};
+pub use store::{PutOutcome, Store, StoreOptions, validate_parcel_name};
+
+/// A progress sink: called with the number of bytes just processed.
+pub type Progress = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
+
+/// A progress sink that ignores everything.
+pub fn no_progress() -> Progress {
+    std::sync::Arc::new(|_| {})
+}

@@ -1,0 +1,304 @@
+//! Import: a raw image becomes the next version of a parcel.
+//!
+//! Reader/encoder threads (one per core) read the image's data extents chunk
+//! by chunk, skip all-zero chunks, and encode the rest; an async uploader
+//! skips chunks the store already has and uploads the others with bounded
+//! concurrency. Only when every chunk is durable in the store is the manifest
+//! created (invariant 4).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use format::chunk::{ChunkEncoder, EncodedChunk};
+use format::{ChunkEntry, ChunkKey, DEFAULT_CHUNK_SIZE, Geometry, Manifest};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use crate::{Error, Parcel, Progress, PutOutcome, sparse};
+
+/// How to import.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    /// Chunk size; `None` keeps the parcel's (or the default for a new one).
+    pub chunk_size: Option<u32>,
+    /// Encoder threads.
+    pub threads: usize,
+    /// Store requests in flight.
+    pub concurrency: usize,
+    /// Host name recorded in the manifest.
+    pub host: String,
+    /// Creation time recorded in the manifest (Unix seconds).
+    pub created_unix: i64,
+    /// zstd level.
+    pub zstd_level: i32,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        ImportOptions {
+            chunk_size: None,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            concurrency: super::DEFAULT_CONCURRENCY,
+            host: String::new(),
+            created_unix: 0,
+            zstd_level: 1,
+        }
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImportSummary {
+    /// The version published.
+    pub version: u64,
+    /// Chunks in the image.
+    pub chunks: u64,
+    /// All-zero chunks (not stored).
+    pub zero_chunks: u64,
+    /// Non-zero chunks the store already had (or that repeat in the image).
+    pub dedup_chunks: u64,
+    /// Chunks uploaded.
+    pub uploaded_chunks: u64,
+    /// Size of the image.
+    pub bytes_in: u64,
+    /// Bytes of chunk objects uploaded.
+    pub bytes_uploaded: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+enum Encoded {
+    Zero(u64),
+    Data(u64, EncodedChunk),
+}
+
+/// Imports the image at `path` as the next version of `parcel`.
+pub async fn import(
+    parcel: &Parcel,
+    path: &Path,
+    options: &ImportOptions,
+    progress: Progress,
+) -> Result<ImportSummary, Error> {
+    let started = Instant::now();
+    if !parcel.store().is_writable() {
+        return Err(Error::ReadOnly {
+            store: parcel.store().url().to_owned(),
+        });
+    }
+    let file = File::open(path).map_err(|e| Error::io("open image", path, e))?;
+    let size = image_size(&file).map_err(|e| Error::io("size image", path, e))?;
+
+    let head = parcel.head().await?;
+    let parent = match head {
+        Some(v) => Some(parcel.manifest(v).await?),
+        None => None,
+    };
+    let chunk_size = match (&parent, options.chunk_size) {
+        (Some(p), Some(c)) if p.chunk_size != c => {
+            return Err(Error::Invalid(format!(
+                "parcel {} has {}-byte chunks; it cannot take {c}-byte chunks",
+                parcel.name(),
+                p.chunk_size
+            )));
+        }
+        (Some(p), _) => p.chunk_size,
+        (None, c) => c.unwrap_or(DEFAULT_CHUNK_SIZE),
+    };
+    let geometry = Geometry::new(size, chunk_size).map_err(|e| Error::Invalid(e.to_string()))?;
+
+    // Chunks that hold data per SEEK_DATA; the rest are holes, hence zero.
+    let extents =
+        sparse::data_extents(&file, size).map_err(|e| Error::io("scan image", path, e))?;
+    let mut data_chunks: Vec<u64> = Vec::new();
+    for r in &extents {
+        let first = geometry.chunk_of(r.start);
+        let last = geometry.chunk_of(r.end - 1);
+        let from = match data_chunks.last() {
+            Some(&l) if l >= first => l + 1,
+            _ => first,
+        };
+        data_chunks.extend(from..=last);
+    }
+    let hole_bytes: u64 = size
+        - data_chunks
+            .iter()
+            .map(|&c| geometry.chunk_len(c) as u64)
+            .sum::<u64>();
+    progress(hole_bytes);
+    let data_chunks = Arc::new(data_chunks);
+
+    let mut manifest = Manifest::empty(geometry);
+    manifest.parent = head;
+    manifest.host = options.host.clone();
+    manifest.created_unix = options.created_unix;
+
+    // Chunks known to be in the store: those the parent version names.
+    let mut known: HashSet<ChunkKey> = parent
+        .iter()
+        .flat_map(|m| m.chunks.iter().chain(&m.memory_chunks))
+        .filter_map(|e| match e {
+            ChunkEntry::Data(k) => Some(*k),
+            ChunkEntry::Zero => None,
+        })
+        .collect();
+
+    let threads = options.threads.max(1);
+    let (tx, mut rx) = mpsc::channel::<Result<Encoded, Error>>(threads * 4);
+    let stop = Arc::new(AtomicBool::new(false));
+    let encoders = spawn_encoders(
+        Arc::new(file),
+        path,
+        geometry,
+        data_chunks.clone(),
+        threads,
+        parcel.secret().clone(),
+        options.zstd_level,
+        tx,
+        stop.clone(),
+    );
+
+    let mut summary = ImportSummary {
+        chunks: geometry.chunk_count(),
+        zero_chunks: geometry.chunk_count() - data_chunks.len() as u64,
+        bytes_in: size,
+        ..Default::default()
+    };
+    let uploads = Arc::new(Semaphore::new(options.concurrency.max(1)));
+    let mut in_flight: JoinSet<Result<(PutOutcome, u64), Error>> = JoinSet::new();
+    let result: Result<(), Error> = async {
+        while let Some(msg) = rx.recv().await {
+            match msg? {
+                Encoded::Zero(index) => {
+                    summary.zero_chunks += 1;
+                    progress(geometry.chunk_len(index) as u64);
+                }
+                Encoded::Data(index, chunk) => {
+                    manifest.chunks[index as usize] = ChunkEntry::Data(chunk.key);
+                    let len = geometry.chunk_len(index) as u64;
+                    if !known.insert(chunk.key) {
+                        summary.dedup_chunks += 1;
+                        progress(len);
+                        continue;
+                    }
+                    let permit = uploads.clone().acquire_owned().await.expect("never closed");
+                    let store = parcel.store().clone();
+                    let progress = progress.clone();
+                    in_flight.spawn(async move {
+                        let _permit = permit;
+                        let size = chunk.object.len() as u64;
+                        let outcome = if store.has_chunk(&chunk.id).await? {
+                            PutOutcome::AlreadyPresent
+                        } else {
+                            store
+                                .put_chunk(&chunk.id, Bytes::from(chunk.object))
+                                .await?
+                        };
+                        progress(len);
+                        Ok((outcome, size))
+                    });
+                }
+            }
+            while let Some(done) = in_flight.try_join_next() {
+                count_upload(&mut summary, done)?;
+            }
+        }
+        while let Some(done) = in_flight.join_next().await {
+            count_upload(&mut summary, done)?;
+        }
+        Ok(())
+    }
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    drop(rx);
+    for t in encoders {
+        let _ = t.join();
+    }
+    result?;
+
+    let version = head.map_or(1, |h| h + 1);
+    parcel.publish(&manifest, version).await?;
+    summary.version = version;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+fn count_upload(
+    summary: &mut ImportSummary,
+    done: Result<Result<(PutOutcome, u64), Error>, tokio::task::JoinError>,
+) -> Result<(), Error> {
+    match done.expect("upload tasks do not panic")? {
+        (PutOutcome::Created, size) => {
+            summary.uploaded_chunks += 1;
+            summary.bytes_uploaded += size;
+        }
+        (PutOutcome::AlreadyPresent, _) => summary.dedup_chunks += 1,
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_encoders(
+    file: Arc<File>,
+    path: &Path,
+    geometry: Geometry,
+    chunks: Arc<Vec<u64>>,
+    threads: usize,
+    secret: format::Secret,
+    level: i32,
+    tx: mpsc::Sender<Result<Encoded, Error>>,
+    stop: Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    (0..threads)
+        .map(|_| {
+            let (file, chunks, next, tx, stop) = (
+                file.clone(),
+                chunks.clone(),
+                next.clone(),
+                tx.clone(),
+                stop.clone(),
+            );
+            let path = path.to_owned();
+            let mut encoder = ChunkEncoder::new(secret.clone(), level);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; geometry.chunk_size() as usize];
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(&index) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return;
+                    };
+                    let data = &mut buf[..geometry.chunk_len(index) as usize];
+                    let msg = match file.read_exact_at(data, geometry.chunk_offset(index)) {
+                        Err(e) => Err(Error::io("read image", &path, e)),
+                        Ok(()) if format::is_zero(data) => Ok(Encoded::Zero(index)),
+                        Ok(()) => encoder
+                            .encode(data)
+                            .map(|c| Encoded::Data(index, c))
+                            .map_err(|e| Error::Invalid(e.to_string())),
+                    };
+                    if tx.blocking_send(msg).is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Size of a regular file or block device.
+fn image_size(file: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let meta = file.metadata()?;
+    if meta.is_file() {
+        Ok(meta.len())
+    } else {
+        // Block devices report 0 in metadata; their end is their size.
+        let mut f = file;
+        f.seek(SeekFrom::End(0))
+    }
+}

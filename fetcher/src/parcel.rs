@@ -1,0 +1,154 @@
+//! A parcel: the versions of one VM in a store, opened with the user's key.
+
+use bytes::Bytes;
+use format::chunk::ChunkDecoder;
+use format::{ChunkKey, Manifest, Secret};
+
+use crate::store::validate_parcel_name;
+use crate::{ChunkFault, Error, Store};
+
+/// One parcel of a store, with the secret that opens it.
+#[derive(Debug, Clone)]
+pub struct Parcel {
+    store: Store,
+    name: String,
+    secret: Secret,
+}
+
+/// The result of a successful publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The version now at HEAD.
+    pub version: u64,
+}
+
+impl Parcel {
+    /// A handle on parcel `name` (which need not exist yet).
+    pub fn new(store: Store, name: &str, secret: Secret) -> Result<Parcel, Error> {
+        validate_parcel_name(name)?;
+        Ok(Parcel {
+            store,
+            name: name.to_owned(),
+            secret,
+        })
+    }
+
+    /// The store the parcel lives in.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The parcel's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The secret that opens it.
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    /// The newest version, or `None` for a parcel not yet created.
+    pub async fn head(&self) -> Result<Option<u64>, Error> {
+        self.store.head(&self.name).await
+    }
+
+    /// The newest version; [`Error::NoParcel`] if there is none.
+    pub async fn require_head(&self) -> Result<u64, Error> {
+        self.head().await?.ok_or_else(|| Error::NoParcel {
+            parcel: self.name.clone(),
+            store: self.store.url().to_owned(),
+        })
+    }
+
+    /// Version `version`, or HEAD when `None`, with its decoded manifest.
+    pub async fn resolve(&self, version: Option<u64>) -> Result<(u64, Manifest), Error> {
+        let head = self.require_head().await?;
+        let version = version.unwrap_or(head);
+        if version == 0 || version > head {
+            return Err(Error::NoVersion {
+                parcel: self.name.clone(),
+                version,
+                head,
+            });
+        }
+        Ok((version, self.manifest(version).await?))
+    }
+
+    /// Fetches and decodes the manifest of `version`.
+    pub async fn manifest(&self, version: u64) -> Result<Manifest, Error> {
+        let object = Store::manifest_path(&self.name, version);
+        let bytes = self
+            .store
+            .get_manifest(&self.name, version)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                op: "get manifest",
+                object: object.clone(),
+                store: self.store.url().to_owned(),
+            })?;
+        Manifest::decode(&bytes, &self.secret, &self.name, version).map_err(|e| match e {
+            format::Error::WrongKey { .. } => Error::WrongKey {
+                parcel: self.name.clone(),
+                object,
+            },
+            source => Error::BadManifest {
+                parcel: self.name.clone(),
+                object,
+                source,
+            },
+        })
+    }
+
+    /// Publishes `manifest` as `version`. The caller must have made every
+    /// chunk it names durable in the store first (invariant 4): the manifest's
+    /// creation is the commit point, and it fails rather than overwrite.
+    pub async fn publish(&self, manifest: &Manifest, version: u64) -> Result<Published, Error> {
+        let object = manifest
+            .encode(&self.secret, &self.name, version)
+            .map_err(|source| Error::BadManifest {
+                parcel: self.name.clone(),
+                object: Store::manifest_path(&self.name, version),
+                source,
+            })?;
+        self.store
+            .create_manifest(&self.name, version, Bytes::from(object))
+            .await?;
+        // The version is committed; a failed hint only costs the next reader
+        // a few more existence checks.
+        let _ = self.store.put_head_hint(&self.name, version).await;
+        Ok(Published { version })
+    }
+
+    /// Fetches chunk `key` (disk chunk `index` of `version`, for messages),
+    /// verifies, decrypts and decompresses it into `len` bytes. Decoding runs
+    /// on tokio's blocking pool, off the async threads.
+    pub async fn fetch_chunk(
+        &self,
+        key: ChunkKey,
+        len: usize,
+        index: u64,
+        version: u64,
+    ) -> Result<Vec<u8>, Error> {
+        let id = key.id();
+        let bad = |fault| Error::BadChunk {
+            id,
+            index,
+            parcel: self.name.clone(),
+            version,
+            fault,
+        };
+        let object = match self.store.get_chunk(&id).await {
+            Ok(o) => o,
+            Err(Error::NotFound { .. }) => return Err(bad(ChunkFault::Missing)),
+            Err(e) => return Err(bad(ChunkFault::Store(Box::new(e)))),
+        };
+        let secret = self.secret.clone();
+        let decoded = tokio::task::spawn_blocking(move || {
+            ChunkDecoder::new(secret).decode(&key, &object, len)
+        })
+        .await
+        .expect("chunk decoding does not panic");
+        decoded.map_err(|e| bad(ChunkFault::Decode(e)))
+    }
+}

@@ -1,0 +1,410 @@
+//! The manifest: one immutable, encrypted, authenticated object per parcel
+//! version. It is the *continuation*: everything needed to resume anywhere.
+//!
+//! # Layout (format version 1), integers little-endian
+//!
+//! ```text
+//! clear header (36 bytes, authenticated as associated data):
+//!    0  4  magic "ISRm"
+//!    4  2  format version (1)
+//!    6  2  flags (0)
+//!    8 16  key fingerprint (tells a wrong key from a corrupt object)
+//!   24 12  nonce = keyed_hash(manifest key, version ‖ parcel ‖ body)[..12]
+//! then AES-256-GCM(body) and its 16-byte tag. The associated data is the
+//! header, the version number and the parcel name, so a manifest cannot be
+//! replayed as another version or another parcel.
+//!
+//! body:
+//!   disk size u64, chunk size u32, parent version u64 (0: none),
+//!   created (Unix seconds) i64, host (u16 length + UTF-8, ≤ 255 bytes)
+//!   disk chunk table          (runs, below)
+//!   memory-image size u64, memory chunk table (runs)
+//!   access trace: varint count, then zigzag varint deltas of chunk indices
+//!   extensions: varint count, then (varint tag, varint length, bytes)
+//!
+//! a chunk table is a sequence of runs covering exactly ⌈size / chunk size⌉
+//! entries; a run is a varint h with n = h >> 1 ≥ 1 entries:
+//!   h & 1 == 0: n all-zero chunks (nothing stored)
+//!   h & 1 == 1: n chunks, each followed by its 32-byte key
+//! ```
+//!
+//! A sparse 64 GiB disk of zeros is one run: the whole manifest is ~70 bytes.
+//!
+//! # Compatibility policy
+//!
+//! * A reader decodes every format version up to its own and refuses a newer
+//!   one with [`Error::UnsupportedVersion`] — never a guess.
+//! * New information goes into extensions first. An extension with an even
+//!   tag is optional: an older reader skips it. An odd tag changes the meaning
+//!   of what is there: an older reader refuses the manifest with
+//!   [`Error::UnsupportedFeature`]. Only a change that cannot be an extension
+//!   bumps the format version.
+//! * A writer writes the newest version it knows; a newer reader keeps
+//!   decoding every older version (tests keep a version-1 object to prove it).
+
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::{Aes256Gcm, Key, Nonce, Tag};
+
+use crate::wire::{Reader, Writer};
+use crate::{ChunkKey, Error, Geometry, MAX_CHUNKS, Secret};
+
+const MAGIC: &[u8; 4] = b"ISRm";
+const VERSION: u16 = 1;
+const HEADER_LEN: usize = 36;
+const TAG_LEN: usize = 16;
+const WHAT: &str = "manifest";
+/// Longest host name a manifest records.
+pub const MAX_HOST_LEN: usize = 255;
+/// Largest manifest object a reader accepts: the largest chunk table
+/// (32 bytes per chunk) plus the largest access trace, with room to spare.
+pub const MAX_MANIFEST_BYTES: u64 = 2 * 40 * MAX_CHUNKS + (1 << 20);
+
+/// One chunk of the disk or memory image, as a version records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChunkEntry {
+    /// All zeros; not stored.
+    Zero,
+    /// Stored under this key's object name.
+    Data(ChunkKey),
+}
+
+/// A decoded manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// Size of the disk in bytes.
+    pub disk_size: u64,
+    /// Chunk size of the parcel.
+    pub chunk_size: u32,
+    /// One entry per chunk of the disk.
+    pub chunks: Vec<ChunkEntry>,
+    /// Size of the memory image in bytes (0: none).
+    pub memory_size: u64,
+    /// One entry per chunk of the memory image.
+    pub memory_chunks: Vec<ChunkEntry>,
+    /// The version this one was made from.
+    pub parent: Option<u64>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: i64,
+    /// Host that created this version.
+    pub host: String,
+    /// Disk chunk indices in the order the writing session first touched them.
+    pub access_trace: Vec<u64>,
+}
+
+impl Manifest {
+    /// A manifest for a disk of `disk_size` bytes whose chunks are all zero.
+    pub fn empty(geometry: Geometry) -> Self {
+        Manifest {
+            disk_size: geometry.disk_size(),
+            chunk_size: geometry.chunk_size(),
+            chunks: vec![ChunkEntry::Zero; geometry.chunk_count() as usize],
+            memory_size: 0,
+            memory_chunks: Vec::new(),
+            parent: None,
+            created_unix: 0,
+            host: String::new(),
+            access_trace: Vec::new(),
+        }
+    }
+
+    /// The disk's geometry.
+    pub fn geometry(&self) -> Geometry {
+        Geometry::new(self.disk_size, self.chunk_size).expect("validated when built or decoded")
+    }
+
+    /// Encrypts the manifest as version `version` of `parcel`.
+    pub fn encode(&self, secret: &Secret, parcel: &str, version: u64) -> Result<Vec<u8>, Error> {
+        self.validate()?;
+        let mut body = self.encode_body();
+
+        let key = secret.manifest_key();
+        let mut hasher = blake3::Hasher::new_keyed(key);
+        hasher.update(&version.to_le_bytes());
+        hasher.update(parcel.as_bytes());
+        hasher.update(&body);
+        let nonce: [u8; 12] = hasher.finalize().as_bytes()[..12]
+            .try_into()
+            .expect("12 of 32 bytes");
+
+        let mut header = [0u8; HEADER_LEN];
+        header[0..4].copy_from_slice(MAGIC);
+        header[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        header[8..24].copy_from_slice(secret.fingerprint());
+        header[24..36].copy_from_slice(&nonce);
+        let aad = associated_data(&header, parcel, version);
+        let tag = cipher(key)
+            .encrypt_inout_detached(&Nonce::from(nonce), &aad, body.as_mut_slice().into())
+            .expect("AES-GCM encrypts any manifest-sized message");
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&tag);
+        Ok(out)
+    }
+
+    /// Authenticates and decodes version `version` of `parcel`.
+    pub fn decode(
+        object: &[u8],
+        secret: &Secret,
+        parcel: &str,
+        version: u64,
+    ) -> Result<Manifest, Error> {
+        if object.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(Error::TooLarge {
+                what: WHAT,
+                size: object.len() as u64,
+                limit: MAX_MANIFEST_BYTES,
+            });
+        }
+        if object.len() < HEADER_LEN + TAG_LEN {
+            return Err(Error::Truncated {
+                what: WHAT,
+                need: (HEADER_LEN + TAG_LEN) as u64,
+                have: object.len() as u64,
+            });
+        }
+        let (header, rest) = object.split_at(HEADER_LEN);
+        if &header[0..4] != MAGIC {
+            return Err(Error::BadMagic { what: WHAT });
+        }
+        let format_version = u16::from_le_bytes([header[4], header[5]]);
+        if format_version != VERSION {
+            return Err(Error::UnsupportedVersion {
+                what: WHAT,
+                found: format_version as u32,
+                supported: VERSION as u32,
+            });
+        }
+        if header[6..8] != [0, 0] {
+            return Err(Error::UnsupportedFeature {
+                what: WHAT,
+                feature: u16::from_le_bytes([header[6], header[7]]) as u64,
+            });
+        }
+        // A fingerprint mismatch means another key; a match with a bad tag
+        // means the object was damaged. (A flipped fingerprint bit reads as a
+        // wrong key; either way nothing unauthenticated is used.)
+        if header[8..24] != secret.fingerprint()[..] {
+            return Err(Error::WrongKey { what: WHAT });
+        }
+        let nonce: [u8; 12] = header[24..36].try_into().expect("12 bytes");
+        let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let mut body = ciphertext.to_vec();
+        cipher(secret.manifest_key())
+            .decrypt_inout_detached(
+                &Nonce::from(nonce),
+                &associated_data(header, parcel, version),
+                body.as_mut_slice().into(),
+                &Tag::try_from(tag).expect("16-byte tag"),
+            )
+            .map_err(|_| Error::AuthFailed { what: WHAT })?;
+        decode_body(&body)
+    }
+
+    fn encode_body(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::with_capacity(64 + 33 * self.chunks.len()));
+        w.u64(self.disk_size);
+        w.u32(self.chunk_size);
+        w.u64(self.parent.unwrap_or(0));
+        w.i64(self.created_unix);
+        w.u16(self.host.len() as u16);
+        w.bytes(self.host.as_bytes());
+        write_table(&mut w, &self.chunks);
+        w.u64(self.memory_size);
+        write_table(&mut w, &self.memory_chunks);
+        w.varint(self.access_trace.len() as u64);
+        let mut prev = 0i64;
+        for &chunk in &self.access_trace {
+            let delta = chunk as i64 - prev;
+            w.varint(((delta << 1) ^ (delta >> 63)) as u64);
+            prev = chunk as i64;
+        }
+        w.varint(0); // no extensions in version 1
+        w.0
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let g = Geometry::new(self.disk_size, self.chunk_size)?;
+        if self.chunks.len() as u64 != g.chunk_count() {
+            return Err(Error::malformed(
+                WHAT,
+                format!(
+                    "{} chunk entries for a disk of {} chunks",
+                    self.chunks.len(),
+                    g.chunk_count()
+                ),
+            ));
+        }
+        let mem = Geometry::new(self.memory_size, self.chunk_size)?;
+        if self.memory_chunks.len() as u64 != mem.chunk_count() {
+            return Err(Error::malformed(
+                WHAT,
+                format!(
+                    "{} memory chunk entries for an image of {} chunks",
+                    self.memory_chunks.len(),
+                    mem.chunk_count()
+                ),
+            ));
+        }
+        if self.host.len() > MAX_HOST_LEN {
+            return Err(Error::TooLarge {
+                what: "host name",
+                size: self.host.len() as u64,
+                limit: MAX_HOST_LEN as u64,
+            });
+        }
+        if self.access_trace.len() as u64 > g.chunk_count() {
+            return Err(Error::malformed(WHAT, "access trace longer than the disk"));
+        }
+        if let Some(&bad) = self.access_trace.iter().find(|&&c| c >= g.chunk_count()) {
+            return Err(Error::malformed(
+                WHAT,
+                format!("access trace names chunk {bad} past the end of the disk"),
+            ));
+        }
+        if self.parent == Some(0) {
+            return Err(Error::malformed(WHAT, "parent version 0 does not exist"));
+        }
+        Ok(())
+    }
+}
+
+fn associated_data(header: &[u8], parcel: &str, version: u64) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(header.len() + 8 + parcel.len());
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(&version.to_le_bytes());
+    aad.extend_from_slice(parcel.as_bytes());
+    aad
+}
+
+fn cipher(key: &[u8; 32]) -> Aes256Gcm {
+    Aes256Gcm::new(&Key::<Aes256Gcm>::from(*key))
+}
+
+fn write_table(w: &mut Writer, entries: &[ChunkEntry]) {
+    let mut i = 0;
+    while i < entries.len() {
+        let zero = entries[i] == ChunkEntry::Zero;
+        let run = entries[i..]
+            .iter()
+            .take_while(|e| (**e == ChunkEntry::Zero) == zero)
+            .count();
+        w.varint(((run as u64) << 1) | u64::from(!zero));
+        for e in &entries[i..i + run] {
+            if let ChunkEntry::Data(key) = e {
+                w.bytes(&key.0);
+            }
+        }
+        i += run;
+    }
+}
+
+fn read_table(r: &mut Reader, count: u64) -> Result<Vec<ChunkEntry>, Error> {
+    // `count` is bounded by MAX_CHUNKS through Geometry::new.
+    let mut entries = Vec::with_capacity(count.min(1 << 16) as usize);
+    while (entries.len() as u64) < count {
+        let h = r.varint()?;
+        let run = h >> 1;
+        if run == 0 || run > count - entries.len() as u64 {
+            return Err(Error::malformed(
+                WHAT,
+                format!("chunk run of {run} at entry {} of {count}", entries.len()),
+            ));
+        }
+        if h & 1 == 0 {
+            entries.resize(entries.len() + run as usize, ChunkEntry::Zero);
+        } else {
+            if (r.remaining() as u64) < run * 32 {
+                return Err(Error::malformed(WHAT, "chunk keys cut short"));
+            }
+            for _ in 0..run {
+                entries.push(ChunkEntry::Data(ChunkKey(r.array()?)));
+            }
+        }
+    }
+    Ok(entries)
+}
+
+fn decode_body(body: &[u8]) -> Result<Manifest, Error> {
+    let mut r = Reader::new(body, WHAT);
+    let disk_size = r.u64()?;
+    let chunk_size = r.u32()?;
+    let geometry = Geometry::new(disk_size, chunk_size)?;
+    let parent = match r.u64()? {
+        0 => None,
+        p => Some(p),
+    };
+    let created_unix = r.i64()?;
+    let host_len = r.u16()? as usize;
+    if host_len > MAX_HOST_LEN {
+        return Err(Error::TooLarge {
+            what: "host name",
+            size: host_len as u64,
+            limit: MAX_HOST_LEN as u64,
+        });
+    }
+    let host = std::str::from_utf8(r.take(host_len)?)
+        .map_err(|_| Error::malformed(WHAT, "host name is not UTF-8"))?
+        .to_owned();
+    let chunks = read_table(&mut r, geometry.chunk_count())?;
+    let memory_size = r.u64()?;
+    let memory = Geometry::new(memory_size, chunk_size)?;
+    let memory_chunks = read_table(&mut r, memory.chunk_count())?;
+
+    let trace_len = r.varint()?;
+    if trace_len > geometry.chunk_count() || trace_len > r.remaining() as u64 {
+        return Err(Error::malformed(
+            WHAT,
+            format!("access trace of {trace_len} entries"),
+        ));
+    }
+    let mut access_trace = Vec::with_capacity(trace_len as usize);
+    let mut prev = 0i64;
+    for _ in 0..trace_len {
+        let z = r.varint()?;
+        let delta = ((z >> 1) as i64) ^ -((z & 1) as i64);
+        let chunk = prev.wrapping_add(delta);
+        if chunk < 0 || chunk as u64 >= geometry.chunk_count() {
+            return Err(Error::malformed(
+                WHAT,
+                format!("access trace names chunk {chunk}, outside the disk"),
+            ));
+        }
+        access_trace.push(chunk as u64);
+        prev = chunk;
+    }
+
+    let extensions = r.varint()?;
+    for _ in 0..extensions {
+        let tag = r.varint()?;
+        let len = r.varint()?;
+        if tag & 1 == 1 {
+            return Err(Error::UnsupportedFeature {
+                what: WHAT,
+                feature: tag,
+            });
+        }
+        let len = usize::try_from(len).map_err(|_| Error::malformed(WHAT, "extension length"))?;
+        r.take(len)?;
+    }
+    if r.remaining() != 0 {
+        return Err(Error::malformed(
+            WHAT,
+            format!("{} unexpected bytes after the end", r.remaining()),
+        ));
+    }
+    Ok(Manifest {
+        disk_size,
+        chunk_size,
+        chunks,
+        memory_size,
+        memory_chunks,
+        parent,
+        created_unix,
+        host,
+        access_trace,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,136 @@
+//! Command-line syntax.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Internet Suspend/Resume for virtual-machine disks.
+#[derive(Debug, Parser)]
+#[command(name = "isr", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new secret key file (32 random bytes, mode 0600).
+    Keygen {
+        /// Where to write the key; an existing file is never overwritten.
+        keyfile: PathBuf,
+    },
+    /// Import a disk image (raw; qcow2, vmdk, vhdx via qemu-img) as the next
+    /// version of a parcel.
+    Import(ImportArgs),
+    /// Write a version of a parcel's disk to a file (sparse) or block device.
+    Export(ExportArgs),
+    /// Check that every chunk of a version exists and decodes.
+    Verify(VerifyArgs),
+    /// List a parcel's versions.
+    Log(LogArgs),
+}
+
+/// Where the parcel is and how to open it.
+#[derive(Debug, Args)]
+pub struct ParcelArgs {
+    /// Store URL: file:///path, s3://bucket/prefix, http(s)://mirror, memory://.
+    #[arg(long, env = "ISR_STORE")]
+    pub store: String,
+    /// S3 endpoint (default: AWS_ENDPOINT_URL, else AWS).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub endpoint: Option<String>,
+    /// Parcel name.
+    #[arg(long)]
+    pub parcel: String,
+    /// The secret key file (see `isr keygen`).
+    #[arg(long, env = "ISR_KEY_FILE")]
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The image to import.
+    pub image: PathBuf,
+    #[command(flatten)]
+    pub parcel: ParcelArgs,
+    /// Chunk size of a new parcel (64K to 4M, a power of two).
+    #[arg(long, value_parser = parse_size)]
+    pub chunk_size: Option<u32>,
+    /// Print one JSON object instead of text, and no progress bar.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub parcel: ParcelArgs,
+    /// Version to export (default: HEAD).
+    #[arg(long)]
+    pub version: Option<u64>,
+    /// Output file or block device.
+    pub out: PathBuf,
+    /// Print one JSON object instead of text, and no progress bar.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub parcel: ParcelArgs,
+    /// Version to verify (default: HEAD).
+    #[arg(long)]
+    pub version: Option<u64>,
+    /// Print one JSON object instead of text, and no progress bar.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    #[command(flatten)]
+    pub parcel: ParcelArgs,
+    /// Print a JSON array instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `262144`, `256K`, `256k`, `1M`, `4MiB`.
+fn parse_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K or M)")),
+    };
+    n.checked_mul(mult)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("256K"), Ok(256 * 1024));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert!(parse_size("1G").is_err());
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999M").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,309 @@
+//! The commands: argument handling, output and exit status around the
+//! operations that `fetcher` implements.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use fetcher::{Parcel, Store, StoreOptions};
+use format::Secret;
+use serde_json::json;
+
+use crate::cli::{Cli, Command, ExportArgs, ImportArgs, LogArgs, ParcelArgs, VerifyArgs};
+use crate::{image, progress, time};
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Keygen { keyfile } => keygen(&keyfile).map(|()| ExitCode::SUCCESS),
+        Command::Import(a) => import(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Export(a) => export(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Verify(a) => verify(a).await,
+        Command::Log(a) => log(a).await.map(|()| ExitCode::SUCCESS),
+    }
+}
+
+/// One line for the user: the error and its causes, each said once.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+fn keygen(path: &Path) -> anyhow::Result<()> {
+    let mut raw = [0u8; format::keys::SECRET_LEN];
+    getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                anyhow::anyhow!("{} exists; refusing to overwrite a key", path.display())
+            }
+            _ => anyhow::Error::new(e).context(format!("cannot create {}", path.display())),
+        })?;
+    file.write_all(&raw)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!(
+        "wrote a new key to {}; keep it safe: without it no parcel made with it can be opened",
+        path.display()
+    );
+    Ok(())
+}
+
+fn open_parcel(a: &ParcelArgs) -> anyhow::Result<Parcel> {
+    let bytes = std::fs::read(&a.key_file)
+        .with_context(|| format!("cannot read key file {}", a.key_file.display()))?;
+    let secret = Secret::from_key_file_bytes(&bytes).with_context(|| {
+        format!(
+            "{} is not an isr key (32 bytes, or 64 hex digits; see `isr keygen`)",
+            a.key_file.display()
+        )
+    })?;
+    let options = StoreOptions {
+        endpoint: a.endpoint.clone(),
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&a.store, &options)?;
+    Ok(Parcel::new(store, &a.parcel, secret)?)
+}
+
+/// Turns a fetcher error into the user's words (a wrong key names the file).
+fn explain(e: fetcher::Error, a: &ParcelArgs) -> anyhow::Error {
+    match e {
+        fetcher::Error::WrongKey { .. } => anyhow::anyhow!(
+            "the key in {} does not open parcel {}",
+            a.key_file.display(),
+            a.parcel
+        ),
+        e => e.into(),
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| {
+            h.trim()
+                .chars()
+                .take(format::manifest::MAX_HOST_LEN)
+                .collect()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+async fn import(a: ImportArgs) -> anyhow::Result<()> {
+    let parcel = open_parcel(&a.parcel)?;
+    let raw = image::open_raw(&a.image)?;
+    let size = std::fs::metadata(raw.path()).map(|m| m.len()).unwrap_or(0);
+    let (bar, sink) = progress::bytes_bar(size, "import", a.json);
+    let options = fetcher::ops::ImportOptions {
+        chunk_size: a.chunk_size,
+        host: host_name(),
+        created_unix: time::now_unix(),
+        ..Default::default()
+    };
+    let s = fetcher::ops::import(&parcel, raw.path(), &options, sink)
+        .await
+        .map_err(|e| explain(e, &a.parcel))?;
+    bar.finish_and_clear();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "parcel": parcel.name(),
+                "version": s.version,
+                "chunks": s.chunks,
+                "zero_chunks": s.zero_chunks,
+                "dedup_chunks": s.dedup_chunks,
+                "uploaded_chunks": s.uploaded_chunks,
+                "bytes_in": s.bytes_in,
+                "bytes_uploaded": s.bytes_uploaded,
+                "seconds": s.seconds,
+            })
+        );
+    } else {
+        println!(
+            "imported {} as version {} of parcel {}: {} chunks ({} zero, {} already stored, {} uploaded); {:.1} MiB in, {:.1} MiB uploaded, {:.2} s ({:.0} MiB/s)",
+            a.image.display(),
+            s.version,
+            parcel.name(),
+            s.chunks,
+            s.zero_chunks,
+            s.dedup_chunks,
+            s.uploaded_chunks,
+            mib(s.bytes_in),
+            mib(s.bytes_uploaded),
+            s.seconds,
+            mib(s.bytes_in) / s.seconds.max(1e-9),
+        );
+    }
+    Ok(())
+}
+
+async fn export(a: ExportArgs) -> anyhow::Result<()> {
+    let parcel = open_parcel(&a.parcel)?;
+    let (version, manifest) = parcel
+        .resolve(a.version)
+        .await
+        .map_err(|e| explain(e, &a.parcel))?;
+    let (bar, sink) = progress::bytes_bar(manifest.disk_size, "export", a.json);
+    let s = fetcher::ops::export(&parcel, version, &manifest, &a.out, sink)
+        .await
+        .map_err(|e| explain(e, &a.parcel))?;
+    bar.finish_and_clear();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "parcel": parcel.name(),
+                "version": s.version,
+                "out": a.out,
+                "bytes_out": s.bytes_out,
+                "chunks": s.chunks,
+                "fetched_chunks": s.fetched_chunks,
+                "bytes_fetched": s.bytes_fetched,
+                "seconds": s.seconds,
+            })
+        );
+    } else {
+        println!(
+            "exported version {} of parcel {} to {}: {:.1} MiB, {} chunks fetched, {:.2} s",
+            s.version,
+            parcel.name(),
+            a.out.display(),
+            mib(s.bytes_out),
+            s.fetched_chunks,
+            s.seconds
+        );
+    }
+    Ok(())
+}
+
+async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let parcel = open_parcel(&a.parcel)?;
+    let (version, manifest) = parcel
+        .resolve(a.version)
+        .await
+        .map_err(|e| explain(e, &a.parcel))?;
+    let (bar, sink) = progress::bytes_bar(manifest.disk_size, "verify", a.json);
+    let report = fetcher::ops::verify(&parcel, version, &manifest, sink)
+        .await
+        .map_err(|e| explain(e, &a.parcel))?;
+    bar.finish_and_clear();
+    let bad: Vec<String> = report.bad.iter().map(|e| e.to_string()).collect();
+    if a.json {
+        let ids: Vec<String> = report
+            .bad
+            .iter()
+            .filter_map(|e| match e {
+                fetcher::Error::BadChunk { id, .. } => Some(id.to_string()),
+                _ => None,
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "parcel": parcel.name(),
+                "version": report.version,
+                "chunks_checked": report.chunks_checked,
+                "ok": bad.is_empty(),
+                "bad_chunks": ids,
+                "errors": bad,
+            })
+        );
+    } else {
+        for line in &bad {
+            eprintln!("isr: bad {line}");
+        }
+        println!(
+            "version {} of parcel {}: {} chunks checked, {} bad",
+            report.version,
+            parcel.name(),
+            report.chunks_checked,
+            bad.len()
+        );
+    }
+    Ok(if bad.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn log(a: LogArgs) -> anyhow::Result<()> {
+    let parcel = open_parcel(&a.parcel)?;
+    let head = parcel
+        .require_head()
+        .await
+        .map_err(|e| explain(e, &a.parcel))?;
+    let mut rows = Vec::new();
+    for version in (1..=head).rev() {
+        let m = parcel
+            .manifest(version)
+            .await
+            .map_err(|e| explain(e, &a.parcel))?;
+        let data = m
+            .chunks
+            .iter()
+            .filter(|e| matches!(e, format::ChunkEntry::Data(_)))
+            .count();
+        rows.push((version, m, data));
+    }
+    if a.json {
+        let out: Vec<_> = rows
+            .iter()
+            .map(|(v, m, data)| {
+                json!({
+                    "version": v,
+                    "head": *v == head,
+                    "created": m.created_unix,
+                    "created_utc": time::format_utc(m.created_unix),
+                    "host": m.host,
+                    "disk_size": m.disk_size,
+                    "chunk_size": m.chunk_size,
+                    "chunks": m.chunks.len(),
+                    "data_chunks": data,
+                    "parent": m.parent,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(out));
+        return Ok(());
+    }
+    println!(
+        "{:>7}  {:<20}  {:<20}  {:>12}  {:>6}  {:>9}",
+        "VERSION", "CREATED (UTC)", "HOST", "SIZE", "PARENT", "DATA"
+    );
+    for (v, m, data) in &rows {
+        println!(
+            "{:>7}  {:<20}  {:<20}  {:>12}  {:>6}  {:>9}",
+            if *v == head {
+                format!("{v}*")
+            } else {
+                v.to_string()
+            },
+            time::format_utc(m.created_unix),
+            m.host,
+            m.disk_size,
+            m.parent.map_or("-".into(), |p| p.to_string()),
+            format!("{data}/{}", m.chunks.len()),
+        );
+    }
+    Ok(())
+}
