@@ -45,6 +45,10 @@ pub struct ParcelArgs {
     /// The secret key file (see `isr keygen`).
     #[arg(long, env = "ISR_KEY_FILE")]
     pub key_file: PathBuf,
+    /// Seconds to keep retrying a store that fails transiently (timeouts,
+    /// 5xx, refused connections), with exponential backoff.
+    #[arg(long, env = "ISR_RETRY_TIMEOUT", default_value_t = 60)]
+    pub retry_timeout: u64,
 }
 
 #[derive(Debug, Args)]

@@ -74,6 +74,7 @@ fn open_parcel(a: &ParcelArgs) -> anyhow::Result<Parcel> {
     })?;
     let options = StoreOptions {
         endpoint: a.endpoint.clone(),
+        retry_timeout: std::time::Duration::from_secs(a.retry_timeout),
         ..StoreOptions::default()
     };
     let store = Store::open(&a.store, &options)?;

@@ -1,0 +1,347 @@
+//! End-to-end tests of the `isr` binary against real stores: a local
+//! directory and a real S3 server (s3s-fs) on 127.0.0.1.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use support::{FaultProxy, S3Server, sha256, write_mixed_image};
+
+struct Run {
+    out: Output,
+}
+
+impl Run {
+    fn ok(self) -> Self {
+        assert!(
+            self.out.status.success(),
+            "isr failed: {}\n{}",
+            self.out.status,
+            self.stderr()
+        );
+        self
+    }
+    fn fails(self) -> Self {
+        assert_eq!(self.out.status.code(), Some(1), "stderr: {}", self.stderr());
+        let err = self.stderr();
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.is_empty() || err.starts_with("isr: "), "{err}");
+        self
+    }
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).into_owned()
+    }
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout()).expect("one JSON value on stdout")
+    }
+}
+
+/// A scratch directory with a key, and how to run isr against a store.
+struct Env {
+    dir: tempfile::TempDir,
+    store: String,
+    vars: Vec<(&'static str, String)>,
+}
+
+impl Env {
+    fn file() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let store = format!("file://{}/store", dir.path().display());
+        Env::with(dir, store, vec![])
+    }
+
+    fn s3(server: &S3Server, prefix: &str) -> Env {
+        Env::with(
+            tempfile::tempdir().unwrap(),
+            format!("s3://{}/{prefix}", support::BUCKET),
+            server.env(),
+        )
+    }
+
+    fn with(dir: tempfile::TempDir, store: String, vars: Vec<(&'static str, String)>) -> Env {
+        let env = Env { dir, store, vars };
+        env.isr(&["keygen", env.key().to_str().unwrap()]).ok();
+        env
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn key(&self) -> PathBuf {
+        self.path("key")
+    }
+
+    fn isr(&self, args: &[&str]) -> Run {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_isr"));
+        cmd.args(args)
+            .env_remove("ISR_STORE")
+            .env_remove("ISR_KEY_FILE")
+            .env_remove("AWS_ENDPOINT_URL")
+            .env("ISR_RETRY_TIMEOUT", "10");
+        for (k, v) in &self.vars {
+            cmd.env(k, v);
+        }
+        Run {
+            out: cmd.output().expect("run isr"),
+        }
+    }
+
+    /// Runs a parcel command with --store, --parcel and --key-file filled in.
+    fn on(&self, cmd: &str, parcel: &str, extra: &[&str]) -> Run {
+        let key = self.key();
+        let mut args = vec![
+            cmd,
+            "--store",
+            &self.store,
+            "--parcel",
+            parcel,
+            "--key-file",
+            key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.isr(&args)
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Import, export bit-identically, re-import uploading nothing: the issue's
+/// "done when", at `size` bytes.
+fn round_trip(env: &Env, size: u64) {
+    let image = env.path("image");
+    write_mixed_image(&image, size, 42);
+    let first = env.on("import", "vm", &[s(&image), "--json"]).ok().json();
+    assert_eq!(first["version"], 1);
+    assert_eq!(first["chunks"], size / (256 * 1024));
+    assert_eq!(first["bytes_in"], size);
+    let uploaded = first["uploaded_chunks"].as_u64().unwrap();
+    let zero = first["zero_chunks"].as_u64().unwrap();
+    let dedup = first["dedup_chunks"].as_u64().unwrap();
+    assert!(uploaded > 0 && zero > 0 && dedup > 0, "{first}");
+    assert_eq!(uploaded + zero + dedup, first["chunks"].as_u64().unwrap());
+    assert!(first["bytes_uploaded"].as_u64().unwrap() < size);
+
+    let out = env.path("out");
+    let export = env.on("export", "vm", &[s(&out), "--json"]).ok().json();
+    assert_eq!(export["version"], 1);
+    assert_eq!(sha256(&out), sha256(&image));
+
+    let second = env.on("import", "vm", &[s(&image), "--json"]).ok().json();
+    assert_eq!(second["version"], 2);
+    assert_eq!(second["uploaded_chunks"], 0);
+    assert_eq!(second["bytes_uploaded"], 0);
+
+    env.on("verify", "vm", &[]).ok();
+    let log = env.on("log", "vm", &["--json"]).ok().json();
+    let versions: Vec<_> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].clone())
+        .collect();
+    assert_eq!(versions, vec![2, 1]);
+    assert_eq!(log[0]["parent"], 1);
+    assert_eq!(log[0]["disk_size"], size);
+}
+
+#[test]
+fn roundtrip_file_store_1gib() {
+    round_trip(&Env::file(), 1 << 30);
+}
+
+#[test]
+fn roundtrip_s3_store_1gib() {
+    let server = S3Server::start();
+    round_trip(&Env::s3(&server, "parcels-a"), 1 << 30);
+    assert!(server.bucket_dir().join("parcels-a/chunks").is_dir());
+}
+
+#[test]
+fn keygen_makes_private_keys_and_never_overwrites() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::file();
+    let meta = std::fs::metadata(env.key()).unwrap();
+    assert_eq!(meta.len(), 32);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let before = std::fs::read(env.key()).unwrap();
+    let r = env.isr(&["keygen", s(&env.key())]).fails();
+    assert!(
+        r.stderr().contains("refusing to overwrite"),
+        "{}",
+        r.stderr()
+    );
+    assert_eq!(std::fs::read(env.key()).unwrap(), before);
+}
+
+#[test]
+fn corrupt_chunk_fails_verify_and_export_naming_it() {
+    let env = Env::file();
+    let image = env.path("image");
+    write_mixed_image(&image, 16 << 20, 5);
+    env.on("import", "vm", &[s(&image)]).ok();
+    let chunks = env.path("store/chunks");
+    let victim = std::fs::read_dir(&chunks)
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    let id = victim.file_name().unwrap().to_str().unwrap().to_owned();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x80;
+    std::fs::write(&victim, bytes).unwrap();
+
+    let v = env.on("verify", "vm", &[]).fails();
+    assert!(v.stderr().contains(&id), "{}", v.stderr());
+    assert!(v.stderr().contains("version 1"), "{}", v.stderr());
+    let vj = env.on("verify", "vm", &["--json"]).fails().json();
+    assert_eq!(vj["bad_chunks"], serde_json::json!([id]));
+
+    let out = env.path("out");
+    std::fs::write(&out, b"earlier content").unwrap();
+    let e = env.on("export", "vm", &[s(&out)]).fails();
+    assert!(e.stderr().contains(&id), "{}", e.stderr());
+    assert!(e.stderr().contains("corrupt"), "{}", e.stderr());
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        b"earlier content",
+        "a failed export keeps OUT"
+    );
+}
+
+#[test]
+fn wrong_key_and_missing_parcel_are_named() {
+    let env = Env::file();
+    let image = env.path("image");
+    write_mixed_image(&image, 4 << 20, 9);
+    env.on("import", "vm", &[s(&image)]).ok();
+    let other = env.path("other-key");
+    env.isr(&["keygen", s(&other)]).ok();
+    for cmd in ["verify", "log"] {
+        let r = env.isr(&[
+            cmd,
+            "--store",
+            &env.store,
+            "--parcel",
+            "vm",
+            "--key-file",
+            s(&other),
+        ]);
+        let r = r.fails();
+        let want = format!("the key in {} does not open parcel vm", other.display());
+        assert!(r.stderr().contains(&want), "{}", r.stderr());
+    }
+    // Importing with the wrong key must not publish anything either.
+    let r = env.isr(&[
+        "import",
+        s(&image),
+        "--store",
+        &env.store,
+        "--parcel",
+        "vm",
+        "--key-file",
+        s(&other),
+    ]);
+    r.fails();
+    assert_eq!(
+        env.on("log", "vm", &["--json"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let r = env.on("export", "nothing", &[s(&env.path("out"))]).fails();
+    assert!(
+        r.stderr().contains("parcel nothing does not exist"),
+        "{}",
+        r.stderr()
+    );
+    let r = env
+        .on("export", "vm", &["--version", "5", s(&env.path("out"))])
+        .fails();
+    assert!(r.stderr().contains("no version 5"), "{}", r.stderr());
+    let bad_key = env.path("bad-key");
+    std::fs::write(&bad_key, b"not a key").unwrap();
+    let r = env.isr(&[
+        "log",
+        "--store",
+        &env.store,
+        "--parcel",
+        "vm",
+        "--key-file",
+        s(&bad_key),
+    ]);
+    assert!(r.fails().stderr().contains("is not an isr key"));
+}
+
+#[test]
+fn transient_s3_errors_are_retried() {
+    let server = S3Server::start();
+    let proxy = FaultProxy::start(server.port, 4);
+    let mut env = Env::s3(&server, "flaky");
+    env.vars.retain(|(k, _)| *k != "AWS_ENDPOINT_URL");
+    env.vars.push(("AWS_ENDPOINT_URL", proxy.endpoint()));
+    let image = env.path("image");
+    write_mixed_image(&image, 8 << 20, 11);
+    env.on("import", "vm", &[s(&image)]).ok();
+    assert_eq!(proxy.failed.load(std::sync::atomic::Ordering::Relaxed), 4);
+    let out = env.path("out");
+    env.on("export", "vm", &[s(&out)]).ok();
+    assert_eq!(sha256(&out), sha256(&image));
+}
+
+#[test]
+fn unreachable_store_fails_naming_it() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port(); // closed again at once: nothing listens there
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut env = Env::file();
+    env.store = format!("s3://{}/gone", support::BUCKET);
+    env.vars = support::s3_env(&endpoint);
+    env.vars.push(("ISR_RETRY_TIMEOUT", "2".into()));
+    let started = std::time::Instant::now();
+    let r = env.on("log", "vm", &[]).fails();
+    assert!(r.stderr().contains("s3://isr-test/gone"), "{}", r.stderr());
+    assert!(r.stderr().contains("parcels/vm/"), "{}", r.stderr());
+    assert!(started.elapsed().as_secs() < 60);
+}
+
+#[test]
+fn qcow2_images_import_through_qemu_img() {
+    let env = Env::file();
+    let raw = env.path("image");
+    write_mixed_image(&raw, 8 << 20, 13);
+    let qcow2 = env.path("image.qcow2");
+    let st = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&raw),
+            s(&qcow2),
+        ])
+        .status()
+        .expect("qemu-img (apt install qemu-utils; scripts/setup installs it)");
+    assert!(st.success());
+    env.on("import", "vm", &[s(&qcow2)]).ok();
+    let out = env.path("out");
+    env.on("export", "vm", &[s(&out)]).ok();
+    assert_eq!(sha256(&out), sha256(&raw));
+}

@@ -1,0 +1,284 @@
+//! Test support shared by the integration tests of every crate: real servers
+//! on 127.0.0.1 (s3s-fs for S3, Python's http.server for an http mirror), a
+//! fault-injecting TCP proxy, and generated disk images.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BUCKET: &str = "isr-test";
+pub const ACCESS_KEY: &str = "isr-test-access";
+pub const SECRET_KEY: &str = "isr-test-secret-key";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port on 127.0.0.1")
+        .port()
+}
+
+fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited before listening: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on 127.0.0.1:{port} within 20 s");
+}
+
+/// Finds a program on PATH or in ~/.cargo/bin.
+fn find_program(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// A real S3 server (s3s-fs) on 127.0.0.1, stopped when dropped.
+pub struct S3Server {
+    pub port: u16,
+    pub root: tempfile::TempDir,
+    child: Child,
+}
+
+impl S3Server {
+    /// Starts s3s-fs with one bucket, [`BUCKET`]. Panics (fails the test)
+    /// when s3s-fs is not installed, saying how to install it.
+    pub fn start() -> S3Server {
+        let program = find_program("s3s-fs").unwrap_or_else(|| {
+            panic!(
+                "s3s-fs is not installed; the S3 tests need it. Install it with \
+                 `scripts/setup` or `cargo install s3s-fs --version 0.14.1 --features binary --locked`"
+            )
+        });
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
+        let port = free_port();
+        let mut child = Command::new(program)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        wait_for_port(port, &mut child, "s3s-fs");
+        S3Server { port, root, child }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The directory holding the bucket's objects.
+    pub fn bucket_dir(&self) -> PathBuf {
+        self.root.path().join(BUCKET)
+    }
+
+    /// Environment for a client of this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        s3_env(&self.endpoint())
+    }
+}
+
+/// AWS_* variables pointing an S3 client at `endpoint` with the test keys.
+pub fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
+        ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ENDPOINT_URL", endpoint.into()),
+        ("AWS_ALLOW_HTTP", "true".into()),
+    ]
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Python's http.server serving `dir` read-only on 127.0.0.1.
+pub struct HttpServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl HttpServer {
+    pub fn start(dir: &Path) -> HttpServer {
+        let port = free_port();
+        let mut child = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .arg("--directory")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 is needed for the http mirror tests");
+        wait_for_port(port, &mut child, "python3 -m http.server");
+        HttpServer { port, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 that answers the first `failures` connections
+/// with `503 Service Unavailable` and forwards the rest to `backend`.
+pub struct FaultProxy {
+    pub port: u16,
+    pub failed: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultProxy {
+    pub fn start(backend: u16, failures: usize) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let failed = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, s) = (failed.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut client) = conn else { continue };
+                if f.load(Ordering::Relaxed) < failures {
+                    f.fetch_add(1, Ordering::Relaxed);
+                    let mut buf = [0u8; 4096];
+                    let _ = client.set_read_timeout(Some(Duration::from_millis(200)));
+                    let _ = client.read(&mut buf);
+                    let _ = client.write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", backend)) else {
+                    continue;
+                };
+                pipe(client, server);
+            }
+        });
+        FaultProxy { port, failed, stop }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn pipe(a: TcpStream, b: TcpStream) {
+    let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+    let copy = |mut from: TcpStream, mut to: TcpStream| {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(Shutdown::Write);
+        })
+    };
+    copy(a, b2);
+    copy(b, a2);
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Writes a disk image of `size` bytes (a multiple of 1 MiB) mixing, per
+/// MiB: random bytes, holes, repeats of earlier MiBs, and text; the last
+/// 1000 bytes are data. Deterministic for a seed.
+pub fn write_mixed_image(path: &Path, size: u64, seed: u64) {
+    const MIB: usize = 1 << 20;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
+    f.set_len(size).unwrap();
+    let mut x = seed | 1;
+    let mut rand = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut buf = vec![0u8; MIB];
+    let words: [&[u8]; 6] = [
+        b"suspend ",
+        b"resume ",
+        b"parcel ",
+        b"chunk ",
+        b"\n",
+        b"kernel ",
+    ];
+    for i in 0..(size as usize / MIB) {
+        let off = (i * MIB) as u64;
+        match rand() % 4 {
+            0 => {
+                for w in buf.chunks_exact_mut(8) {
+                    w.copy_from_slice(&rand().to_le_bytes());
+                }
+                f.write_all_at(&buf, off).unwrap();
+            }
+            1 => {} // hole
+            2 if i > 0 => {
+                let from = (rand() as usize % i * MIB) as u64;
+                f.read_exact_at(&mut buf, from).unwrap();
+                f.write_all_at(&buf, off).unwrap();
+            }
+            _ => {
+                let mut pos = 0;
+                while pos < MIB {
+                    let w = words[rand() as usize % words.len()];
+                    let n = w.len().min(MIB - pos);
+                    buf[pos..pos + n].copy_from_slice(&w[..n]);
+                    pos += n;
+                }
+                f.write_all_at(&buf, off).unwrap();
+            }
+        }
+    }
+    f.write_all_at(&[0x5a; 1000], size - 1000).unwrap();
+}
+
+/// SHA-256 of a file, through `sha256sum`.
+pub fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
