@@ -87,6 +87,36 @@ pub enum Error {
         "version {version} of parcel {parcel} was published by another writer first; nothing was overwritten"
     )]
     VersionExists { parcel: String, version: u64 },
+    /// Another process has the cache open.
+    #[error("cache {dir} is in use by another isr process ({holder})")]
+    CacheBusy { dir: String, holder: String },
+    /// Another host (or session) holds the parcel's lease.
+    #[error(
+        "parcel {parcel} is in use by {holder}; stop it there first, or take it over with --steal"
+    )]
+    LeaseHeld { parcel: String, holder: String },
+    /// The lease was taken over while this session ran.
+    #[error(
+        "the lease on parcel {parcel} is no longer ours: it is held by {holder}; nothing was published"
+    )]
+    LeaseLost { parcel: String, holder: String },
+    /// Local changes and a newer version from elsewhere: never merged.
+    #[error("{0}")]
+    Conflict(String),
+    /// A read of a missing chunk waited longer than the miss timeout.
+    #[error(
+        "chunk {id} (disk chunk {index}) of parcel {parcel}: not fetched after {seconds} s waiting ({cause})"
+    )]
+    MissTimeout {
+        id: ChunkId,
+        index: u64,
+        parcel: String,
+        seconds: u64,
+        cause: String,
+    },
+    /// One failure seen by several waiters (e.g. of a shared fetch).
+    #[error(transparent)]
+    Shared(#[from] std::sync::Arc<Error>),
     /// A request that contradicts the parcel (e.g. another chunk size).
     #[error("{0}")]
     Invalid(String),

@@ -12,13 +12,20 @@
 //!   object_store back ends          retries with backoff, conditional create
 //! ```
 
+pub mod cache;
+pub mod engine;
 mod error;
+pub mod lease;
+pub mod notify;
 pub mod ops;
 mod parcel;
 pub mod sparse;
 mod store;
 
+pub use engine::{Engine, EngineOptions, EngineStats, OpenReport, PublishSummary};
 pub use error::{ChunkFault, Error};
+pub use lease::{Lease, LeaseInfo};
+pub use notify::Notifier;
 pub use parcel::{Parcel, Published};
 pub use store::{PutOutcome, Store, StoreOptions, validate_parcel_name};
 

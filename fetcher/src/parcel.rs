@@ -16,10 +16,12 @@ pub struct Parcel {
 }
 
 /// The result of a successful publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     /// The version now at HEAD.
     pub version: u64,
+    /// The manifest object as stored.
+    pub object: Bytes,
 }
 
 impl Parcel {
@@ -77,6 +79,11 @@ impl Parcel {
 
     /// Fetches and decodes the manifest of `version`.
     pub async fn manifest(&self, version: u64) -> Result<Manifest, Error> {
+        self.manifest_with_object(version).await.map(|(m, _)| m)
+    }
+
+    /// Like [`manifest`](Self::manifest), also returning the stored object.
+    pub async fn manifest_with_object(&self, version: u64) -> Result<(Manifest, Bytes), Error> {
         let object = Store::manifest_path(&self.name, version);
         let bytes = self
             .store
@@ -87,7 +94,18 @@ impl Parcel {
                 object: object.clone(),
                 store: self.store.url().to_owned(),
             })?;
-        Manifest::decode(&bytes, &self.secret, &self.name, version).map_err(|e| match e {
+        let manifest = self.decode_manifest(&bytes, version, object)?;
+        Ok((manifest, bytes))
+    }
+
+    /// Decodes a manifest object of `version` (`object` names it in errors).
+    pub fn decode_manifest(
+        &self,
+        bytes: &[u8],
+        version: u64,
+        object: String,
+    ) -> Result<Manifest, Error> {
+        Manifest::decode(bytes, &self.secret, &self.name, version).map_err(|e| match e {
             format::Error::WrongKey { .. } => Error::WrongKey {
                 parcel: self.name.clone(),
                 object,
@@ -111,13 +129,14 @@ impl Parcel {
                 object: Store::manifest_path(&self.name, version),
                 source,
             })?;
+        let object = Bytes::from(object);
         self.store
-            .create_manifest(&self.name, version, Bytes::from(object))
+            .create_manifest(&self.name, version, object.clone())
             .await?;
         // The version is committed; a failed hint only costs the next reader
         // a few more existence checks.
         let _ = self.store.put_head_hint(&self.name, version).await;
-        Ok(Published { version })
+        Ok(Published { version, object })
     }
 
     /// Fetches chunk `key` (disk chunk `index` of `version`, for messages),

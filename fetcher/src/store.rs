@@ -315,7 +315,7 @@ impl Store {
             .map_err(|e| self.error("put HEAD hint", &path, e))
     }
 
-    async fn get(&self, op: &'static str, path: &str) -> Result<Bytes, Error> {
+    pub(crate) async fn get(&self, op: &'static str, path: &str) -> Result<Bytes, Error> {
         let location = Path::from(path);
         let result = self.inner.get(&location).await;
         match result {
@@ -332,7 +332,7 @@ impl Store {
         }
     }
 
-    async fn create(
+    pub(crate) async fn create(
         &self,
         op: &'static str,
         path: &str,
@@ -355,6 +355,19 @@ impl Store {
             ) => Ok(PutOutcome::AlreadyPresent),
             Err(e) => Err(self.error(op, path, e)),
         }
+    }
+
+    pub(crate) async fn delete(&self, op: &'static str, path: &str) -> Result<(), Error> {
+        self.check_writable()?;
+        match self.inner.delete(&Path::from(path)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error(op, path, e)),
+        }
+    }
+
+    /// The object name of a parcel's lease.
+    pub fn lease_path(parcel: &str) -> String {
+        format!("parcels/{parcel}/lease")
     }
 
     fn check_writable(&self) -> Result<(), Error> {

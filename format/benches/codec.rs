@@ -1,5 +1,5 @@
 //! Chunk codec throughput (MB/s per core) at 64 KiB, 256 KiB and 1 MiB, on
-//! compressible text and incompressible noise. `cargo bench -p isr-format`.
+//! compressible text and incompressible noise. `cargo bench -p format`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use format::Secret;

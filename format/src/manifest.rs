@@ -20,7 +20,8 @@
 //!   disk chunk table          (runs, below)
 //!   memory-image size u64, memory chunk table (runs)
 //!   access trace: varint count, then zigzag varint deltas of chunk indices
-//!   extensions: varint count, then (varint tag, varint length, bytes)
+//!   extensions: varint count, then (varint tag, varint length, bytes);
+//!     tag 2: the 16-byte id of the cache that published the version
 //!
 //! a chunk table is a sequence of runs covering exactly ⌈size / chunk size⌉
 //! entries; a run is a varint h with n = h >> 1 ≥ 1 entries:
@@ -53,6 +54,8 @@ const VERSION: u16 = 1;
 const HEADER_LEN: usize = 36;
 const TAG_LEN: usize = 16;
 const WHAT: &str = "manifest";
+/// Extension: the 16-byte id of the cache that wrote the version (optional).
+const EXT_WRITER: u64 = 2;
 /// Longest host name a manifest records.
 pub const MAX_HOST_LEN: usize = 255;
 /// Largest manifest object a reader accepts: the largest chunk table
@@ -89,6 +92,9 @@ pub struct Manifest {
     pub host: String,
     /// Disk chunk indices in the order the writing session first touched them.
     pub access_trace: Vec<u64>,
+    /// The cache that published this version (extension 2, optional): lets
+    /// that cache recognise its own publish after a crash.
+    pub writer: Option<[u8; 16]>,
 }
 
 impl Manifest {
@@ -104,6 +110,7 @@ impl Manifest {
             created_unix: 0,
             host: String::new(),
             access_trace: Vec::new(),
+            writer: None,
         }
     }
 
@@ -219,7 +226,15 @@ impl Manifest {
             w.varint(((delta << 1) ^ (delta >> 63)) as u64);
             prev = chunk as i64;
         }
-        w.varint(0); // no extensions in version 1
+        match &self.writer {
+            Some(id) => {
+                w.varint(1);
+                w.varint(EXT_WRITER);
+                w.varint(id.len() as u64);
+                w.bytes(id);
+            }
+            None => w.varint(0),
+        }
         w.0
     }
 
@@ -375,17 +390,27 @@ fn decode_body(body: &[u8]) -> Result<Manifest, Error> {
     }
 
     let extensions = r.varint()?;
+    let mut writer = None;
     for _ in 0..extensions {
         let tag = r.varint()?;
         let len = r.varint()?;
-        if tag & 1 == 1 {
-            return Err(Error::UnsupportedFeature {
-                what: WHAT,
-                feature: tag,
-            });
-        }
         let len = usize::try_from(len).map_err(|_| Error::malformed(WHAT, "extension length"))?;
-        r.take(len)?;
+        let value = r.take(len)?;
+        match tag {
+            EXT_WRITER => {
+                writer =
+                    Some(value.try_into().map_err(|_| {
+                        Error::malformed(WHAT, format!("writer id of {len} bytes"))
+                    })?);
+            }
+            t if t & 1 == 1 => {
+                return Err(Error::UnsupportedFeature {
+                    what: WHAT,
+                    feature: tag,
+                });
+            }
+            _ => {} // optional, unknown to this reader: skipped
+        }
     }
     if r.remaining() != 0 {
         return Err(Error::malformed(
@@ -403,6 +428,7 @@ fn decode_body(body: &[u8]) -> Result<Manifest, Error> {
         created_unix,
         host,
         access_trace,
+        writer,
     })
 }
 

@@ -68,16 +68,33 @@ impl S3Server {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join(BUCKET)).unwrap();
         let port = free_port();
+        let child = Self::spawn(&program, port, root.path());
+        S3Server { port, root, child }
+    }
+
+    fn spawn(program: &Path, port: u16, root: &Path) -> Child {
         let mut child = Command::new(program)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(root.path())
+            .arg(root)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start s3s-fs");
         wait_for_port(port, &mut child, "s3s-fs");
-        S3Server { port, root, child }
+        child
+    }
+
+    /// Stops the server (its data stays).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same data.
+    pub fn restart(&mut self) {
+        let program = find_program("s3s-fs").expect("s3s-fs");
+        self.child = Self::spawn(&program, self.port, self.root.path());
     }
 
     pub fn endpoint(&self) -> String {

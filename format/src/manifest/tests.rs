@@ -137,7 +137,15 @@ fn optional_extensions_are_skipped_and_required_ones_refused() {
         b.extend_from_slice(&[1, tag, 3, 0xaa, 0xbb, 0xcc]);
         b
     };
-    assert_eq!(decode_body(&with_ext(2)).unwrap(), m);
+    assert_eq!(decode_body(&with_ext(4)).unwrap(), m);
+    assert!(matches!(
+        decode_body(&with_ext(2)),
+        Err(Error::Malformed { .. })
+    ));
+    let mut w = m.clone();
+    w.writer = Some([7; 16]);
+    let obj = w.encode(&secret(), "vm1", 4).unwrap();
+    assert_eq!(Manifest::decode(&obj, &secret(), "vm1", 4).unwrap(), w);
     assert_eq!(
         decode_body(&with_ext(3)),
         Err(Error::UnsupportedFeature {
@@ -184,6 +192,7 @@ proptest! {
         created in any::<i64>(),
         host in "[a-z0-9.-]{0,40}",
         version in 1u64..1_000_000,
+        writer in proptest::option::of(any::<[u8; 16]>()),
     ) {
         let cs = 65536u64;
         let disk_size = match chunks.len() as u64 {
@@ -211,6 +220,7 @@ proptest! {
             created_unix: created,
             host,
             access_trace,
+            writer,
         };
         let obj = m.encode(&secret(), "p", version).unwrap();
         prop_assert_eq!(Manifest::decode(&obj, &secret(), "p", version).unwrap(), m);

@@ -1,0 +1,467 @@
+//! The local cache of one parcel on one host: a sparse plaintext image (chunk
+//! i at offset i × chunk size) and a persistent chunk-state map.
+//!
+//! ```text
+//! <root>/<blake3(store URL)[..16]>/<parcel>/
+//!     lock            flock held by the one process using the cache
+//!     image           sparse plaintext disk image
+//!     state           4 KiB header + one u64 per chunk: state (2 bits) | generation
+//!     trace           u64 chunk indices, first touches of this session, in order
+//!     manifests/<v>   the encrypted manifest the cache is based on
+//!     lease           nonce of the store lease this cache holds, if any
+//! ```
+//!
+//! Durability rules (DESIGN.md invariants 2 and 3):
+//! * a fetched chunk's data is fdatasync'ed before its entry says present;
+//! * a write's data and dirty mark are written at once and made durable by
+//!   the next flush (data first, then the map), before the flush completes;
+//! * the header's `open` flag is set (and synced) while a process uses the
+//!   cache. Finding it set on open means an unclean stop: every chunk marked
+//!   present is re-verified against the manifest (its content must hash to
+//!   the manifest's key); one that does not match took unflushed writes and
+//!   becomes dirty, so nothing the guest wrote is silently dropped.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::Error;
+
+/// Chunk states, in the low two bits of an entry.
+pub const ABSENT: u64 = 0;
+/// The chunk's data in the image equals the base manifest's.
+pub const PRESENT: u64 = 1;
+/// The chunk was written since the base version; it must be uploaded.
+pub const DIRTY: u64 = 2;
+const STATE_MASK: u64 = 3;
+
+const MAGIC: &[u8; 4] = b"ISRs";
+const FORMAT: u32 = 1;
+const HEADER_LEN: u64 = 4096;
+const FLAG_OPEN: u32 = 1;
+
+/// An entry's state.
+pub fn state_of(entry: u64) -> u64 {
+    entry & STATE_MASK
+}
+
+/// An entry's generation (bumped by every write to a dirty chunk).
+pub fn generation_of(entry: u64) -> u64 {
+    entry >> 2
+}
+
+fn entry(state: u64, generation: u64) -> u64 {
+    (generation << 2) | state
+}
+
+/// Default root of all caches: `$ISR_CACHE_DIR`, else `/var/lib/isr` for
+/// root, else `$XDG_CACHE_HOME/isr` (or `~/.cache/isr`).
+pub fn default_cache_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ISR_CACHE_DIR") {
+        return dir.into();
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return "/var/lib/isr".into();
+    }
+    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME") {
+        return Path::new(&xdg).join("isr");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    Path::new(&home).join(".cache/isr")
+}
+
+/// The directory of one (store, parcel) cache under `root`.
+pub fn cache_dir(root: &Path, store_url: &str, parcel: &str) -> PathBuf {
+    let h = blake3::hash(store_url.trim_end_matches('/').as_bytes()).to_hex();
+    root.join(&h.as_str()[..16]).join(parcel)
+}
+
+/// The persistent header of a cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub base_version: u64,
+    pub disk_size: u64,
+    pub chunk_size: u32,
+    pub cache_id: [u8; 16],
+    pub open: bool,
+}
+
+/// An open cache: its files, held locked, and the chunk-state map in memory.
+#[derive(Debug)]
+pub struct Cache {
+    dir: PathBuf,
+    _lock: File,
+    pub(crate) image: File,
+    state: File,
+    trace: File,
+    entries: Box<[AtomicU64]>,
+    header: std::sync::Mutex<Header>,
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |e| Error::io(op, path, e)
+}
+
+impl Cache {
+    /// Locks the cache directory `dir` (creating it), so that no second
+    /// process opens it. Fails naming the holder's pid if it is in use.
+    pub fn lock(dir: &Path) -> Result<File, Error> {
+        std::fs::create_dir_all(dir.join("manifests")).map_err(io_err("create", dir))?;
+        let path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(Error::CacheBusy {
+                    dir: dir.display().to_string(),
+                    holder: holder.trim().to_owned(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io("lock", &path, e)),
+        }
+        lock.set_len(0).map_err(io_err("write", &path))?;
+        lock.write_all_at(format!("pid {}\n", std::process::id()).as_bytes(), 0)
+            .map_err(io_err("write", &path))?;
+        Ok(lock)
+    }
+
+    /// Whether `dir` holds a cache (its state file exists).
+    pub fn exists(dir: &Path) -> bool {
+        dir.join("state").is_file()
+    }
+
+    /// Creates a fresh cache in the locked `dir`: an empty sparse image and a
+    /// map in which chunks listed in `present` are present (all-zero chunks:
+    /// the sparse image already reads them as zeros) and the rest absent.
+    pub fn create(
+        lock: File,
+        dir: &Path,
+        header: Header,
+        present: &[bool],
+    ) -> Result<Cache, Error> {
+        for name in ["image", "state", "trace"] {
+            let p = dir.join(name);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(io_err("remove", &p))?;
+            }
+        }
+        let image_path = dir.join("image");
+        let image = open_rw(&image_path)?;
+        image
+            .set_len(header.disk_size)
+            .map_err(io_err("size", &image_path))?;
+        let state_path = dir.join("state");
+        let state = open_rw(&state_path)?;
+        let mut bytes = vec![0u8; present.len() * 8];
+        for (i, &p) in present.iter().enumerate() {
+            if p {
+                bytes[i * 8..i * 8 + 8].copy_from_slice(&PRESENT.to_le_bytes());
+            }
+        }
+        state
+            .write_all_at(&bytes, HEADER_LEN)
+            .map_err(io_err("write", &state_path))?;
+        let cache = Cache {
+            dir: dir.to_owned(),
+            _lock: lock,
+            image,
+            trace: open_rw(&dir.join("trace"))?,
+            state,
+            entries: present
+                .iter()
+                .map(|&p| AtomicU64::new(if p { PRESENT } else { ABSENT }))
+                .collect(),
+            header: std::sync::Mutex::new(header),
+        };
+        cache.write_header()?;
+        cache
+            .image
+            .sync_all()
+            .map_err(io_err("sync", &image_path))?;
+        Ok(cache)
+    }
+
+    /// Opens the existing cache in the locked `dir`.
+    pub fn open(lock: File, dir: &Path) -> Result<Cache, Error> {
+        let state_path = dir.join("state");
+        let state = open_rw(&state_path)?;
+        let mut head = [0u8; 64];
+        state
+            .read_exact_at(&mut head, 0)
+            .map_err(io_err("read", &state_path))?;
+        let bad =
+            |why: &str| Error::Invalid(format!("cache state {}: {why}", state_path.display()));
+        if &head[0..4] != MAGIC {
+            return Err(bad("not an isr cache state file"));
+        }
+        if u32::from_le_bytes(head[4..8].try_into().expect("4")) != FORMAT {
+            return Err(bad("written by another isr version"));
+        }
+        let header = Header {
+            open: u32::from_le_bytes(head[8..12].try_into().expect("4")) & FLAG_OPEN != 0,
+            base_version: u64::from_le_bytes(head[16..24].try_into().expect("8")),
+            disk_size: u64::from_le_bytes(head[24..32].try_into().expect("8")),
+            chunk_size: u32::from_le_bytes(head[32..36].try_into().expect("4")),
+            cache_id: head[40..56].try_into().expect("16"),
+        };
+        let count = format::Geometry::new(header.disk_size, header.chunk_size)
+            .map_err(|e| bad(&e.to_string()))?
+            .chunk_count() as usize;
+        let mut bytes = vec![0u8; count * 8];
+        state
+            .read_exact_at(&mut bytes, HEADER_LEN)
+            .map_err(io_err("read", &state_path))?;
+        let entries = bytes
+            .chunks_exact(8)
+            .map(|b| AtomicU64::new(u64::from_le_bytes(b.try_into().expect("8"))))
+            .collect();
+        Ok(Cache {
+            dir: dir.to_owned(),
+            _lock: lock,
+            image: open_rw(&dir.join("image"))?,
+            trace: open_rw(&dir.join("trace"))?,
+            state,
+            entries,
+            header: std::sync::Mutex::new(header),
+        })
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A copy of the header.
+    pub fn header(&self) -> Header {
+        self.header.lock().expect("header lock").clone()
+    }
+
+    /// Changes the header and makes it durable.
+    pub fn update_header(&self, f: impl FnOnce(&mut Header)) -> Result<(), Error> {
+        f(&mut self.header.lock().expect("header lock"));
+        self.write_header()
+    }
+
+    fn write_header(&self) -> Result<(), Error> {
+        let h = self.header();
+        let mut b = vec![0u8; HEADER_LEN as usize];
+        b[0..4].copy_from_slice(MAGIC);
+        b[4..8].copy_from_slice(&FORMAT.to_le_bytes());
+        b[8..12].copy_from_slice(&(if h.open { FLAG_OPEN } else { 0 }).to_le_bytes());
+        b[16..24].copy_from_slice(&h.base_version.to_le_bytes());
+        b[24..32].copy_from_slice(&h.disk_size.to_le_bytes());
+        b[32..36].copy_from_slice(&h.chunk_size.to_le_bytes());
+        b[40..56].copy_from_slice(&h.cache_id);
+        let path = self.dir.join("state");
+        self.state
+            .write_all_at(&b, 0)
+            .and_then(|()| self.state.sync_data())
+            .map_err(io_err("write", &path))
+    }
+
+    /// Number of chunks.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the disk has no chunks.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry of chunk `c` (lock-free).
+    pub fn entry(&self, c: u64) -> u64 {
+        self.entries[c as usize].load(Ordering::Acquire)
+    }
+
+    /// Sets chunk `c` to `state`, bumping the generation when it becomes or
+    /// stays dirty, and writes the entry to the map (durable at the next
+    /// [`sync_state`](Self::sync_state)). Callers hold the chunk's stripe lock.
+    pub fn set(&self, c: u64, state: u64) -> Result<u64, Error> {
+        let old = self.entry(c);
+        let generation = generation_of(old) + u64::from(state == DIRTY);
+        let new = entry(state, generation);
+        self.entries[c as usize].store(new, Ordering::Release);
+        let path = self.dir.join("state");
+        self.state
+            .write_all_at(&new.to_le_bytes(), HEADER_LEN + c * 8)
+            .map_err(io_err("write", &path))?;
+        Ok(new)
+    }
+
+    /// Makes image data durable.
+    pub fn sync_image(&self) -> Result<(), Error> {
+        self.image
+            .sync_data()
+            .map_err(io_err("sync", &self.dir.join("image")))
+    }
+
+    /// Makes the map and the trace durable.
+    pub fn sync_state(&self) -> Result<(), Error> {
+        self.trace
+            .sync_data()
+            .map_err(io_err("sync", &self.dir.join("trace")))?;
+        self.state
+            .sync_data()
+            .map_err(io_err("sync", &self.dir.join("state")))
+    }
+
+    /// Deallocates `len` bytes of the image at `offset`: they read as zeros.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), Error> {
+        // SAFETY: fallocate on an fd we own; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                self.image.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        // A file system without hole punching: write the zeros.
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(Error::io("punch hole", &self.dir.join("image"), err));
+        }
+        let zeros = vec![0u8; len as usize];
+        self.image
+            .write_all_at(&zeros, offset)
+            .map_err(io_err("write", &self.dir.join("image")))
+    }
+
+    /// The trace recorded so far (chunk indices in first-touch order).
+    pub fn read_trace(&self) -> Result<Vec<u64>, Error> {
+        let path = self.dir.join("trace");
+        let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8")))
+            .filter(|&c| c < self.entries.len() as u64)
+            .collect())
+    }
+
+    /// Appends entry number `n` of the trace.
+    pub fn write_trace(&self, n: usize, chunk: u64) -> Result<(), Error> {
+        self.trace
+            .write_all_at(&chunk.to_le_bytes(), n as u64 * 8)
+            .map_err(io_err("write", &self.dir.join("trace")))
+    }
+
+    /// Empties the trace (a new base version starts a new session trace).
+    pub fn clear_trace(&self) -> Result<(), Error> {
+        self.trace
+            .set_len(0)
+            .map_err(io_err("truncate", &self.dir.join("trace")))
+    }
+
+    /// Path of the local copy of manifest `version`.
+    pub fn manifest_path(&self, version: u64) -> PathBuf {
+        self.dir.join("manifests").join(version.to_string())
+    }
+
+    /// Stores the encrypted manifest of `version` durably (write, sync, rename).
+    pub fn save_manifest(&self, version: u64, bytes: &[u8]) -> Result<(), Error> {
+        let path = self.manifest_path(version);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .and_then(|()| File::open(self.dir.join("manifests"))?.sync_all())
+            .map_err(io_err("write", &path))
+    }
+
+    /// Removes local manifests other than `keep`.
+    pub fn prune_manifests(&self, keep: u64) {
+        if let Ok(dir) = std::fs::read_dir(self.dir.join("manifests")) {
+            for e in dir.flatten() {
+                if e.file_name().to_string_lossy() != keep.to_string() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+fn open_rw(path: &Path) -> Result<File, Error> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err("open", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            base_version: 3,
+            disk_size: 10 * 65536,
+            chunk_size: 65536,
+            cache_id: [9; 16],
+            open: true,
+        }
+    }
+
+    #[test]
+    fn state_survives_reopen_and_the_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("c");
+        let lock = Cache::lock(&d).unwrap();
+        assert!(matches!(Cache::lock(&d), Err(Error::CacheBusy { .. })));
+        let mut present = vec![false; 10];
+        present[4] = true;
+        let cache = Cache::create(lock, &d, header(), &present).unwrap();
+        assert_eq!(state_of(cache.entry(4)), PRESENT);
+        let e = cache.set(2, DIRTY).unwrap();
+        assert_eq!((state_of(e), generation_of(e)), (DIRTY, 1));
+        let e = cache.set(2, DIRTY).unwrap();
+        assert_eq!(generation_of(e), 2);
+        cache.write_trace(0, 7).unwrap();
+        cache.write_trace(1, 2).unwrap();
+        cache.sync_state().unwrap();
+        drop(cache);
+
+        let cache = Cache::open(Cache::lock(&d).unwrap(), &d).unwrap();
+        assert_eq!(cache.header(), header());
+        assert_eq!(state_of(cache.entry(2)), DIRTY);
+        assert_eq!(generation_of(cache.entry(2)), 2);
+        assert_eq!(state_of(cache.entry(4)), PRESENT);
+        assert_eq!(state_of(cache.entry(5)), ABSENT);
+        assert_eq!(cache.read_trace().unwrap(), vec![7, 2]);
+        cache.update_header(|h| h.open = false).unwrap();
+        drop(cache);
+        let cache = Cache::open(Cache::lock(&d).unwrap(), &d).unwrap();
+        assert!(!cache.header().open);
+    }
+
+    #[test]
+    fn cache_dirs_differ_per_store_and_parcel() {
+        let r = Path::new("/r");
+        assert_ne!(
+            cache_dir(r, "file:///a", "p"),
+            cache_dir(r, "file:///b", "p")
+        );
+        assert_eq!(
+            cache_dir(r, "file:///a/", "p"),
+            cache_dir(r, "file:///a", "p")
+        );
+        assert!(cache_dir(r, "s3://x/y", "vm").ends_with("vm"));
+    }
+}

@@ -1,0 +1,403 @@
+//! The fetch pipeline: one slot per chunk in flight (single flight), a
+//! scheduler that runs demand fetches at once and prefetches within an
+//! adaptive window, and fetch tasks that retry until the store answers.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use format::{ChunkEntry, ChunkKey};
+use tokio::sync::mpsc;
+
+use super::Shared;
+use crate::cache::{self, ABSENT};
+use crate::notify::Notifier;
+use crate::{ChunkFault, Error};
+
+/// The fetch of one chunk, shared by everyone waiting for it.
+#[derive(Debug, Default)]
+pub struct Slot {
+    state: Mutex<SlotState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    done: Option<Result<(), Arc<Error>>>,
+    last_error: Option<String>,
+    demanded: bool,
+    notifiers: Vec<Arc<Notifier>>,
+}
+
+/// Why a wait for a chunk ended without it.
+#[derive(Debug)]
+pub enum WaitError {
+    /// The fetch failed for good (the chunk is corrupt or missing).
+    Failed(Arc<Error>),
+    /// The miss timeout passed; the store's last error, if any.
+    TimedOut(String),
+}
+
+impl Slot {
+    /// Whether the fetch has finished; `Some(Err)` if it failed.
+    pub fn result(&self) -> Option<Result<(), Arc<Error>>> {
+        self.state.lock().expect("slot lock").done.clone()
+    }
+
+    /// Blocks until the fetch finishes or `timeout` passes.
+    pub fn wait(&self, timeout: Duration) -> Result<(), WaitError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock().expect("slot lock");
+        loop {
+            if let Some(done) = &st.done {
+                return done.clone().map_err(WaitError::Failed);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let cause = st
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "the store did not answer".into());
+                return Err(WaitError::TimedOut(cause));
+            }
+            st = self
+                .cv
+                .wait_timeout(st, deadline - now)
+                .expect("slot lock")
+                .0;
+        }
+    }
+
+    fn complete(&self, result: Result<(), Arc<Error>>) {
+        let mut st = self.state.lock().expect("slot lock");
+        st.done = Some(result);
+        for n in st.notifiers.drain(..) {
+            n.signal();
+        }
+        self.cv.notify_all();
+    }
+
+    fn demanded(&self) -> bool {
+        self.state.lock().expect("slot lock").demanded
+    }
+
+    fn note_error(&self, e: &Error) {
+        self.state.lock().expect("slot lock").last_error = Some(e.to_string());
+    }
+}
+
+impl Shared {
+    /// `None` if chunk `c` is cached; else the slot of its fetch, started
+    /// now if none is in flight.
+    pub(crate) fn demand(&self, c: u64, notifier: Option<&Arc<Notifier>>) -> Option<Arc<Slot>> {
+        if cache::state_of(self.cache.entry(c)) != ABSENT {
+            return None;
+        }
+        let ChunkEntry::Data(key) = self.base().entry(c) else {
+            // Never stored: zeros. The image range is made a hole now.
+            let _ = self.fill_zero(c);
+            return None;
+        };
+        let mut map = self.inflight.lock().expect("inflight lock");
+        // Re-check under the lock: a fill completes before its slot leaves the map.
+        if cache::state_of(self.cache.entry(c)) != ABSENT {
+            return None;
+        }
+        let (slot, new) = match map.get(&key) {
+            Some(s) => (s.clone(), false),
+            None => {
+                let s = Arc::new(Slot::default());
+                map.insert(key, s.clone());
+                (s, true)
+            }
+        };
+        {
+            let mut st = slot.state.lock().expect("slot lock");
+            st.demanded = true;
+            if let Some(n) = notifier {
+                if st.done.is_some() {
+                    n.signal();
+                } else {
+                    st.notifiers.push(n.clone());
+                }
+            }
+        }
+        drop(map);
+        if new {
+            let _ = self.demand_tx.send(c);
+        }
+        Some(slot)
+    }
+
+    fn fill_zero(&self, c: u64) -> Result<(), Error> {
+        let _g = self.stripe(c);
+        let len = self.geometry.chunk_len(c) as u64;
+        self.cache.punch_hole(self.geometry.chunk_offset(c), len)?;
+        if cache::state_of(self.cache.entry(c)) == ABSENT {
+            self.cache.set(c, cache::PRESENT)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the fetch of `key`: the slot leaves the map, then waiters wake.
+    fn finish(&self, key: ChunkKey, slot: &Arc<Slot>, result: Result<(), Arc<Error>>) {
+        self.inflight.lock().expect("inflight lock").remove(&key);
+        slot.complete(result);
+        let (lock, cv) = &self.progress;
+        *lock.lock().expect("progress lock") += 1;
+        cv.notify_all();
+    }
+}
+
+enum Outcome {
+    Fetched(u64),
+    Permanent,
+    Transient,
+}
+
+/// Whether a fetch error will not go away by retrying.
+fn is_permanent(e: &Error) -> bool {
+    match e {
+        Error::BadChunk { fault, .. } => match fault {
+            ChunkFault::Missing | ChunkFault::Decode(_) => true,
+            ChunkFault::Store(inner) => matches!(**inner, Error::Denied { .. }),
+        },
+        Error::Io { .. } | Error::Invalid(_) => true,
+        _ => false,
+    }
+}
+
+/// Fetches stored chunk `key` (first needed at disk chunk `c`) into every
+/// place it appears, retrying transient store errors until it arrives (a
+/// prefetch nobody waits for gives up instead, to be retried later).
+async fn fetch_one(
+    shared: Arc<Shared>,
+    key: ChunkKey,
+    c: u64,
+    slot: Arc<Slot>,
+    prefetch: bool,
+) -> Outcome {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let base = shared.base();
+        let len = shared.geometry.chunk_len(c) as usize;
+        match shared.parcel.fetch_chunk(key, len, c, base.version).await {
+            Ok(data) => {
+                let (s, places) = (
+                    shared.clone(),
+                    base.by_key.get(&key).cloned().unwrap_or_default(),
+                );
+                let filled = tokio::task::spawn_blocking(move || s.fill(&places, &data))
+                    .await
+                    .unwrap_or_else(|e| Err(Error::Invalid(format!("fill task failed: {e}"))));
+                return complete(&shared, key, &slot, filled.map(|()| len as u64));
+            }
+            Err(e) if is_permanent(&e) => return complete(&shared, key, &slot, Err(e)),
+            Err(e) => {
+                slot.note_error(&e);
+                if shutting_down(&shared) || (prefetch && !slot.demanded()) {
+                    shared.finish(key, &slot, Err(Arc::new(e)));
+                    return Outcome::Transient;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn shutting_down(shared: &Shared) -> bool {
+    shared.shutdown.load(Ordering::Relaxed)
+}
+
+fn complete(shared: &Shared, key: ChunkKey, slot: &Arc<Slot>, r: Result<u64, Error>) -> Outcome {
+    match r {
+        Ok(bytes) => {
+            shared.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+            shared.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+            shared.finish(key, slot, Ok(()));
+            Outcome::Fetched(bytes)
+        }
+        Err(e) => {
+            let e = Arc::new(e);
+            shared
+                .failed
+                .lock()
+                .expect("failed lock")
+                .insert(key, e.clone());
+            shared.finish(key, slot, Err(e));
+            Outcome::Permanent
+        }
+    }
+}
+
+/// Adapts the prefetch window: grows while throughput grows, shrinks when
+/// it falls, halves on errors (additive increase, multiplicative decrease).
+struct Window {
+    size: usize,
+    max: usize,
+    bytes: u64,
+    done: usize,
+    since: Instant,
+    last_rate: f64,
+}
+
+impl Window {
+    fn new(max: usize) -> Window {
+        Window {
+            size: 4.min(max).max(1),
+            max: max.max(1),
+            bytes: 0,
+            done: 0,
+            since: Instant::now(),
+            last_rate: 0.0,
+        }
+    }
+
+    fn success(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        self.done += 1;
+        if self.done < self.size {
+            return;
+        }
+        let rate = self.bytes as f64 / self.since.elapsed().as_secs_f64().max(1e-6);
+        if rate > self.last_rate * 1.1 {
+            self.size = (self.size + (self.size / 4).max(1)).min(self.max);
+        } else if rate < self.last_rate * 0.7 {
+            self.size = (self.size - 1).max(1);
+        }
+        self.last_rate = rate;
+        self.bytes = 0;
+        self.done = 0;
+        self.since = Instant::now();
+    }
+
+    fn error(&mut self) {
+        self.size = (self.size / 2).max(1);
+    }
+}
+
+/// Runs until shutdown: demand fetches start at once; prefetches fill the
+/// window, in the base manifest's trace order, then ascending.
+pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::UnboundedReceiver<u64>) {
+    let n = shared.geometry.chunk_count();
+    let mut order: VecDeque<u64> = {
+        let base = shared.base();
+        let trace = &base.manifest.access_trace;
+        let mut seen = vec![false; n as usize];
+        let mut order = VecDeque::with_capacity(n as usize);
+        for &c in trace.iter().chain(&(0..n).collect::<Vec<_>>()) {
+            if c < n && !std::mem::replace(&mut seen[c as usize], true) {
+                order.push_back(c);
+            }
+        }
+        order
+    };
+    let mut window = Window::new(shared.options.max_fetches);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, bool, Outcome)>();
+    let mut prefetching = 0usize;
+    let mut pause_until = Instant::now();
+    let mut pause = Duration::from_secs(1);
+    loop {
+        if shutting_down(&shared) {
+            return;
+        }
+        // Prefetch into the window.
+        while shared.prefetch_on.load(Ordering::Relaxed)
+            && prefetching < window.size
+            && Instant::now() >= pause_until
+        {
+            let Some(c) = order.pop_front() else { break };
+            if cache::state_of(shared.cache.entry(c)) != ABSENT {
+                continue;
+            }
+            let ChunkEntry::Data(key) = shared.base().entry(c) else {
+                let _ = shared.fill_zero(c);
+                continue;
+            };
+            if shared
+                .failed
+                .lock()
+                .expect("failed lock")
+                .contains_key(&key)
+            {
+                continue;
+            }
+            let slot = {
+                let mut map = shared.inflight.lock().expect("inflight lock");
+                if map.contains_key(&key) || cache::state_of(shared.cache.entry(c)) != ABSENT {
+                    continue;
+                }
+                let s = Arc::new(Slot::default());
+                map.insert(key, s.clone());
+                s
+            };
+            prefetching += 1;
+            let (s, tx) = (shared.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                let outcome = fetch_one(s, key, c, slot, true).await;
+                let _ = tx.send((c, true, outcome));
+            });
+        }
+        shared.window.store(window.size as u64, Ordering::Relaxed);
+        let wait = pause_until.saturating_duration_since(Instant::now());
+        tokio::select! {
+            Some(c) = demand_rx.recv() => {
+                if c == u64::MAX {
+                    continue; // a wake-up
+                }
+                let ChunkEntry::Data(key) = shared.base().entry(c) else { continue };
+                let slot = shared.inflight.lock().expect("inflight lock").get(&key).cloned();
+                if let Some(slot) = slot {
+                    let (s, tx) = (shared.clone(), done_tx.clone());
+                    tokio::spawn(async move {
+                        let outcome = fetch_one(s, key, c, slot, false).await;
+                        let _ = tx.send((c, false, outcome));
+                    });
+                }
+            }
+            Some((c, prefetch, outcome)) = done_rx.recv() => {
+                if prefetch {
+                    prefetching -= 1;
+                }
+                match outcome {
+                    Outcome::Fetched(bytes) => {
+                        window.success(bytes);
+                        pause = Duration::from_secs(1);
+                    }
+                    Outcome::Transient => {
+                        window.error();
+                        order.push_back(c);
+                        pause_until = Instant::now() + pause;
+                        pause = (pause * 2).min(Duration::from_secs(30));
+                    }
+                    Outcome::Permanent => {}
+                }
+            }
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(200))) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_grows_with_throughput_and_halves_on_errors() {
+        let mut w = Window::new(64);
+        assert_eq!(w.size, 4);
+        for _ in 0..4 {
+            w.success(1 << 20);
+        }
+        assert!(w.size > 4);
+        let grown = w.size;
+        w.error();
+        assert_eq!(w.size, (grown / 2).max(1));
+        for _ in 0..100 {
+            w.error();
+        }
+        assert_eq!(w.size, 1);
+    }
+}

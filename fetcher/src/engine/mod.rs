@@ -1,0 +1,526 @@
+//! The chunk engine: everything the block device does, without the device.
+//!
+//! ```text
+//!  read / write / flush / discard          (sync; called from any thread)
+//!        │  present? ── lock-free entry load ── yes ──► pread/pwrite the cache image
+//!        │  no: demand(c) ──► Slot (one per chunk in flight: single flight)
+//!        ▼                          ▲ completes, wakes condvar waiters + eventfds
+//!  scheduler (tokio, own runtime): demand first, then prefetch
+//!        │  (trace order, then ascending) within an adaptive window
+//!        ▼
+//!  fetch task: store get → verify/decrypt/decompress (blocking pool)
+//!        → pwrite + fdatasync image → mark present
+//! ```
+//!
+//! Writes mark chunks dirty (with a generation); [`Engine::publish`] uploads
+//! dirty chunks and commits the next version (see `publish.rs`).
+
+mod fetch;
+mod publish;
+mod reconcile;
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use format::{ChunkEntry, ChunkKey, Geometry, Manifest};
+use tokio::sync::mpsc;
+
+use crate::cache::{self, ABSENT, Cache, DIRTY, Header, PRESENT};
+use crate::notify::Notifier;
+use crate::{Error, Parcel};
+
+pub use fetch::Slot;
+pub use publish::PublishSummary;
+
+/// How an engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Root of all caches (see [`cache::default_cache_root`]).
+    pub cache_root: PathBuf,
+    /// How long a read of a missing chunk waits for the store.
+    pub miss_timeout: Duration,
+    /// Start background prefetch at open.
+    pub prefetch: bool,
+    /// Most prefetches in flight (the window adapts below it).
+    pub max_fetches: usize,
+    /// Host name recorded in published manifests.
+    pub host: String,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            cache_root: cache::default_cache_root(),
+            miss_timeout: Duration::from_secs(600),
+            prefetch: true,
+            max_fetches: 64,
+            host: String::new(),
+        }
+    }
+}
+
+/// What opening the cache found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// The version the cache is based on now.
+    pub base_version: u64,
+    /// The cache was created by this open.
+    pub created: bool,
+    /// The previous session stopped uncleanly; present chunks were re-verified.
+    pub recovered: bool,
+    /// Chunks found changed by unflushed writes (now dirty).
+    pub recovered_dirty: u64,
+    /// Chunks invalidated because a newer version changed them.
+    pub invalidated: u64,
+    /// Non-fatal problems (e.g. the store was unreachable: working offline).
+    pub warnings: Vec<String>,
+}
+
+/// Counters, for status and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Chunks fetched from the store.
+    pub fetched_chunks: u64,
+    /// Plaintext bytes fetched.
+    pub fetched_bytes: u64,
+    /// Chunks present or dirty in the cache.
+    pub cached_chunks: u64,
+    /// Dirty chunks.
+    pub dirty_chunks: u64,
+    /// Chunks of the disk.
+    pub chunks: u64,
+    /// Current prefetch window.
+    pub window: u64,
+}
+
+const STRIPES: usize = 256;
+
+/// The version the cache is based on, its manifest, and where each stored
+/// chunk appears (a chunk that repeats is fetched once for all its places).
+pub(crate) struct Base {
+    pub(crate) version: u64,
+    pub(crate) manifest: Manifest,
+    pub(crate) by_key: HashMap<ChunkKey, Vec<u64>>,
+}
+
+impl Base {
+    pub(crate) fn new(version: u64, manifest: Manifest) -> Base {
+        let mut by_key: HashMap<ChunkKey, Vec<u64>> = HashMap::new();
+        for (i, e) in manifest.chunks.iter().enumerate() {
+            if let ChunkEntry::Data(k) = e {
+                by_key.entry(*k).or_default().push(i as u64);
+            }
+        }
+        Base {
+            version,
+            manifest,
+            by_key,
+        }
+    }
+
+    pub(crate) fn entry(&self, c: u64) -> ChunkEntry {
+        self.manifest.chunks[c as usize]
+    }
+}
+
+pub(crate) struct Shared {
+    parcel: Parcel,
+    cache: Cache,
+    geometry: Geometry,
+    /// The base version and its manifest.
+    base: RwLock<Arc<Base>>,
+    stripes: Box<[Mutex<()>]>,
+    /// Fetches in flight, one per stored chunk (single flight).
+    inflight: Mutex<HashMap<ChunkKey, Arc<Slot>>>,
+    demand_tx: mpsc::UnboundedSender<u64>,
+    touched: Box<[AtomicU64]>,
+    trace: Mutex<Vec<u64>>,
+    prefetch_on: AtomicBool,
+    fetched_chunks: AtomicU64,
+    fetched_bytes: AtomicU64,
+    window: AtomicU64,
+    /// Stored chunks whose fetch failed for good (corrupt, missing):
+    /// prefetch skips them.
+    failed: Mutex<HashMap<ChunkKey, Arc<Error>>>,
+    /// Signalled on every completed fetch (hoard waits on it).
+    progress: (Mutex<u64>, Condvar),
+    options: EngineOptions,
+    shutdown: AtomicBool,
+}
+
+/// The engine of one open parcel cache.
+pub struct Engine {
+    shared: Arc<Shared>,
+    runtime: Option<tokio::runtime::Runtime>,
+    report: OpenReport,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("parcel", &self.shared.parcel.name())
+            .field("cache", &self.shared.cache.dir())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Opens (creating, recovering and reconciling as needed) the cache of
+    /// `parcel` and starts the fetcher. Must not be called from inside a
+    /// tokio runtime: the engine runs its own.
+    pub fn open(parcel: Parcel, options: EngineOptions) -> Result<Engine, Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("isr-fetch")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Invalid(format!("cannot start the fetcher runtime: {e}")))?;
+        let dir = cache::cache_dir(&options.cache_root, parcel.store().url(), parcel.name());
+        let mut report = OpenReport::default();
+        let (cache, base) = runtime.block_on(reconcile::open_cache(&parcel, &dir, &mut report))?;
+        let geometry = base.1.geometry();
+
+        let trace = cache.read_trace()?;
+        let touched: Box<[AtomicU64]> = (0..geometry.chunk_count().div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        for &c in &trace {
+            touched[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::Relaxed);
+        }
+        cache.update_header(|h| h.open = true)?;
+        let (demand_tx, demand_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            parcel,
+            cache,
+            geometry,
+            base: RwLock::new(Arc::new(Base::new(base.0, base.1))),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            inflight: Mutex::new(HashMap::new()),
+            demand_tx,
+            touched,
+            trace: Mutex::new(trace),
+            prefetch_on: AtomicBool::new(options.prefetch),
+            fetched_chunks: AtomicU64::new(0),
+            fetched_bytes: AtomicU64::new(0),
+            window: AtomicU64::new(4),
+            failed: Mutex::new(HashMap::new()),
+            progress: (Mutex::new(0), Condvar::new()),
+            options,
+            shutdown: AtomicBool::new(false),
+        });
+        report.base_version = shared.base_version();
+        runtime.spawn(fetch::scheduler(shared.clone(), demand_rx));
+        Ok(Engine {
+            shared,
+            runtime: Some(runtime),
+            report,
+        })
+    }
+
+    /// What [`open`](Self::open) found.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    /// The disk's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.shared.geometry
+    }
+
+    /// The version the cache is based on.
+    pub fn base_version(&self) -> u64 {
+        self.shared.base_version()
+    }
+
+    /// The cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.shared.cache.dir().to_owned()
+    }
+
+    /// The parcel.
+    pub fn parcel(&self) -> &Parcel {
+        &self.shared.parcel
+    }
+
+    /// Whether chunk `c` can be served from the cache now (lock-free).
+    pub fn is_cached(&self, c: u64) -> bool {
+        cache::state_of(self.shared.cache.entry(c)) != ABSENT
+    }
+
+    /// Asks for chunk `c` without waiting: `None` if it is cached, else the
+    /// slot of its fetch. With `notifier`, that eventfd is signalled when the
+    /// fetch completes (for threads that sleep in their own io_uring).
+    pub fn request(&self, c: u64, notifier: Option<&Arc<Notifier>>) -> Option<Arc<Slot>> {
+        self.shared.demand(c, notifier)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, waiting for missing chunks.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let s = &self.shared;
+        for span in s.spans(offset, buf.len())? {
+            s.touch(span.chunk);
+            s.ensure_cached(span.chunk)?;
+            let dst = &mut buf[span.buf_offset..span.buf_offset + span.len as usize];
+            let at = s.geometry.chunk_offset(span.chunk) + span.offset_in_chunk as u64;
+            s.cache
+                .image
+                .read_exact_at(dst, at)
+                .map_err(|e| Error::io("read", &s.cache.dir().join("image"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`. A write covering only part of a chunk that
+    /// is not cached fetches it first; one covering whole chunks does not.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
+        let s = &self.shared;
+        for span in s.spans(offset, data.len())? {
+            s.touch(span.chunk);
+            if !span.covers(&s.geometry) {
+                s.ensure_cached(span.chunk)?;
+            }
+            let src = &data[span.buf_offset..span.buf_offset + span.len as usize];
+            let at = s.geometry.chunk_offset(span.chunk) + span.offset_in_chunk as u64;
+            let _g = s.stripe(span.chunk);
+            s.cache
+                .image
+                .write_all_at(src, at)
+                .map_err(|e| Error::io("write", &s.cache.dir().join("image"), e))?;
+            s.cache.set(span.chunk, DIRTY)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every write so far durable, data and dirty marks both.
+    pub fn flush(&self) -> Result<(), Error> {
+        self.shared.cache.sync_image()?;
+        self.shared.cache.sync_state()
+    }
+
+    /// Zeroes `len` bytes at `offset` (discard and write-zeroes): whole
+    /// chunks are deallocated and become zero and dirty; partial ones are
+    /// written with zeros.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {
+        let s = &self.shared;
+        let len = usize::try_from(len).map_err(|_| Error::Invalid("discard too long".into()))?;
+        for span in s.spans(offset, len)? {
+            let at = s.geometry.chunk_offset(span.chunk) + span.offset_in_chunk as u64;
+            if span.covers(&s.geometry) {
+                s.touch(span.chunk);
+                let _g = s.stripe(span.chunk);
+                s.cache.punch_hole(at, span.len as u64)?;
+                s.cache.set(span.chunk, DIRTY)?;
+            } else {
+                self.write(at, &vec![0u8; span.len as usize])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pauses or resumes background prefetch (demand fetches always run).
+    pub fn set_prefetch(&self, on: bool) {
+        self.shared.prefetch_on.store(on, Ordering::Relaxed);
+        if on {
+            // Wake the scheduler with a no-op demand.
+            let _ = self.shared.demand_tx.send(u64::MAX);
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EngineStats {
+        let s = &self.shared;
+        let (mut cached, mut dirty) = (0, 0);
+        for c in 0..s.geometry.chunk_count() {
+            match cache::state_of(s.cache.entry(c)) {
+                ABSENT => {}
+                DIRTY => {
+                    cached += 1;
+                    dirty += 1
+                }
+                _ => cached += 1,
+            }
+        }
+        EngineStats {
+            fetched_chunks: s.fetched_chunks.load(Ordering::Relaxed),
+            fetched_bytes: s.fetched_bytes.load(Ordering::Relaxed),
+            cached_chunks: cached,
+            dirty_chunks: dirty,
+            chunks: s.geometry.chunk_count(),
+            window: s.window.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Fetches every chunk not yet cached (prefetch on, waiting until done).
+    /// Returns the first permanent failure, if a chunk cannot be fetched.
+    pub fn hoard(&self, progress: crate::Progress) -> Result<EngineStats, Error> {
+        let s = &self.shared;
+        self.set_prefetch(true);
+        let mut reported = 0u64;
+        let (lock, cv) = &s.progress;
+        let mut seen = lock.lock().expect("progress lock");
+        loop {
+            let cached_bytes: u64 = (0..s.geometry.chunk_count())
+                .filter(|&c| self.is_cached(c))
+                .map(|c| s.geometry.chunk_len(c) as u64)
+                .sum();
+            progress(cached_bytes.saturating_sub(reported));
+            reported = reported.max(cached_bytes);
+            let failed = s.failed.lock().expect("failed lock");
+            let base = s.base();
+            let waiting = (0..s.geometry.chunk_count())
+                .filter(|&c| !self.is_cached(c))
+                .filter(|&c| match base.entry(c) {
+                    ChunkEntry::Data(k) => !failed.contains_key(&k),
+                    ChunkEntry::Zero => true,
+                })
+                .count();
+            if waiting == 0 {
+                if let Some(e) = failed.values().next() {
+                    return Err(Error::Shared(e.clone()));
+                }
+                return Ok(self.stats());
+            }
+            drop(failed);
+            seen = cv
+                .wait_timeout(seen, Duration::from_millis(500))
+                .expect("progress lock")
+                .0;
+        }
+    }
+
+    /// Stops the fetcher, flushes, and marks the cache cleanly closed.
+    pub fn close(mut self) -> Result<(), Error> {
+        self.stop();
+        self.flush()?;
+        self.shared.cache.update_header(|h| h.open = false)
+    }
+
+    fn stop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Relaxed);
+        let _ = self.shared.demand_tx.send(u64::MAX);
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("running until close")
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if self.runtime.is_some() {
+            self.stop();
+            // Leave the `open` flag set unless everything was flushed: the
+            // next open then re-verifies, which is always safe.
+            if self.flush().is_ok() {
+                let _ = self.shared.cache.update_header(|h| h.open = false);
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn base_version(&self) -> u64 {
+        self.base.read().expect("base lock").version
+    }
+
+    fn base(&self) -> Arc<Base> {
+        self.base.read().expect("base lock").clone()
+    }
+
+    fn spans(&self, offset: u64, len: usize) -> Result<format::geometry::Spans, Error> {
+        self.geometry
+            .spans(offset, len)
+            .map_err(|e| Error::Invalid(e.to_string()))
+    }
+
+    fn stripe(&self, c: u64) -> std::sync::MutexGuard<'_, ()> {
+        self.stripes[c as usize % STRIPES]
+            .lock()
+            .expect("stripe lock")
+    }
+
+    /// Records the first touch of chunk `c` in the access trace.
+    fn touch(&self, c: u64) {
+        let bit = 1u64 << (c % 64);
+        if self.touched[(c / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            let mut trace = self.trace.lock().expect("trace lock");
+            // A failed trace write loses only a prefetch hint.
+            let _ = self.cache.write_trace(trace.len(), c);
+            trace.push(c);
+        }
+    }
+
+    /// Waits until chunk `c` is cached, or fails naming it.
+    fn ensure_cached(&self, c: u64) -> Result<(), Error> {
+        match self.demand(c, None) {
+            None => Ok(()),
+            Some(slot) => slot
+                .wait(self.options.miss_timeout)
+                .map_err(|cause| match cause {
+                    fetch::WaitError::Failed(e) => Error::Shared(e),
+                    fetch::WaitError::TimedOut(cause) => {
+                        let id = match self.base().entry(c) {
+                            ChunkEntry::Data(k) => k.id(),
+                            ChunkEntry::Zero => format::ChunkId([0; 32]),
+                        };
+                        Error::MissTimeout {
+                            id,
+                            index: c,
+                            parcel: self.parcel.name().to_owned(),
+                            seconds: self.options.miss_timeout.as_secs(),
+                            cause,
+                        }
+                    }
+                }),
+        }
+    }
+
+    /// Fills every not-yet-cached place of a fetched chunk with `data`
+    /// (where a write got there first, the write wins); the data is durable
+    /// before a chunk is marked present (invariant 3).
+    fn fill(&self, places: &[u64], data: &[u8]) -> Result<(), Error> {
+        let mut written = Vec::with_capacity(places.len());
+        for &c in places {
+            let _g = self.stripe(c);
+            if cache::state_of(self.cache.entry(c)) != ABSENT {
+                continue;
+            }
+            self.cache
+                .image
+                .write_all_at(data, self.geometry.chunk_offset(c))
+                .map_err(|e| Error::io("write", &self.cache.dir().join("image"), e))?;
+            written.push(c);
+        }
+        if written.is_empty() {
+            return Ok(());
+        }
+        self.cache.sync_image()?;
+        for c in written {
+            let _g = self.stripe(c);
+            if cache::state_of(self.cache.entry(c)) == ABSENT {
+                self.cache.set(c, PRESENT)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A fresh cache header for `manifest` at `version`.
+fn new_header(version: u64, manifest: &Manifest) -> Result<Header, Error> {
+    let mut cache_id = [0u8; 16];
+    getrandom::fill(&mut cache_id).map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
+    Ok(Header {
+        base_version: version,
+        disk_size: manifest.disk_size,
+        chunk_size: manifest.chunk_size,
+        cache_id,
+        open: false,
+    })
+}

@@ -1,0 +1,172 @@
+//! Delta publish, the core of suspend: upload the dirty chunks, then commit
+//! the next version; only what changed moves.
+//!
+//! Order (invariant 4): every chunk the new manifest names is durable in the
+//! store before the manifest is created, and that creation (put-if-absent)
+//! is the commit. Only then does the cache record the new base; a chunk
+//! written again while its upload was in flight keeps its dirty mark
+//! (its generation changed). A crash anywhere leaves every dirty mark in
+//! place; the next open recognises a committed-but-unrecorded publish as its
+//! own and a rerun completes it.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use format::ChunkEntry;
+use format::chunk::ChunkEncoder;
+use futures::{StreamExt, TryStreamExt, stream};
+
+use super::{Engine, Shared};
+use crate::cache::{self, DIRTY, PRESENT};
+use crate::lease::Lease;
+use crate::ops::DEFAULT_CONCURRENCY;
+use crate::{Error, PutOutcome};
+
+/// What a publish did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PublishSummary {
+    /// The version published (the old base when nothing was dirty).
+    pub version: u64,
+    /// Dirty chunks found.
+    pub dirty_chunks: u64,
+    /// Chunk objects uploaded.
+    pub uploaded_chunks: u64,
+    /// Bytes uploaded.
+    pub bytes_uploaded: u64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+impl Engine {
+    /// Publishes the dirty chunks as the next version. With `lease`, checks
+    /// first that it is still ours. With nothing dirty, publishes nothing.
+    pub fn publish(
+        &self,
+        lease: Option<&Lease>,
+        created_unix: i64,
+    ) -> Result<PublishSummary, Error> {
+        let started = Instant::now();
+        self.flush()?;
+        let shared = self.shared.clone();
+        let mut summary = self.runtime().block_on(async move {
+            if let Some(l) = lease {
+                l.check().await?;
+            }
+            publish(shared, created_unix).await
+        })?;
+        summary.seconds = started.elapsed().as_secs_f64();
+        Ok(summary)
+    }
+}
+
+async fn publish(shared: Arc<Shared>, created_unix: i64) -> Result<PublishSummary, Error> {
+    let base = shared.base();
+    let (base_version, base_manifest) = (&base.version, &base.manifest);
+    let dirty: Vec<u64> = (0..shared.geometry.chunk_count())
+        .filter(|&c| cache::state_of(shared.cache.entry(c)) == DIRTY)
+        .collect();
+    let mut summary = PublishSummary {
+        version: *base_version,
+        dirty_chunks: dirty.len() as u64,
+        ..Default::default()
+    };
+    if dirty.is_empty() {
+        return Ok(summary);
+    }
+    let uploaded: Vec<(u64, u64, ChunkEntry, Option<u64>)> = stream::iter(dirty)
+        .map(|c| {
+            let shared = shared.clone();
+            async move {
+                // Read and encode under the chunk's stripe lock: the snapshot
+                // and its generation belong together.
+                let s = shared.clone();
+                let (entry, encoded) = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; s.geometry.chunk_len(c) as usize];
+                    let _g = s.stripe(c);
+                    let entry = s.cache.entry(c);
+                    s.cache
+                        .image
+                        .read_exact_at(&mut buf, s.geometry.chunk_offset(c))
+                        .map_err(|e| Error::io("read", &s.cache.dir().join("image"), e))?;
+                    if format::is_zero(&buf) {
+                        return Ok::<_, Error>((entry, None));
+                    }
+                    let chunk = ChunkEncoder::new(s.parcel.secret().clone(), 1)
+                        .encode(&buf)
+                        .map_err(|e| Error::Invalid(e.to_string()))?;
+                    Ok((entry, Some(chunk)))
+                })
+                .await
+                .expect("encoding does not panic")?;
+                let Some(chunk) = encoded else {
+                    return Ok((c, entry, ChunkEntry::Zero, None));
+                };
+                let store = shared.parcel.store();
+                let size = chunk.object.len() as u64;
+                let sent = if store.has_chunk(&chunk.id).await? {
+                    None
+                } else {
+                    match store
+                        .put_chunk(&chunk.id, Bytes::from(chunk.object))
+                        .await?
+                    {
+                        PutOutcome::Created => Some(size),
+                        PutOutcome::AlreadyPresent => None,
+                    }
+                };
+                Ok::<_, Error>((c, entry, ChunkEntry::Data(chunk.key), sent))
+            }
+        })
+        .buffer_unordered(DEFAULT_CONCURRENCY)
+        .try_collect()
+        .await?;
+
+    let mut manifest = base_manifest.clone();
+    for (c, _, e, sent) in &uploaded {
+        manifest.chunks[*c as usize] = *e;
+        if let Some(size) = sent {
+            summary.uploaded_chunks += 1;
+            summary.bytes_uploaded += size;
+        }
+    }
+    manifest.parent = Some(*base_version);
+    manifest.created_unix = created_unix;
+    manifest.host = shared.options.host.clone();
+    manifest.access_trace = shared.trace.lock().expect("trace lock").clone();
+    manifest.writer = Some(shared.cache.header().cache_id);
+    let version = base_version + 1;
+    let published = match shared.parcel.publish(&manifest, version).await {
+        Ok(p) => p,
+        Err(Error::VersionExists { .. }) => {
+            return Err(Error::Conflict(format!(
+                "version {version} of parcel {} was published by another writer while this cache was based on version {base_version}; nothing was published and every change is still in the cache ({})",
+                shared.parcel.name(),
+                shared.cache.dir().display()
+            )));
+        }
+        Err(e) => return Err(e),
+    };
+
+    // Committed. Record it locally; a crash from here on is recognised at
+    // the next open (the manifest names this cache as its writer).
+    shared.cache.save_manifest(version, &published.object)?;
+    for (c, entry, _, _) in &uploaded {
+        let _g = shared.stripe(*c);
+        if shared.cache.entry(*c) == *entry {
+            shared.cache.set(*c, PRESENT)?;
+        }
+    }
+    shared.cache.sync_state()?;
+    shared.cache.update_header(|h| h.base_version = version)?;
+    *shared.base.write().expect("base lock") = Arc::new(super::Base::new(version, manifest));
+    shared.cache.clear_trace()?;
+    shared.trace.lock().expect("trace lock").clear();
+    for word in shared.touched.iter() {
+        word.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+    shared.cache.prune_manifests(version);
+    summary.version = version;
+    Ok(summary)
+}

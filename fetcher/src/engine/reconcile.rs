@@ -1,0 +1,211 @@
+//! Opening a cache: creating it, recovering from an unclean stop, and
+//! reconciling it with a store whose HEAD moved on.
+//!
+//! * Our own publish that crashed before the cache recorded it (the new
+//!   manifest names this cache as its writer and the base as its parent):
+//!   dirty chunks whose content is what that version holds become present.
+//! * Another writer's version: with no local changes, chunks it changed are
+//!   invalidated (refetched on use); with local changes, it is a conflict,
+//!   reported and never merged.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use format::{ChunkEntry, Manifest};
+
+use super::{OpenReport, new_header};
+use crate::cache::{self, Cache, DIRTY, PRESENT};
+use crate::{Error, Parcel};
+
+/// Opens or creates the cache in `dir` and brings it up to date with the
+/// store when the store answers (offline, it stays on its base version).
+pub(crate) async fn open_cache(
+    parcel: &Parcel,
+    dir: &Path,
+    report: &mut OpenReport,
+) -> Result<(Cache, (u64, Manifest)), Error> {
+    let lock = Cache::lock(dir)?;
+    if !Cache::exists(dir) {
+        report.created = true;
+        return create(parcel, lock, dir).await;
+    }
+    let cache = Cache::open(lock, dir)?;
+    let header = cache.header();
+    let path = cache.manifest_path(header.base_version);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+    let base = parcel.decode_manifest(&bytes, header.base_version, path.display().to_string())?;
+    if header.open {
+        report.recovered = true;
+        report.recovered_dirty = recover(parcel, &cache, &base)?;
+        cache.sync_state()?;
+    }
+    let mut base = (header.base_version, base);
+    let head = match parcel.head().await {
+        Ok(h) => h,
+        Err(e) => {
+            report
+                .warnings
+                .push(format!("working offline on version {}: {e}", base.0));
+            return Ok((cache, base));
+        }
+    };
+    let head = head.ok_or_else(|| Error::NoParcel {
+        parcel: parcel.name().to_owned(),
+        store: parcel.store().url().to_owned(),
+    })?;
+    if head < base.0 {
+        return Err(Error::Conflict(format!(
+            "the store's HEAD of parcel {} is version {head}, older than version {} this cache is based on; was the store rolled back? (cache {})",
+            parcel.name(),
+            base.0,
+            dir.display()
+        )));
+    }
+    while base.0 < head {
+        let next = base.0 + 1;
+        let (m, object) = parcel.manifest_with_object(next).await?;
+        let ours = m.writer == Some(cache.header().cache_id) && m.parent == Some(base.0);
+        let (version, manifest, object) = if ours {
+            (next, m, object)
+        } else {
+            let (h, object) = parcel.manifest_with_object(head).await?;
+            (head, h, object)
+        };
+        if manifest.geometry() != base.1.geometry() {
+            if dirty_count(&cache) > 0 {
+                return Err(conflict(parcel, &cache, base.0, version, &manifest));
+            }
+            // The disk changed size: start a fresh cache.
+            drop(cache);
+            for name in ["state", "image", "trace"] {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+            report.created = true;
+            return create(parcel, Cache::lock(dir)?, dir).await;
+        }
+        if ours {
+            adopt_own(parcel, &cache, &base.1, &manifest)?;
+        } else if dirty_count(&cache) > 0 {
+            return Err(conflict(parcel, &cache, base.0, version, &manifest));
+        }
+        report.invalidated += invalidate_changed(&cache, &base.1, &manifest)?;
+        cache.save_manifest(version, &object)?;
+        cache.sync_state()?;
+        cache.update_header(|h| h.base_version = version)?;
+        cache.clear_trace()?;
+        cache.prune_manifests(version);
+        base = (version, manifest);
+    }
+    Ok((cache, base))
+}
+
+async fn create(
+    parcel: &Parcel,
+    lock: std::fs::File,
+    dir: &Path,
+) -> Result<(Cache, (u64, Manifest)), Error> {
+    let head = parcel.require_head().await?;
+    let (manifest, object) = parcel.manifest_with_object(head).await?;
+    let present: Vec<bool> = manifest
+        .chunks
+        .iter()
+        .map(|e| *e == ChunkEntry::Zero)
+        .collect();
+    let cache = Cache::create(lock, dir, new_header(head, &manifest)?, &present)?;
+    cache.save_manifest(head, &object)?;
+    Ok((cache, (head, manifest)))
+}
+
+/// Whether `data` is what `entry` says the chunk holds.
+fn matches(parcel: &Parcel, data: &[u8], entry: &ChunkEntry) -> bool {
+    match entry {
+        ChunkEntry::Zero => format::is_zero(data),
+        ChunkEntry::Data(k) => parcel.secret().chunk_key(data) == *k,
+    }
+}
+
+fn read_chunk(cache: &Cache, m: &Manifest, c: u64, buf: &mut Vec<u8>) -> Result<(), Error> {
+    let g = m.geometry();
+    buf.resize(g.chunk_len(c) as usize, 0);
+    cache
+        .image
+        .read_exact_at(buf, g.chunk_offset(c))
+        .map_err(|e| Error::io("read", &cache.dir().join("image"), e))
+}
+
+/// After an unclean stop: present chunks that no longer match the manifest
+/// took writes whose dirty mark was not yet durable; they become dirty.
+fn recover(parcel: &Parcel, cache: &Cache, base: &Manifest) -> Result<u64, Error> {
+    let mut buf = Vec::new();
+    let mut dirtied = 0;
+    for c in 0..cache.len() as u64 {
+        if cache::state_of(cache.entry(c)) != PRESENT {
+            continue;
+        }
+        read_chunk(cache, base, c, &mut buf)?;
+        if !matches(parcel, &buf, &base.chunks[c as usize]) {
+            cache.set(c, DIRTY)?;
+            dirtied += 1;
+        }
+    }
+    Ok(dirtied)
+}
+
+/// Our own publish of `next`: dirty chunks holding what `next` says are clean.
+fn adopt_own(
+    parcel: &Parcel,
+    cache: &Cache,
+    base: &Manifest,
+    next: &Manifest,
+) -> Result<(), Error> {
+    let mut buf = Vec::new();
+    for c in 0..cache.len() as u64 {
+        let i = c as usize;
+        if base.chunks[i] != next.chunks[i] && cache::state_of(cache.entry(c)) == DIRTY {
+            read_chunk(cache, next, c, &mut buf)?;
+            if matches(parcel, &buf, &next.chunks[i]) {
+                cache.set(c, PRESENT)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Chunks that `next` changed and the cache holds clean: dropped (zero
+/// chunks become present holes). Dirty chunks are left alone.
+fn invalidate_changed(cache: &Cache, base: &Manifest, next: &Manifest) -> Result<u64, Error> {
+    let g = next.geometry();
+    let mut n = 0;
+    for c in 0..cache.len() as u64 {
+        let i = c as usize;
+        if base.chunks[i] == next.chunks[i] || cache::state_of(cache.entry(c)) == DIRTY {
+            continue;
+        }
+        cache.punch_hole(g.chunk_offset(c), g.chunk_len(c) as u64)?;
+        let state = if next.chunks[i] == ChunkEntry::Zero {
+            PRESENT
+        } else {
+            cache::ABSENT
+        };
+        cache.set(c, state)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn dirty_count(cache: &Cache) -> usize {
+    (0..cache.len() as u64)
+        .filter(|&c| cache::state_of(cache.entry(c)) == DIRTY)
+        .count()
+}
+
+fn conflict(parcel: &Parcel, cache: &Cache, base: u64, version: u64, m: &Manifest) -> Error {
+    Error::Conflict(format!(
+        "the cache of parcel {} ({}) holds {} unpublished chunks based on version {base}, but version {version} was published by host {} at {} (Unix time); refusing to merge them. Export this cache's disk to keep its changes, or remove the cache directory to discard them",
+        parcel.name(),
+        cache.dir().display(),
+        dirty_count(cache),
+        m.host,
+        m.created_unix
+    ))
+}
