@@ -28,6 +28,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// List a parcel's versions.
     Log(LogArgs),
+    /// Fetch every chunk of a parcel into the local cache (to work offline).
+    Hoard(HoardArgs),
 }
 
 /// Where the parcel is and how to open it.
@@ -96,6 +98,19 @@ pub struct LogArgs {
     #[command(flatten)]
     pub parcel: ParcelArgs,
     /// Print a JSON array instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct HoardArgs {
+    #[command(flatten)]
+    pub parcel: ParcelArgs,
+    /// Root of the local caches (default: /var/lib/isr as root, else
+    /// $XDG_CACHE_HOME/isr).
+    #[arg(long, env = "ISR_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Print one JSON object instead of text, and no progress bar.
     #[arg(long)]
     pub json: bool,
 }

@@ -11,7 +11,9 @@ use fetcher::{Parcel, Store, StoreOptions};
 use format::Secret;
 use serde_json::json;
 
-use crate::cli::{Cli, Command, ExportArgs, ImportArgs, LogArgs, ParcelArgs, VerifyArgs};
+use crate::cli::{
+    Cli, Command, ExportArgs, HoardArgs, ImportArgs, LogArgs, ParcelArgs, VerifyArgs,
+};
 use crate::{image, progress, time};
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -21,6 +23,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export(a) => export(a).await.map(|()| ExitCode::SUCCESS),
         Command::Verify(a) => verify(a).await,
         Command::Log(a) => log(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Hoard(a) => hoard(a).await.map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -304,6 +307,67 @@ async fn log(a: LogArgs) -> anyhow::Result<()> {
             m.disk_size,
             m.parent.map_or("-".into(), |p| p.to_string()),
             format!("{data}/{}", m.chunks.len()),
+        );
+    }
+    Ok(())
+}
+
+async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
+    let parcel = open_parcel(&a.parcel)?;
+    let mut options = fetcher::EngineOptions {
+        host: host_name(),
+        ..Default::default()
+    };
+    if let Some(dir) = &a.cache_dir {
+        options.cache_root = dir.clone();
+    }
+    let json = a.json;
+    let started = std::time::Instant::now();
+    // The engine runs its own runtime and blocks: keep it off ours.
+    let (stats, report, dir) = tokio::task::spawn_blocking(move || {
+        let engine = fetcher::Engine::open(parcel, options)?;
+        let total = engine.geometry().disk_size();
+        let (bar, sink) = progress::bytes_bar(total, "hoard", json);
+        let stats = engine.hoard(sink);
+        bar.finish_and_clear();
+        let report = engine.open_report().clone();
+        let dir = engine.cache_dir();
+        let stats = stats?;
+        engine.close()?;
+        Ok::<_, fetcher::Error>((stats, report, dir))
+    })
+    .await?
+    .map_err(|e| explain(e, &a.parcel))?;
+    for w in &report.warnings {
+        eprintln!("isr: warning: {w}");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "parcel": a.parcel.parcel,
+                "version": report.base_version,
+                "cache": dir,
+                "chunks": stats.chunks,
+                "cached_chunks": stats.cached_chunks,
+                "dirty_chunks": stats.dirty_chunks,
+                "fetched_chunks": stats.fetched_chunks,
+                "bytes_fetched": stats.fetched_bytes,
+                "seconds": seconds,
+            })
+        );
+    } else {
+        println!(
+            "hoarded version {} of parcel {} in {}: {} chunks fetched ({:.1} MiB), {} of {} chunks cached, {:.2} s",
+            report.base_version,
+            a.parcel.parcel,
+            dir.display(),
+            stats.fetched_chunks,
+            mib(stats.fetched_bytes),
+            stats.cached_chunks,
+            stats.chunks,
+            seconds
         );
     }
     Ok(())

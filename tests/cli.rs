@@ -345,3 +345,27 @@ fn qcow2_images_import_through_qemu_img() {
     env.on("export", "vm", &[s(&out)]).ok();
     assert_eq!(sha256(&out), sha256(&raw));
 }
+
+#[test]
+fn hoard_fills_the_cache_and_a_second_hoard_fetches_nothing() {
+    let env = Env::file();
+    let image = env.path("image");
+    write_mixed_image(&image, 16 << 20, 23);
+    env.on("import", "vm", &[s(&image)]).ok();
+    let cache = env.path("cache");
+    let first = env
+        .on("hoard", "vm", &["--cache-dir", s(&cache), "--json"])
+        .ok()
+        .json();
+    assert_eq!(first["cached_chunks"], first["chunks"]);
+    assert!(first["fetched_chunks"].as_u64().unwrap() > 0, "{first}");
+    assert_eq!(first["version"], 1);
+    let second = env
+        .on("hoard", "vm", &["--cache-dir", s(&cache), "--json"])
+        .ok()
+        .json();
+    assert_eq!(second["fetched_chunks"], 0);
+    // The cached image is the disk, byte for byte.
+    let dir = std::path::PathBuf::from(first["cache"].as_str().unwrap());
+    assert_eq!(sha256(&dir.join("image")), sha256(&image));
+}
