@@ -597,7 +597,7 @@ fn crash_sigkill_rounds_lose_no_flushed_write() {
     let dir = tempfile::tempdir().unwrap();
     let store_url = format!("file://{}/store", dir.path().display());
     let store = Store::open(&store_url, &Default::default()).unwrap();
-    let (parcel, mut model) = make_parcel(store, 2, 77);
+    let (parcel, mut model) = make_parcel(store, 4, 77);
     let rounds = 24u64;
     let mut phases: HashMap<String, usize> = HashMap::new();
     let mut rng = Rng(4242);
@@ -621,7 +621,7 @@ fn crash_sigkill_rounds_lose_no_flushed_write() {
             assert_eq!(out.read(&mut byte).unwrap(), 1, "child died before ready");
             seen.push(byte[0]);
         }
-        std::thread::sleep(Duration::from_millis(20 + rng.below(400)));
+        std::thread::sleep(Duration::from_millis(5 + rng.below(150)));
         child.kill().unwrap();
         child.wait().unwrap();
         let phase = std::fs::read_to_string(dir.path().join("phase")).unwrap_or_default();
@@ -672,4 +672,114 @@ fn crash_sigkill_rounds_lose_no_flushed_write() {
     let engine = Engine::open(parcel, options(fresh.path())).unwrap();
     assert_eq!(read_all(&engine), model);
     eprintln!("crash rounds: {rounds}; killed while: {phases:?}");
+}
+
+/// A thread that sleeps on an eventfd (as a ublk queue does in its ring) is
+/// woken when the chunk it asked for arrives; a second open of the same
+/// cache is refused while the first is open.
+#[test]
+fn single_flight_notifier_wakes_an_fd_waiter_and_the_cache_is_exclusive() {
+    let (store, _) = memory_store();
+    let (parcel, image) = make_parcel(store, 8, 21);
+    let root = tempfile::tempdir().unwrap();
+    let engine = Engine::open(parcel.clone(), options(root.path())).unwrap();
+    let err = Engine::open(parcel, options(root.path())).unwrap_err();
+    assert!(matches!(err, Error::CacheBusy { .. }), "{err}");
+    let c = (0..engine.geometry().chunk_count())
+        .find(|&c| !engine.is_cached(c))
+        .unwrap();
+    let notifier = Arc::new(fetcher::Notifier::new().unwrap());
+    let slot = engine.request(c, Some(&notifier)).expect("not cached yet");
+    assert!(notifier.wait(10_000), "no wake-up through the eventfd");
+    assert!(matches!(slot.result(), Some(Ok(()))));
+    assert!(engine.is_cached(c));
+    assert!(engine.request(c, Some(&notifier)).is_none());
+    let mut buf = vec![0u8; CHUNK as usize];
+    engine.read(c * CHUNK, &mut buf).unwrap();
+    assert_eq!(buf, image[(c * CHUNK) as usize..][..CHUNK as usize]);
+}
+
+/// The child of `crash_recovery_reverifies_present_chunks`: reads one
+/// chunk into the cache, says so, and waits to be killed.
+#[test]
+fn crash_child_reads_a_chunk() {
+    let Some(dir) = std::env::var_os("ISR_CRASH_READ_CHILD") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let store = Store::open(
+        &format!("file://{}/store", dir.display()),
+        &Default::default(),
+    )
+    .unwrap();
+    let parcel = Parcel::new(store, "vm", secret()).unwrap();
+    let engine = Engine::open(parcel, options(&dir.join("cache"))).unwrap();
+    let c: u64 = std::env::var("ISR_CRASH_CHUNK").unwrap().parse().unwrap();
+    let mut buf = vec![0u8; CHUNK as usize];
+    engine.read(c * CHUNK, &mut buf).unwrap();
+    println!("ready {}", engine.cache_dir().display());
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+/// After an unclean stop, a chunk marked present whose image bytes no
+/// longer match the manifest (a write whose dirty mark never became
+/// durable) is found and kept as dirty, so the next publish uploads it.
+#[test]
+fn crash_recovery_reverifies_present_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}/store", dir.path().display());
+    let store = Store::open(&store_url, &Default::default()).unwrap();
+    let (parcel, _) = make_parcel(store, 8, 21);
+    let m = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(parcel.manifest(1))
+        .unwrap();
+    let c = m
+        .chunks
+        .iter()
+        .position(|e| *e != ChunkEntry::Zero)
+        .unwrap() as u64;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "crash_child_reads_a_chunk",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("ISR_CRASH_READ_CHILD", dir.path())
+        .env("ISR_CRASH_CHUNK", c.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("child.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    // The harness may print "test NAME ... " before our line.
+    while !line.contains("ready ") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "child died before ready: {}",
+            std::fs::read_to_string(dir.path().join("child.err")).unwrap_or_default()
+        );
+    }
+    let cache = PathBuf::from(line.split("ready ").nth(1).unwrap().trim());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Bytes of the present chunk change behind the map's back.
+    use std::os::unix::fs::FileExt;
+    let image = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cache.join("image"))
+        .unwrap();
+    image.write_all_at(b"unflushed", c * CHUNK + 10).unwrap();
+    let reopened = Engine::open(parcel, options(&dir.path().join("cache"))).unwrap();
+    let report = reopened.open_report();
+    assert!(report.recovered);
+    assert_eq!(report.recovered_dirty, 1);
+    assert_eq!(reopened.stats().dirty_chunks, 1);
+    let mut buf = [0u8; 9];
+    reopened.read(c * CHUNK + 10, &mut buf).unwrap();
+    assert_eq!(&buf, b"unflushed");
 }
