@@ -30,6 +30,53 @@ pub enum Command {
     Log(LogArgs),
     /// Fetch every chunk of a parcel into the local cache (to work offline).
     Hoard(HoardArgs),
+    /// Present a parcel's disk as a block device (/dev/ublkbN) on this host.
+    Resume(ResumeArgs),
+    /// Drain, flush, publish the new version, release the parcel and remove
+    /// its block device.
+    Suspend(NameArgs),
+    /// Show a resumed parcel's device, cache and lease.
+    Status(NameArgs),
+    /// Reattach a resumed parcel's device after its daemon died.
+    Recover(NameArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    #[command(flatten)]
+    pub parcel: ParcelArgs,
+    /// Root of the local caches (default: /var/lib/isr as root, else
+    /// $XDG_CACHE_HOME/isr).
+    #[arg(long, env = "ISR_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Stay attached (serve the device from this process) instead of
+    /// returning once the device is up.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Break another holder's lease on the parcel.
+    #[arg(long)]
+    pub steal: bool,
+    /// Seconds a read of a chunk not yet fetched waits for the store.
+    #[arg(long, default_value_t = 600)]
+    pub miss_timeout: u64,
+    /// Do not prefetch in the background (fetch on demand only).
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// (internal) report readiness on stdout for the launching process.
+    #[arg(long, hide = true)]
+    pub daemon: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct NameArgs {
+    /// The parcel's name.
+    pub parcel: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where the parcel is and how to open it.

@@ -24,6 +24,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(a) => verify(a).await,
         Command::Log(a) => log(a).await.map(|()| ExitCode::SUCCESS),
         Command::Hoard(a) => hoard(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Resume(_) | Command::Suspend(_) | Command::Status(_) | Command::Recover(_) => {
+            unreachable!("run outside the async runtime by main")
+        }
     }
 }
 
@@ -66,7 +69,7 @@ fn keygen(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn open_parcel(a: &ParcelArgs) -> anyhow::Result<Parcel> {
+pub(crate) fn open_parcel(a: &ParcelArgs) -> anyhow::Result<Parcel> {
     let bytes = std::fs::read(&a.key_file)
         .with_context(|| format!("cannot read key file {}", a.key_file.display()))?;
     let secret = Secret::from_key_file_bytes(&bytes).with_context(|| {
@@ -85,7 +88,7 @@ fn open_parcel(a: &ParcelArgs) -> anyhow::Result<Parcel> {
 }
 
 /// Turns a fetcher error into the user's words (a wrong key names the file).
-fn explain(e: fetcher::Error, a: &ParcelArgs) -> anyhow::Error {
+pub(crate) fn explain(e: fetcher::Error, a: &ParcelArgs) -> anyhow::Error {
     match e {
         fetcher::Error::WrongKey { .. } => anyhow::anyhow!(
             "the key in {} does not open parcel {}",
@@ -96,7 +99,7 @@ fn explain(e: fetcher::Error, a: &ParcelArgs) -> anyhow::Error {
     }
 }
 
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| {
             h.trim()

@@ -369,3 +369,21 @@ fn hoard_fills_the_cache_and_a_second_hoard_fetches_nothing() {
     let dir = std::path::PathBuf::from(first["cache"].as_str().unwrap());
     assert_eq!(sha256(&dir.join("image")), sha256(&image));
 }
+
+/// On a host whose kernel has no ublk driver (ours), resume says exactly
+/// that and fails.
+#[test]
+fn resume_without_ublk_names_the_missing_driver() {
+    if std::path::Path::new("/dev/ublk-control").exists() {
+        eprintln!("this host has ublk: the no-driver message cannot be checked here");
+        return;
+    }
+    let env = Env::file();
+    let image = env.path("image");
+    write_mixed_image(&image, 4 << 20, 1);
+    env.on("import", "vm", &[s(&image)]).ok();
+    let r = env.on("resume", "vm", &[]).fails();
+    assert!(r.stderr().contains("modprobe ublk_drv"), "{}", r.stderr());
+    let r = env.isr(&["suspend", "vm"]).fails();
+    assert!(r.stderr().contains("not resumed"), "{}", r.stderr());
+}

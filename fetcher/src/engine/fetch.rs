@@ -118,8 +118,15 @@ impl Shared {
             if let Some(n) = notifier {
                 if st.done.is_some() {
                     n.signal();
-                } else {
+                } else if !st.notifiers.iter().any(|m| Arc::ptr_eq(m, n)) {
                     st.notifiers.push(n.clone());
+                    // Wake the waiter at its deadline too, so that it can
+                    // fail the request without polling.
+                    let (n, timeout) = (n.clone(), self.options.miss_timeout);
+                    self.runtime.spawn(async move {
+                        tokio::time::sleep(timeout).await;
+                        n.signal();
+                    });
                 }
             }
         }

@@ -150,6 +150,7 @@ pub(crate) struct Shared {
     progress: (Mutex<u64>, Condvar),
     options: EngineOptions,
     shutdown: AtomicBool,
+    runtime: tokio::runtime::Handle,
 }
 
 /// The engine of one open parcel cache.
@@ -211,6 +212,7 @@ impl Engine {
             progress: (Mutex::new(0), Condvar::new()),
             options,
             shutdown: AtomicBool::new(false),
+            runtime: runtime.handle().clone(),
         });
         report.base_version = shared.base_version();
         runtime.spawn(fetch::scheduler(shared.clone(), demand_rx));
@@ -256,6 +258,48 @@ impl Engine {
     /// fetch completes (for threads that sleep in their own io_uring).
     pub fn request(&self, c: u64, notifier: Option<&Arc<Notifier>>) -> Option<Arc<Slot>> {
         self.shared.demand(c, notifier)
+    }
+
+    /// Prepares a device I/O of `len` bytes at `offset` that will move its
+    /// data straight to or from the cache image (the block device does that
+    /// through its own io_uring): records the access, and returns the chunks
+    /// that must be fetched first — for a read every chunk not cached, for
+    /// a write those it covers only in part. Before a write's data is
+    /// submitted, call [`mark_dirty`](Self::mark_dirty); call it again once
+    /// the data is in the image.
+    pub fn prepare_io(&self, offset: u64, len: usize, write: bool) -> Result<Vec<u64>, Error> {
+        let s = &self.shared;
+        let mut need = Vec::new();
+        for span in s.spans(offset, len)? {
+            s.touch(span.chunk);
+            if !self.is_cached(span.chunk) && (!write || !span.covers(&s.geometry)) {
+                need.push(span.chunk);
+            }
+        }
+        Ok(need)
+    }
+
+    /// Marks every chunk under `len` bytes at `offset` dirty, bumping its
+    /// generation. Called before a write's data goes to the image (a fetch
+    /// completing meanwhile then leaves the chunk alone) and after it landed
+    /// (a publish that read the chunk in between keeps it dirty).
+    pub fn mark_dirty(&self, offset: u64, len: usize) -> Result<(), Error> {
+        let s = &self.shared;
+        for span in s.spans(offset, len)? {
+            let _g = s.stripe(span.chunk);
+            s.cache.set(span.chunk, DIRTY)?;
+        }
+        Ok(())
+    }
+
+    /// The cache image, for a device that does its own I/O on it.
+    pub fn image_file(&self) -> &std::fs::File {
+        &self.shared.cache.image
+    }
+
+    /// How long a read of a missing chunk may wait.
+    pub fn miss_timeout(&self) -> Duration {
+        self.shared.options.miss_timeout
     }
 
     /// Reads `buf.len()` bytes at `offset`, waiting for missing chunks.

@@ -1,0 +1,483 @@
+//! `isr resume` / `suspend` / `status` / `recover`: the daemon that serves a
+//! parcel's block device, and the commands that talk to it over a unix
+//! socket under the run directory (`/run/isr`, or `$ISR_RUN_DIR`).
+//!
+//! ```text
+//! isr resume ──spawns──► isr resume --foreground --daemon   (setsid, own mount ns)
+//!     ▲  one JSON line on stdout: the device, or the error      │ lease, Engine, ublk device
+//!     └──────────────────────────────────────────────────────────┘
+//! isr status|suspend NAME ──"status"/"suspend"──► <run>/NAME.sock ──► one JSON line back
+//! <run>/NAME.json: what `isr recover` needs to reattach after the daemon died
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use fetcher::{Engine, EngineOptions, Lease};
+use serde_json::{Value, json};
+
+use crate::cli::{NameArgs, ParcelArgs, ResumeArgs};
+use crate::commands::{explain, host_name, open_parcel};
+use crate::time::now_unix;
+
+fn run_dir() -> PathBuf {
+    std::env::var_os("ISR_RUN_DIR").map_or_else(|| "/run/isr".into(), PathBuf::from)
+}
+
+fn socket_path(parcel: &str) -> PathBuf {
+    run_dir().join(format!("{parcel}.sock"))
+}
+
+fn state_path(parcel: &str) -> PathBuf {
+    run_dir().join(format!("{parcel}.json"))
+}
+
+fn read_state(parcel: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(state_path(parcel)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn pid_alive(pid: i64) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+}
+
+/// Sends one command to a parcel's daemon; its one-line JSON answer.
+fn ask(parcel: &str, command: &str) -> anyhow::Result<Value> {
+    let path = socket_path(parcel);
+    let mut stream = UnixStream::connect(&path).map_err(|_| {
+        anyhow::anyhow!(
+            "parcel {parcel} is not resumed on this host (no daemon at {})",
+            path.display()
+        )
+    })?;
+    stream.write_all(format!("{command}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    if line.is_empty() {
+        bail!("the daemon of parcel {parcel} closed the connection without an answer");
+    }
+    Ok(serde_json::from_str(&line)?)
+}
+
+fn answer(
+    reply: Value,
+    json: bool,
+    text: impl FnOnce(&Value) -> String,
+) -> anyhow::Result<ExitCode> {
+    if let Some(e) = reply.get("error").and_then(Value::as_str) {
+        if json {
+            println!("{reply}");
+        }
+        bail!("{e}");
+    }
+    if json {
+        println!("{reply}");
+    } else {
+        println!("{}", text(&reply));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `isr status NAME`.
+pub fn status(a: NameArgs) -> anyhow::Result<ExitCode> {
+    let reply = ask(&a.parcel, "status")?;
+    answer(reply, a.json, |r| {
+        format!(
+            "parcel {} on {} (daemon pid {}), based on version {}\ncache: {} of {} chunks cached, {} dirty; {} fetched ({} bytes), fetching at {} bytes/s, window {}\nlease: {}",
+            r["parcel"].as_str().unwrap_or("?"),
+            r["device"].as_str().unwrap_or("?"),
+            r["pid"],
+            r["base_version"],
+            r["cached_chunks"],
+            r["chunks"],
+            r["dirty_chunks"],
+            r["fetched_chunks"],
+            r["fetched_bytes"],
+            r["fetch_rate"],
+            r["window"],
+            r["lease"].as_str().unwrap_or("?"),
+        )
+    })
+}
+
+/// `isr suspend NAME`.
+pub fn suspend(a: NameArgs) -> anyhow::Result<ExitCode> {
+    let reply = ask(&a.parcel, "suspend")?;
+    answer(reply, a.json, |r| {
+        format!(
+            "suspended parcel {}: version {} published ({} dirty chunks, {} uploaded, {} bytes), device {} removed, lease released",
+            r["parcel"].as_str().unwrap_or("?"),
+            r["version"],
+            r["dirty_chunks"],
+            r["uploaded_chunks"],
+            r["bytes_uploaded"],
+            r["device"].as_str().unwrap_or("?"),
+        )
+    })
+}
+
+/// `isr recover NAME`: resume again with what the dead daemon recorded.
+pub fn recover(a: NameArgs) -> anyhow::Result<ExitCode> {
+    let st = read_state(&a.parcel)
+        .with_context(|| format!("parcel {} was not resumed on this host", a.parcel))?;
+    if pid_alive(st["pid"].as_i64().unwrap_or(0)) {
+        bail!(
+            "the daemon of parcel {} (pid {}) is running; nothing to recover",
+            a.parcel,
+            st["pid"]
+        );
+    }
+    let s = |k: &str| st[k].as_str().map(str::to_owned);
+    let args = ResumeArgs {
+        parcel: ParcelArgs {
+            store: s("store").context("state file lacks the store")?,
+            endpoint: s("endpoint"),
+            parcel: a.parcel.clone(),
+            key_file: s("key_file")
+                .context("state file lacks the key file")?
+                .into(),
+            retry_timeout: st["retry_timeout"].as_u64().unwrap_or(60),
+        },
+        cache_dir: s("cache_root").map(PathBuf::from),
+        foreground: false,
+        steal: false,
+        miss_timeout: st["miss_timeout"].as_u64().unwrap_or(600),
+        no_prefetch: st["no_prefetch"].as_bool().unwrap_or(false),
+        json: a.json,
+        daemon: false,
+    };
+    resume(args)
+}
+
+/// `isr resume`: starts the daemon and reports its device, or (with
+/// `--foreground`) is the daemon.
+pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
+    ublk_target::check_ublk()?;
+    if let Ok(reply) = ask(&a.parcel.parcel, "status") {
+        bail!(
+            "parcel {} is already resumed on this host as {}",
+            a.parcel.parcel,
+            reply["device"].as_str().unwrap_or("?")
+        );
+    }
+    if a.foreground {
+        return serve(a);
+    }
+    std::fs::create_dir_all(run_dir())
+        .with_context(|| format!("cannot create {}", run_dir().display()))?;
+    let log_path = run_dir().join(format!("{}.log", a.parcel.parcel));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(std::env::args_os().skip(1))
+        .args(["--foreground", "--daemon"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and touches no memory; the child
+    // runs it between fork and exec to leave our session and terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the isr daemon")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .context("reading the daemon's answer")?;
+    let Ok(reply) = serde_json::from_str::<Value>(&line) else {
+        let status = child.wait()?;
+        bail!(
+            "the isr daemon exited ({status}) before the device was up; see {}",
+            log_path.display()
+        );
+    };
+    answer(reply, a.json, |r| {
+        r["device"].as_str().unwrap_or("?").to_owned()
+    })
+}
+
+/// Replies to a daemon command.
+type Reply = mpsc::Sender<Value>;
+
+/// The daemon: lease, engine, device, control socket; returns after suspend.
+fn serve(a: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let report_ready = a.daemon;
+    let result = serve_inner(&a);
+    match result {
+        Ok(code) => Ok(code),
+        Err(e) if report_ready => {
+            let msg = crate::commands::describe(&e);
+            println!("{}", json!({ "error": msg }));
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
+    let name = a.parcel.parcel.clone();
+    private_mounts();
+    std::fs::create_dir_all(run_dir())
+        .with_context(|| format!("cannot create {}", run_dir().display()))?;
+    let parcel = open_parcel(&a.parcel)?;
+    let mut options = EngineOptions {
+        host: host_name(),
+        miss_timeout: Duration::from_secs(a.miss_timeout),
+        prefetch: !a.no_prefetch,
+        ..Default::default()
+    };
+    if let Some(dir) = &a.cache_dir {
+        options.cache_root = dir.clone();
+    }
+    let cache_dir = fetcher::cache::cache_dir(&options.cache_root, parcel.store().url(), &name);
+    std::fs::create_dir_all(&cache_dir)
+        .with_context(|| format!("cannot create {}", cache_dir.display()))?;
+
+    // A device whose daemon died is reattached, not replaced.
+    let recover = read_state(&name).and_then(|st| {
+        let id = st["device_id"].as_u64()? as u32;
+        let alive = pid_alive(st["pid"].as_i64().unwrap_or(0));
+        let exists = std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists();
+        (!alive && exists).then_some(id)
+    });
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let nonce_path = cache_dir.join("lease");
+    let reuse = std::fs::read_to_string(&nonce_path).ok();
+    let lease = rt
+        .block_on(Lease::acquire(
+            parcel.store(),
+            &name,
+            &host_name(),
+            now_unix(),
+            reuse.as_deref().map(str::trim),
+            a.steal,
+        ))
+        .map_err(|e| explain(e, &a.parcel))?;
+    std::fs::write(&nonce_path, &lease.info().nonce)?;
+    let engine = match Engine::open(parcel, options) {
+        Ok(e) => Arc::new(e),
+        Err(e) => {
+            if reuse.as_deref().map(str::trim) != Some(lease.info().nonce.as_str()) {
+                let _ = rt.block_on(lease.clone().release());
+                let _ = std::fs::remove_file(&nonce_path);
+            }
+            return Err(explain(e, &a.parcel));
+        }
+    };
+    for w in &engine.open_report().warnings {
+        eprintln!("isr: warning: {w}");
+    }
+
+    let state = json!({
+        "pid": std::process::id(),
+        "store": a.parcel.store,
+        "endpoint": a.parcel.endpoint,
+        "key_file": std::fs::canonicalize(&a.parcel.key_file).unwrap_or(a.parcel.key_file.clone()),
+        "retry_timeout": a.parcel.retry_timeout,
+        "cache_root": a.cache_dir,
+        "miss_timeout": a.miss_timeout,
+        "no_prefetch": a.no_prefetch,
+    });
+    let device: Arc<OnceLock<ublk_target::DeviceInfo>> = Arc::new(OnceLock::new());
+    let suspend_requests: Arc<Mutex<Vec<Reply>>> = Arc::new(Mutex::new(Vec::new()));
+    let sock = socket_path(&name);
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock)
+        .with_context(|| format!("cannot listen on {}", sock.display()))?;
+    {
+        let (engine, device, requests, lease) = (
+            engine.clone(),
+            device.clone(),
+            suspend_requests.clone(),
+            lease.info().describe(),
+        );
+        let name = name.clone();
+        let started = Instant::now();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                control(conn, &name, &engine, &device, &requests, &lease, started);
+            }
+        });
+    }
+
+    let (ready_device, ready_state) = (device.clone(), state.clone());
+    let ready_name = name.clone();
+    let report_ready = a.daemon;
+    let dev_options = ublk_target::DeviceOptions {
+        recover,
+        ..Default::default()
+    };
+    let served = ublk_target::serve(engine.clone(), &dev_options, move |info| {
+        let mut st = ready_state;
+        st["device_id"] = json!(info.id);
+        st["device"] = json!(info.path);
+        let _ = std::fs::write(state_path(&ready_name), st.to_string());
+        let reply = json!({
+            "parcel": ready_name,
+            "device": info.path,
+            "device_id": info.id,
+            "recovered": recover.is_some(),
+            "pid": std::process::id(),
+        });
+        if report_ready {
+            println!("{reply}");
+            detach_stdout();
+        } else {
+            eprintln!("isr: serving parcel {ready_name} on {}", info.path);
+        }
+        let _ = ready_device.set(info);
+    });
+    let requests: Vec<Reply> = std::mem::take(&mut *suspend_requests.lock().expect("requests"));
+    if let Err(e) = served {
+        let msg = e.to_string();
+        for r in &requests {
+            let _ = r.send(json!({ "error": msg }));
+        }
+        return Err(e.into());
+    }
+    // The queues have drained and exited: flush, publish, release.
+    let summary = engine
+        .publish(Some(&lease), now_unix())
+        .map_err(|e| explain(e, &a.parcel));
+    let reply = match &summary {
+        Ok(s) => {
+            let released = rt.block_on(lease.clone().release());
+            let _ = std::fs::remove_file(&nonce_path);
+            json!({
+                "parcel": name,
+                "version": s.version,
+                "dirty_chunks": s.dirty_chunks,
+                "uploaded_chunks": s.uploaded_chunks,
+                "bytes_uploaded": s.bytes_uploaded,
+                "seconds": s.seconds,
+                "device": device.get().map(|d| d.path.clone()),
+                "lease_released": released.is_ok(),
+            })
+        }
+        Err(e) => json!({ "error": crate::commands::describe(e) }),
+    };
+    if let Ok(engine) = Arc::try_unwrap(engine) {
+        engine.close().map_err(|e| explain(e, &a.parcel))?;
+    }
+    let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(state_path(&name));
+    for r in &requests {
+        let _ = r.send(reply.clone());
+    }
+    // Let the repliers write before the process ends.
+    std::thread::sleep(Duration::from_millis(100));
+    match summary {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(e),
+    }
+}
+
+fn control(
+    conn: UnixStream,
+    name: &str,
+    engine: &Arc<Engine>,
+    device: &OnceLock<ublk_target::DeviceInfo>,
+    requests: &Mutex<Vec<Reply>>,
+    lease: &str,
+    started: Instant,
+) {
+    let mut line = String::new();
+    let Ok(mut writer) = conn.try_clone() else {
+        return;
+    };
+    if BufReader::new(conn).read_line(&mut line).is_err() {
+        return;
+    }
+    let reply = match line.trim() {
+        "status" => {
+            let s = engine.stats();
+            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            json!({
+                "parcel": name,
+                "device": device.get().map(|d| d.path.clone()),
+                "pid": std::process::id(),
+                "base_version": engine.base_version(),
+                "chunks": s.chunks,
+                "cached_chunks": s.cached_chunks,
+                "dirty_chunks": s.dirty_chunks,
+                "fetched_chunks": s.fetched_chunks,
+                "fetched_bytes": s.fetched_bytes,
+                "fetch_rate": (s.fetched_bytes as f64 / secs) as u64,
+                "window": s.window,
+                "lease": lease,
+                "cache": engine.cache_dir(),
+            })
+        }
+        "suspend" => {
+            let Some(info) = device.get() else {
+                let _ = writeln!(writer, "{}", json!({"error": "the device is not up yet"}));
+                return;
+            };
+            let (tx, rx) = mpsc::channel();
+            requests.lock().expect("requests").push(tx);
+            // Stopping the device drains in-flight I/O; the main thread then
+            // publishes and answers.
+            if let Err(e) = ublk_target::stop(info.id) {
+                json!({ "error": e.to_string() })
+            } else {
+                rx.recv()
+                    .unwrap_or_else(|_| json!({"error": "the daemon stopped without an answer"}))
+            }
+        }
+        other => json!({ "error": format!("unknown command {other:?}") }),
+    };
+    let _ = writeln!(writer, "{reply}");
+}
+
+/// The daemon must not share a mount namespace with users of its own device
+/// (a mount of /dev/ublkbN in ours would deadlock its removal).
+fn private_mounts() {
+    // SAFETY: unshare and mount take no pointers but the C strings below,
+    // which live across the calls.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            eprintln!(
+                "isr: warning: cannot unshare the mount namespace: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        let root = c"/";
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        );
+    }
+}
+
+/// After reporting readiness, stdout goes to /dev/null so that the
+/// launching `isr resume` sees end of file and returns.
+fn detach_stdout() {
+    let _ = std::io::stdout().flush();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 of two fds we hold onto fd 1; no memory involved.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
+}
