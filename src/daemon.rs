@@ -107,8 +107,48 @@ pub fn status(a: NameArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Who still uses block device `dev`: processes holding it open, and
+/// mounts of it (in this mount namespace).
+fn users_of(dev: &str) -> Vec<String> {
+    let mut users = Vec::new();
+    let target = std::fs::canonicalize(dev).unwrap_or_else(|_| dev.into());
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let pid = p.file_name().to_string_lossy().into_owned();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == std::process::id().to_string() {
+                continue;
+            }
+            let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
+            if fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == target)) {
+                let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                users.push(format!("pid {pid} ({})", comm.trim()));
+            }
+        }
+    }
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+        for line in mounts.lines() {
+            let mut f = line.split_whitespace();
+            if f.next() == Some(dev) {
+                users.push(format!("mounted at {}", f.next().unwrap_or("?")));
+            }
+        }
+    }
+    users
+}
+
 /// `isr suspend NAME`.
 pub fn suspend(a: NameArgs) -> anyhow::Result<ExitCode> {
+    let status = ask(&a.parcel, "status")?;
+    if let Some(dev) = status["device"].as_str() {
+        let users = users_of(dev);
+        if !users.is_empty() {
+            bail!(
+                "{dev} (parcel {}) is still in use: {}; stop its users (the VM, mounts) first, then suspend",
+                a.parcel,
+                users.join(", ")
+            );
+        }
+    }
     let reply = ask(&a.parcel, "suspend")?;
     answer(reply, a.json, |r| {
         format!(
@@ -179,8 +219,7 @@ pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
         .open(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(std::env::args_os().skip(1))
-        .args(["--foreground", "--daemon"])
+    cmd.args(daemon_args(&a))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
@@ -207,6 +246,39 @@ pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     answer(reply, a.json, |r| {
         r["device"].as_str().unwrap_or("?").to_owned()
     })
+}
+
+/// The command line of the daemon that serves `a`.
+fn daemon_args(a: &ResumeArgs) -> Vec<std::ffi::OsString> {
+    let p = &a.parcel;
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "resume".into(),
+        "--store".into(),
+        p.store.clone().into(),
+        "--parcel".into(),
+        p.parcel.clone().into(),
+        "--key-file".into(),
+        p.key_file.clone().into(),
+        "--retry-timeout".into(),
+        p.retry_timeout.to_string().into(),
+        "--miss-timeout".into(),
+        a.miss_timeout.to_string().into(),
+        "--foreground".into(),
+        "--daemon".into(),
+    ];
+    if let Some(e) = &p.endpoint {
+        args.extend(["--endpoint".into(), e.into()]);
+    }
+    if let Some(d) = &a.cache_dir {
+        args.extend(["--cache-dir".into(), d.clone().into()]);
+    }
+    if a.steal {
+        args.push("--steal".into());
+    }
+    if a.no_prefetch {
+        args.push("--no-prefetch".into());
+    }
+    args
 }
 
 /// Replies to a daemon command.

@@ -188,6 +188,7 @@ fn ublk_dd_patterns_at_sizes_and_alignments() {
             );
         }
     }
+    drop(f);
     // Also through dd, whole-device, against the model.
     let expect = {
         let p = vm.dir.path().join("model");
@@ -275,9 +276,11 @@ fn ublk_recovery_after_sigkill_under_fio() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let kills = 2;
+    let mut fio = fio;
+    let kills = 3;
     for _ in 0..kills {
         std::thread::sleep(Duration::from_secs(2));
+        assert!(fio.try_wait().unwrap().is_none(), "fio ended before the kill");
         let pid = vm.daemon_pid();
         // SAFETY: sends SIGKILL to the daemon's pid; no memory involved.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
@@ -330,5 +333,11 @@ fn ublk_discard_then_read_gives_zeros() {
     let buf = a.buf(4 << 20);
     f.read_exact_at(buf, 1 << 20).unwrap();
     assert!(buf.iter().all(|&b| b == 0), "discarded range is not zero");
+    // Suspend refuses while the device is open, naming the user.
+    let out = run(vm.isr().args(["suspend", "vm"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("still in use") && err.contains("pid"), "{err}");
+    drop(f);
     vm.suspend();
 }
