@@ -118,8 +118,13 @@ fn users_of(dev: &str) -> Vec<String> {
             if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == std::process::id().to_string() {
                 continue;
             }
-            let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
-            if fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == target)) {
+            let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+                continue;
+            };
+            if fds
+                .flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == target))
+            {
                 let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
                 users.push(format!("pid {pid} ({})", comm.trim()));
             }

@@ -280,7 +280,10 @@ fn ublk_recovery_after_sigkill_under_fio() {
     let kills = 3;
     for _ in 0..kills {
         std::thread::sleep(Duration::from_secs(2));
-        assert!(fio.try_wait().unwrap().is_none(), "fio ended before the kill");
+        assert!(
+            fio.try_wait().unwrap().is_none(),
+            "fio ended before the kill"
+        );
         let pid = vm.daemon_pid();
         // SAFETY: sends SIGKILL to the daemon's pid; no memory involved.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
