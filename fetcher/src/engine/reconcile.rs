@@ -75,11 +75,9 @@ pub(crate) async fn open_cache(
             if dirty_count(&cache) > 0 {
                 return Err(conflict(parcel, &cache, base.0, version, &manifest));
             }
-            // The disk changed size: start a fresh cache.
+            // The disk changed size: start a fresh cache (create replaces
+            // the old files).
             drop(cache);
-            for name in ["state", "image", "trace"] {
-                let _ = std::fs::remove_file(dir.join(name));
-            }
             report.created = true;
             return create(parcel, Cache::lock(dir)?, dir).await;
         }
