@@ -41,9 +41,13 @@ fn ublk(op: &'static str) -> impl FnOnce(libublk::UblkError) -> Error {
     }
 }
 
-/// Fails with [`Error::NoUblk`] unless the ublk driver is loaded.
+/// Fails with [`Error::NoUblk`] unless the ublk driver is loaded: its
+/// control device exists (`/dev/ublk-control`, or `$ISR_UBLK_CONTROL`, which
+/// lets a test check the message on any host).
 pub fn check_ublk() -> Result<(), Error> {
-    if std::path::Path::new("/dev/ublk-control").exists() {
+    let control = std::env::var_os("ISR_UBLK_CONTROL")
+        .map_or_else(|| "/dev/ublk-control".into(), std::path::PathBuf::from);
+    if control.exists() {
         Ok(())
     } else {
         Err(Error::NoUblk)
