@@ -10,8 +10,10 @@ mod support;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::io::{BufRead, BufReader};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
@@ -526,6 +528,47 @@ fn lease_two_hosts_suspend_here_resume_there() {
 
 // ---- crash rounds -------------------------------------------------------
 
+/// The file store under `dir` that the crash tests and their children share.
+fn file_store(dir: &Path) -> Store {
+    Store::open(
+        &format!("file://{}/store", dir.display()),
+        &Default::default(),
+    )
+    .unwrap()
+}
+
+/// In a crash child: the engine on `dir`'s parcel and cache.
+fn child_engine(dir: &Path) -> Engine {
+    let parcel = Parcel::new(file_store(dir), "vm", secret()).unwrap();
+    Engine::open(parcel, options(&dir.join("cache"))).unwrap()
+}
+
+/// Runs test `name` of this binary as a child process with `env`, and waits
+/// for its line saying "ready"; returns the child and the rest of that line.
+/// (The harness may print "test NAME ... " before the child's words.)
+fn spawn_ready_child(name: &str, dir: &Path, env: &[(&str, String)]) -> (Child, String) {
+    let err = dir.join("child.err");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("ready") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "{name} died before ready: {}",
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
+    }
+    let rest = line.split("ready").nth(1).unwrap_or("").trim().to_owned();
+    (child, rest)
+}
+
 const BLOCK: u64 = 4096;
 
 fn block_content(round: u64, block: u64) -> Vec<u8> {
@@ -543,13 +586,7 @@ fn crash_child() {
     };
     let dir = PathBuf::from(dir);
     let round: u64 = std::env::var("ISR_CRASH_ROUND").unwrap().parse().unwrap();
-    let store = Store::open(
-        &format!("file://{}/store", dir.display()),
-        &Default::default(),
-    )
-    .unwrap();
-    let parcel = Parcel::new(store, "vm", secret()).unwrap();
-    let engine = Engine::open(parcel, options(&dir.join("cache"))).unwrap();
+    let engine = child_engine(&dir);
     let blocks = engine.geometry().disk_size() / BLOCK;
     let mut order: Vec<u64> = (0..blocks).collect();
     let mut rng = Rng(round * 31 + 7);
@@ -595,32 +632,22 @@ fn crash_child() {
 #[test]
 fn crash_sigkill_rounds_lose_no_flushed_write() {
     let dir = tempfile::tempdir().unwrap();
-    let store_url = format!("file://{}/store", dir.path().display());
-    let store = Store::open(&store_url, &Default::default()).unwrap();
-    let (parcel, mut model) = make_parcel(store, 4, 77);
+    let (parcel, mut model) = make_parcel(file_store(dir.path()), 4, 77);
     let rounds = 24u64;
     let mut phases: HashMap<String, usize> = HashMap::new();
     let mut rng = Rng(4242);
     let rt = tokio::runtime::Runtime::new().unwrap();
     for round in 1..=rounds {
         let _ = std::fs::remove_file(dir.path().join("journal"));
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-            .env("ISR_CRASH_CHILD", dir.path())
-            .env("ISR_CRASH_ROUND", round.to_string())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // Wait for "ready", then let it run a random while.
-        let mut out = child.stdout.take().unwrap();
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        use std::io::Read;
-        while !String::from_utf8_lossy(&seen).contains("ready") {
-            assert_eq!(out.read(&mut byte).unwrap(), 1, "child died before ready");
-            seen.push(byte[0]);
-        }
+        let (mut child, _) = spawn_ready_child(
+            "crash_child",
+            dir.path(),
+            &[
+                ("ISR_CRASH_CHILD", dir.path().display().to_string()),
+                ("ISR_CRASH_ROUND", round.to_string()),
+            ],
+        );
+        // Let it run a random while.
         std::thread::sleep(Duration::from_millis(5 + rng.below(150)));
         child.kill().unwrap();
         child.wait().unwrap();
@@ -707,13 +734,7 @@ fn crash_child_reads_a_chunk() {
         return;
     };
     let dir = PathBuf::from(dir);
-    let store = Store::open(
-        &format!("file://{}/store", dir.display()),
-        &Default::default(),
-    )
-    .unwrap();
-    let parcel = Parcel::new(store, "vm", secret()).unwrap();
-    let engine = Engine::open(parcel, options(&dir.join("cache"))).unwrap();
+    let engine = child_engine(&dir);
     let c: u64 = std::env::var("ISR_CRASH_CHUNK").unwrap().parse().unwrap();
     let mut buf = vec![0u8; CHUNK as usize];
     engine.read(c * CHUNK, &mut buf).unwrap();
@@ -727,9 +748,7 @@ fn crash_child_reads_a_chunk() {
 #[test]
 fn crash_recovery_reverifies_present_chunks() {
     let dir = tempfile::tempdir().unwrap();
-    let store_url = format!("file://{}/store", dir.path().display());
-    let store = Store::open(&store_url, &Default::default()).unwrap();
-    let (parcel, _) = make_parcel(store, 8, 21);
+    let (parcel, _) = make_parcel(file_store(dir.path()), 8, 21);
     let m = tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(parcel.manifest(1))
@@ -739,32 +758,15 @@ fn crash_recovery_reverifies_present_chunks() {
         .iter()
         .position(|e| *e != ChunkEntry::Zero)
         .unwrap() as u64;
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "crash_child_reads_a_chunk",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("ISR_CRASH_READ_CHILD", dir.path())
-        .env("ISR_CRASH_CHUNK", c.to_string())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(dir.path().join("child.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    use std::io::BufRead;
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    // The harness may print "test NAME ... " before our line.
-    while !line.contains("ready ") {
-        line.clear();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "child died before ready: {}",
-            std::fs::read_to_string(dir.path().join("child.err")).unwrap_or_default()
-        );
-    }
-    let cache = PathBuf::from(line.split("ready ").nth(1).unwrap().trim());
+    let (mut child, cache) = spawn_ready_child(
+        "crash_child_reads_a_chunk",
+        dir.path(),
+        &[
+            ("ISR_CRASH_READ_CHILD", dir.path().display().to_string()),
+            ("ISR_CRASH_CHUNK", c.to_string()),
+        ],
+    );
+    let cache = PathBuf::from(cache);
     child.kill().unwrap();
     child.wait().unwrap();
     // Bytes of the present chunk change behind the map's back.
