@@ -5,6 +5,8 @@
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -231,15 +233,7 @@ async fn conformance_local_dir() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_s3() {
     let server = support::S3Server::start();
-    let s3 = object_store::aws::AmazonS3Builder::new()
-        .with_bucket_name(support::BUCKET)
-        .with_endpoint(server.endpoint())
-        .with_access_key_id(support::ACCESS_KEY)
-        .with_secret_access_key(support::SECRET_KEY)
-        .with_region("us-east-1")
-        .with_allow_http(true)
-        .build()
-        .unwrap();
+    let s3 = common::s3_builder(&server).build().unwrap();
     let raw: Arc<dyn ObjectStore> = Arc::new(object_store::prefix::PrefixStore::new(s3, "conf"));
     let store = Store::from_object_store(raw.clone(), "s3://isr-test/conf", true);
     conformance(store, raw).await;

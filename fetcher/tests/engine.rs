@@ -8,6 +8,8 @@
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{BufRead, BufReader};
@@ -319,13 +321,7 @@ fn corrupt_chunk_is_named_and_others_are_served() {
 }
 
 fn s3_store(server: &support::S3Server, retry: Duration) -> Store {
-    let s3 = object_store::aws::AmazonS3Builder::new()
-        .with_bucket_name(support::BUCKET)
-        .with_endpoint(server.endpoint())
-        .with_access_key_id(support::ACCESS_KEY)
-        .with_secret_access_key(support::SECRET_KEY)
-        .with_region("us-east-1")
-        .with_allow_http(true)
+    let s3 = common::s3_builder(server)
         .with_retry(object_store::RetryConfig {
             max_retries: 2,
             retry_timeout: retry,
