@@ -91,6 +91,14 @@ impl Env {
         }
     }
 
+    /// Writes a mixed image of `mib` MiB and imports it as parcel "vm".
+    fn imported(&self, mib: u64, seed: u64) -> PathBuf {
+        let image = self.path("image");
+        write_mixed_image(&image, mib << 20, seed);
+        self.on("import", "vm", &[s(&image)]).ok();
+        image
+    }
+
     /// Runs a parcel command with --store, --parcel and --key-file filled in.
     fn on(&self, cmd: &str, parcel: &str, extra: &[&str]) -> Run {
         let key = self.key();
@@ -183,9 +191,7 @@ fn keygen_makes_private_keys_and_never_overwrites() {
 #[test]
 fn corrupt_chunk_fails_verify_and_export_naming_it() {
     let env = Env::file();
-    let image = env.path("image");
-    write_mixed_image(&image, 16 << 20, 5);
-    env.on("import", "vm", &[s(&image)]).ok();
+    env.imported(16, 5);
     let chunks = env.path("store/chunks");
     let victim = std::fs::read_dir(&chunks)
         .unwrap()
@@ -220,9 +226,7 @@ fn corrupt_chunk_fails_verify_and_export_naming_it() {
 #[test]
 fn wrong_key_and_missing_parcel_are_named() {
     let env = Env::file();
-    let image = env.path("image");
-    write_mixed_image(&image, 4 << 20, 9);
-    env.on("import", "vm", &[s(&image)]).ok();
+    let image = env.imported(4, 9);
     let other = env.path("other-key");
     env.isr(&["keygen", s(&other)]).ok();
     for cmd in ["verify", "log"] {
@@ -292,9 +296,7 @@ fn transient_s3_errors_are_retried() {
     let mut env = Env::s3(&server, "flaky");
     env.vars.retain(|(k, _)| *k != "AWS_ENDPOINT_URL");
     env.vars.push(("AWS_ENDPOINT_URL", proxy.endpoint()));
-    let image = env.path("image");
-    write_mixed_image(&image, 8 << 20, 11);
-    env.on("import", "vm", &[s(&image)]).ok();
+    let image = env.imported(8, 11);
     assert_eq!(proxy.failed.load(std::sync::atomic::Ordering::Relaxed), 4);
     let out = env.path("out");
     env.on("export", "vm", &[s(&out)]).ok();
@@ -349,9 +351,7 @@ fn qcow2_images_import_through_qemu_img() {
 #[test]
 fn hoard_fills_the_cache_and_a_second_hoard_fetches_nothing() {
     let env = Env::file();
-    let image = env.path("image");
-    write_mixed_image(&image, 16 << 20, 23);
-    env.on("import", "vm", &[s(&image)]).ok();
+    let image = env.imported(16, 23);
     let cache = env.path("cache");
     let first = env
         .on("hoard", "vm", &["--cache-dir", s(&cache), "--json"])
@@ -378,9 +378,7 @@ fn resume_without_ublk_names_the_missing_driver() {
     let mut env = Env::file();
     let missing = env.path("no-ublk-control");
     env.vars.push(("ISR_UBLK_CONTROL", s(&missing).to_owned()));
-    let image = env.path("image");
-    write_mixed_image(&image, 4 << 20, 1);
-    env.on("import", "vm", &[s(&image)]).ok();
+    env.imported(4, 1);
     let r = env.on("resume", "vm", &[]).fails();
     assert!(r.stderr().contains("modprobe ublk_drv"), "{}", r.stderr());
     let r = env.isr(&["suspend", "vm"]).fails();
