@@ -30,6 +30,10 @@ pub enum Command {
     Log(LogArgs),
     /// Fetch every chunk of a parcel into the local cache (to work offline).
     Hoard(HoardArgs),
+    /// Verify a parcel's local cache against its manifest (every cached
+    /// chunk re-hashed, the map and the image's size checked); damaged
+    /// chunks are dropped, to be fetched again. Exits 1 if it found damage.
+    Check(HoardArgs),
     /// Present a parcel's disk as a block device (/dev/ublkbN) on this host.
     Resume(ResumeArgs),
     /// Drain, flush, publish the new version, release the parcel and remove

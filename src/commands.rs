@@ -24,6 +24,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(a) => verify(a).await,
         Command::Log(a) => log(a).await.map(|()| ExitCode::SUCCESS),
         Command::Hoard(a) => hoard(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Check(a) => crate::check::check(a).await,
         Command::Resume(_) | Command::Suspend(_) | Command::Status(_) | Command::Recover(_) => {
             unreachable!("run outside the async runtime by main")
         }
@@ -330,6 +331,18 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
     let (stats, report, dir) = tokio::task::spawn_blocking(move || {
         let engine = fetcher::Engine::open(parcel, options)?;
         let total = engine.geometry().disk_size();
+        // What is cached already is verified first: a damaged or truncated
+        // cache is repaired, never reported complete.
+        let (bar, sink) = progress::bytes_bar(total, "verify cache", json);
+        let (_, damaged) = engine.verify_cached(sink)?;
+        bar.finish_and_clear();
+        if !damaged.is_empty() {
+            eprintln!(
+                "isr: warning: {} cached chunks of parcel {} were damaged; fetching them again",
+                damaged.len(),
+                engine.parcel().name()
+            );
+        }
         let (bar, sink) = progress::bytes_bar(total, "hoard", json);
         let stats = engine.hoard(sink);
         bar.finish_and_clear();

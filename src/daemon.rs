@@ -48,8 +48,18 @@ fn pid_alive(pid: i64) -> bool {
     pid > 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
 }
 
+/// How long a daemon may take to answer a command (for `suspend`: to
+/// acknowledge it; the publish that follows may take as long as the upload).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Sends one command to a parcel's daemon; its one-line JSON answer.
 fn ask(parcel: &str, command: &str) -> anyhow::Result<Value> {
+    let (stream, mut reader) = send(parcel, command)?;
+    let _ = stream;
+    read_answer(parcel, command, &mut reader, ANSWER_TIMEOUT)
+}
+
+fn send(parcel: &str, command: &str) -> anyhow::Result<(UnixStream, BufReader<UnixStream>)> {
     let path = socket_path(parcel);
     let mut stream = UnixStream::connect(&path).map_err(|_| {
         anyhow::anyhow!(
@@ -57,13 +67,67 @@ fn ask(parcel: &str, command: &str) -> anyhow::Result<Value> {
             path.display()
         )
     })?;
-    stream.write_all(format!("{command}\n").as_bytes())?;
+    stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+    stream
+        .write_all(format!("{command}\n").as_bytes())
+        .with_context(|| format!("sending {command:?} to the daemon of parcel {parcel}"))?;
+    let reader = BufReader::new(stream.try_clone()?);
+    Ok((stream, reader))
+}
+
+/// Reads one JSON line, waiting at most `timeout`.
+fn read_answer(
+    parcel: &str,
+    command: &str,
+    reader: &mut BufReader<UnixStream>,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    reader.get_ref().set_read_timeout(Some(timeout))?;
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
+    match reader.read_line(&mut line) {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            bail!(
+                "the daemon of parcel {parcel} did not answer {command:?} within {} s (pid {}); see {}",
+                timeout.as_secs(),
+                read_state(parcel).map_or("unknown".into(), |s| s["pid"].to_string()),
+                run_dir().join(format!("{parcel}.log")).display()
+            )
+        }
+        Err(e) => {
+            return Err(
+                anyhow::Error::new(e).context(format!("reading the daemon of parcel {parcel}"))
+            );
+        }
+    }
     if line.is_empty() {
         bail!("the daemon of parcel {parcel} closed the connection without an answer");
     }
-    Ok(serde_json::from_str(&line)?)
+    serde_json::from_str(&line).with_context(|| {
+        format!("the daemon of parcel {parcel} answered {command:?} with {line:?}")
+    })
+}
+
+/// Waits for the outcome of a long command (suspend) after its
+/// acknowledgement: as long as the daemon lives.
+fn await_outcome(
+    parcel: &str,
+    command: &str,
+    reader: &mut BufReader<UnixStream>,
+    pid: i64,
+) -> anyhow::Result<Value> {
+    loop {
+        match read_answer(parcel, command, reader, Duration::from_secs(2)) {
+            Ok(v) => return Ok(v),
+            Err(e) if e.to_string().contains("did not answer") && pid_alive(pid) => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn answer(
@@ -154,7 +218,18 @@ pub fn suspend(a: NameArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let reply = ask(&a.parcel, "suspend")?;
+    let (_stream, mut reader) = send(&a.parcel, "suspend")?;
+    let ack = read_answer(&a.parcel, "suspend", &mut reader, ANSWER_TIMEOUT)?;
+    let reply = if ack.get("accepted").is_some() {
+        await_outcome(
+            &a.parcel,
+            "suspend",
+            &mut reader,
+            status["pid"].as_i64().unwrap_or(0),
+        )?
+    } else {
+        ack
+    };
     answer(reply, a.json, |r| {
         format!(
             "suspended parcel {}: version {} published ({} dirty chunks, {} uploaded, {} bytes), device {} removed, lease released",
@@ -215,13 +290,10 @@ pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     if a.foreground {
         return serve(a);
     }
-    std::fs::create_dir_all(run_dir())
+    fetcher::private::create_dir_all(&run_dir())
         .with_context(|| format!("cannot create {}", run_dir().display()))?;
     let log_path = run_dir().join(format!("{}.log", a.parcel.parcel));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
+    let log = fetcher::private::append(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(daemon_args(&a))
@@ -307,7 +379,7 @@ fn serve(a: ResumeArgs) -> anyhow::Result<ExitCode> {
 fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     let name = a.parcel.parcel.clone();
     private_mounts();
-    std::fs::create_dir_all(run_dir())
+    fetcher::private::create_dir_all(&run_dir())
         .with_context(|| format!("cannot create {}", run_dir().display()))?;
     let parcel = open_parcel(&a.parcel)?;
     let mut options = EngineOptions {
@@ -320,7 +392,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         options.cache_root = dir.clone();
     }
     let cache_dir = fetcher::cache::cache_dir(&options.cache_root, parcel.store().url(), &name);
-    std::fs::create_dir_all(&cache_dir)
+    fetcher::private::create_dir_all(&cache_dir)
         .with_context(|| format!("cannot create {}", cache_dir.display()))?;
 
     // A device whose daemon died is reattached, not replaced.
@@ -346,7 +418,8 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
             a.steal,
         ))
         .map_err(|e| explain(e, &a.parcel))?;
-    std::fs::write(&nonce_path, &lease.info().nonce)?;
+    fetcher::private::write(&nonce_path, &lease.info().nonce)
+        .with_context(|| format!("cannot write {}", nonce_path.display()))?;
     let engine = match Engine::open(parcel, options) {
         Ok(e) => Arc::new(e),
         Err(e) => {
@@ -377,6 +450,8 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)
         .with_context(|| format!("cannot listen on {}", sock.display()))?;
+    fetcher::private::narrow(&sock, fetcher::private::FILE_MODE)
+        .with_context(|| format!("cannot make {} private", sock.display()))?;
     {
         let (engine, device, requests, lease) = (
             engine.clone(),
@@ -386,9 +461,21 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         );
         let name = name.clone();
         let started = Instant::now();
+        let (lease, requests) = (Arc::new(lease), requests);
         std::thread::spawn(move || {
+            // One thread per connection: a client that never writes, or a
+            // suspend that publishes for minutes, holds up nobody else.
             for conn in listener.incoming().flatten() {
-                control(conn, &name, &engine, &device, &requests, &lease, started);
+                let (name, engine, device, requests, lease) = (
+                    name.clone(),
+                    engine.clone(),
+                    device.clone(),
+                    requests.clone(),
+                    lease.clone(),
+                );
+                std::thread::spawn(move || {
+                    control(conn, &name, &engine, &device, &requests, &lease, started)
+                });
             }
         });
     }
@@ -404,7 +491,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         let mut st = ready_state;
         st["device_id"] = json!(info.id);
         st["device"] = json!(info.path);
-        let _ = std::fs::write(state_path(&ready_name), st.to_string());
+        let _ = fetcher::private::write(&state_path(&ready_name), st.to_string());
         let reply = json!({
             "parcel": ready_name,
             "device": info.path,
@@ -449,8 +536,10 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => json!({ "error": crate::commands::describe(e) }),
     };
-    if let Ok(engine) = Arc::try_unwrap(engine) {
-        engine.close().map_err(|e| explain(e, &a.parcel))?;
+    // Close cleanly even though the control thread still holds the engine:
+    // the next resume on this host then trusts the cache as it is.
+    if let Err(e) = engine.close() {
+        eprintln!("isr: closing the cache of parcel {name}: {e}");
     }
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(state_path(&name));
@@ -478,6 +567,7 @@ fn control(
     let Ok(mut writer) = conn.try_clone() else {
         return;
     };
+    let _ = conn.set_read_timeout(Some(ANSWER_TIMEOUT));
     if BufReader::new(conn).read_line(&mut line).is_err() {
         return;
     }
@@ -499,6 +589,9 @@ fn control(
                 "window": s.window,
                 "lease": lease,
                 "cache": engine.cache_dir(),
+                "unclean_stop": engine.open_report().recovered,
+                "scanned_chunks": engine.open_report().scanned_chunks,
+                "recovered_dirty": engine.open_report().recovered_dirty,
             })
         }
         "suspend" => {
@@ -508,6 +601,9 @@ fn control(
             };
             let (tx, rx) = mpsc::channel();
             requests.lock().expect("requests").push(tx);
+            if writeln!(writer, "{}", json!({ "accepted": true })).is_err() {
+                return;
+            }
             // Stopping the device drains in-flight I/O; the main thread then
             // publishes and answers.
             if let Err(e) = ublk_target::stop(info.id) {

@@ -4,6 +4,7 @@
 //! `format`, stores, the cache and the chunk engine in `fetcher`, the block
 //! device in `ublk-target`.
 
+mod check;
 mod cli;
 mod commands;
 mod daemon;

@@ -37,20 +37,39 @@ fn ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A parcel imported into a `file://` store, resumable as a device.
+/// A parcel imported into a store (`file://`, or S3 on an s3s-fs started
+/// in the guest on 127.0.0.1), resumable as a device.
 struct Vm {
     dir: tempfile::TempDir,
     store: String,
     image: PathBuf,
     cache: PathBuf,
     device: Option<String>,
+    s3: Option<support::S3Server>,
 }
 
 impl Vm {
     fn new(mib: u64) -> Vm {
-        require_ublk();
         let dir = tempfile::tempdir().unwrap();
         let store = format!("file://{}/store", dir.path().display());
+        Vm::with_store(dir, store, None, mib)
+    }
+
+    /// A parcel in an S3 store served by s3s-fs inside the guest.
+    fn new_s3(mib: u64) -> Vm {
+        let dir = tempfile::tempdir().unwrap();
+        let server = support::S3Server::start();
+        let store = format!("s3://{}/kernel", support::BUCKET);
+        Vm::with_store(dir, store, Some(server), mib)
+    }
+
+    fn with_store(
+        dir: tempfile::TempDir,
+        store: String,
+        s3: Option<support::S3Server>,
+        mib: u64,
+    ) -> Vm {
+        require_ublk();
         let image = dir.path().join("image");
         support::write_mixed_image(&image, mib << 20, 31);
         let vm = Vm {
@@ -59,6 +78,7 @@ impl Vm {
             cache: dir.path().join("cache"),
             dir,
             device: None,
+            s3,
         };
         ok(vm.isr().args(["keygen"]).arg(vm.key()));
         ok(vm.isr().arg("import").arg(&vm.image).args(vm.parcel_args()));
@@ -73,7 +93,14 @@ impl Vm {
         let mut c = Command::new(env!("CARGO_BIN_EXE_isr"));
         c.env("ISR_RUN_DIR", self.dir.path().join("run"))
             .env("ISR_CACHE_DIR", &self.cache);
+        if let Some(s3) = &self.s3 {
+            c.envs(s3.env());
+        }
         c
+    }
+
+    fn s3(&mut self) -> &mut support::S3Server {
+        self.s3.as_mut().expect("an S3 parcel")
     }
 
     fn parcel_args(&self) -> Vec<String> {
@@ -345,6 +372,175 @@ fn ublk_discard_then_read_gives_zeros() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("still in use") && err.contains("pid"), "{err}");
+    drop(f);
+    vm.suspend();
+}
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// Every directory under `root` (and `root`) is 0700, every file 0600.
+fn assert_private(root: &Path) {
+    assert_eq!(mode_of(root), 0o700, "{}", root.display());
+    for e in std::fs::read_dir(root).unwrap().flatten() {
+        let p = e.path();
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            assert_private(&p);
+        } else {
+            assert_eq!(mode_of(&p), 0o600, "{}", p.display());
+        }
+    }
+}
+
+/// Resume from an S3 store (it used to time out on its first GET after
+/// 60 s), then SIGKILL + recover, suspend, hoard into a fresh cache and
+/// resume from it; with umask 000 every cache and run file is private.
+#[test]
+#[ignore = "kernel tier: needs /dev/ublk-control; run by scripts/vm-test"]
+fn ublk_s3_resume_recover_suspend_hoard_and_private_files() {
+    // SAFETY: umask only sets this process's file creation mask; the
+    // kernel tier runs one test at a time.
+    unsafe { libc::umask(0) };
+    let mut vm = Vm::new_s3(32);
+    let dev = vm.resume(&[]);
+    ok(Command::new("sh").arg("-c").arg(format!(
+        "dd if=/dev/urandom of={dev} bs=64k count=20 seek=11 oflag=direct 2>/dev/null"
+    )));
+    let before = sha256_of(&dev);
+    // Private whatever the umask: the cache is the plaintext disk.
+    assert_private(&vm.cache);
+    assert_private(&vm.dir.path().join("run"));
+
+    let pid = vm.daemon_pid();
+    // SAFETY: sends SIGKILL to the daemon's pid; no memory involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let v: Value = serde_json::from_str(&ok(vm.isr().args(["recover", "vm", "--json"]))).unwrap();
+    assert_eq!(v["device"].as_str(), Some(dev.as_str()));
+    assert_eq!(sha256_of(&dev), before);
+    let st = vm.status();
+    assert_eq!(st["unclean_stop"], true, "{st}");
+    assert_eq!(st["scanned_chunks"], 0, "same boot: nothing re-read: {st}");
+
+    let s = vm.suspend();
+    assert_eq!(s["version"], 2, "{s}");
+    assert!(s["uploaded_chunks"].as_u64().unwrap() > 0, "{s}");
+
+    vm.cache = vm.dir.path().join("hoarded");
+    let h: Value = serde_json::from_str(&ok(vm
+        .isr()
+        .arg("hoard")
+        .args(vm.parcel_args())
+        .arg("--json")))
+    .unwrap();
+    assert!(h["fetched_chunks"].as_u64().unwrap() > 0, "{h}");
+    let dev = vm.resume(&[]);
+    assert_eq!(sha256_of(&dev), before);
+    let st = vm.status();
+    assert_eq!(
+        st["fetched_chunks"], 0,
+        "a hoarded cache fetches nothing: {st}"
+    );
+    assert_eq!(
+        st["unclean_stop"], false,
+        "hoard closed the cache cleanly: {st}"
+    );
+    vm.suspend();
+}
+
+/// A clean suspend leaves a clean cache: resuming again on this host is no
+/// crash recovery and re-reads nothing.
+#[test]
+#[ignore = "kernel tier: needs /dev/ublk-control; run by scripts/vm-test"]
+fn ublk_warm_resume_after_a_clean_suspend_is_no_recovery() {
+    let mut vm = Vm::new(64);
+    let dev = vm.resume(&[]);
+    ok(Command::new("sh").arg("-c").arg(format!(
+        "dd if=/dev/urandom of={dev} bs=64k count=10 seek=3 oflag=direct 2>/dev/null"
+    )));
+    let before = sha256_of(&dev);
+    vm.suspend();
+    let dev = vm.resume(&[]);
+    let st = vm.status();
+    assert_eq!(st["unclean_stop"], false, "{st}");
+    assert_eq!(st["scanned_chunks"], 0, "{st}");
+    assert_eq!(st["fetched_chunks"], 0, "everything was cached: {st}");
+    assert_eq!(sha256_of(&dev), before);
+    vm.suspend();
+}
+
+/// With the store unreachable, every read of a chunk not yet fetched fails
+/// with EIO at its own miss deadline (the second read of the same chunk
+/// too, though its fetch is still retrying), while cached reads on the
+/// same device keep completing; when the store is back, the chunk arrives.
+#[test]
+#[ignore = "kernel tier: needs /dev/ublk-control; run by scripts/vm-test"]
+fn ublk_store_outage_fails_each_miss_at_its_deadline_and_cached_reads_go_on() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+    let mut vm = Vm::new_s3(32);
+    let dev = vm.resume(&["--no-prefetch", "--miss-timeout", "3"]);
+    let f = direct(&dev);
+    let mut a = Aligned::new(4 << 20);
+    f.read_exact_at(a.buf(4 << 20), 0).unwrap(); // the first 4 MiB are cached
+    vm.s3().stop();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let cached = {
+        let (dev, stop) = (dev.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let f = direct(&dev);
+            let mut a = Aligned::new(65536);
+            let (mut n, mut worst, mut at) = (0u64, Duration::ZERO, 0u64);
+            while !stop.load(Ordering::Relaxed) && n < 1_000_000 {
+                let t = Instant::now();
+                f.read_exact_at(a.buf(65536), at).unwrap();
+                worst = worst.max(t.elapsed());
+                n += 1;
+                at = (at + 65536) % (4 << 20);
+            }
+            (n, worst)
+        })
+    };
+    let absent = 20u64 << 20;
+    for attempt in 0..2 {
+        let started = Instant::now();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dev2 = dev.clone();
+        std::thread::spawn(move || {
+            let f = direct(&dev2);
+            let mut a = Aligned::new(4096);
+            let _ = tx.send(f.read_exact_at(a.buf(4096), absent));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(40))
+            .unwrap_or_else(|_| panic!("read {attempt} of an absent chunk hung past its deadline"));
+        let e = r.expect_err("the store is down: the read must fail");
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "read {attempt}: {e}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(2500),
+            "read {attempt} failed before its deadline: {:?}",
+            started.elapsed()
+        );
+        eprintln!(
+            "outage: read {attempt} of an absent chunk failed after {:?}",
+            started.elapsed()
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (n, worst) = cached.join().unwrap();
+    eprintln!("outage: {n} cached 64 KiB reads meanwhile, worst latency {worst:?}");
+    assert!(n > 0, "no cached read completed during the outage");
+
+    vm.s3().restart();
+    let mut a = Aligned::new(4096);
+    f.read_exact_at(a.buf(4096), absent).unwrap();
+    let image = std::fs::read(&vm.image).unwrap();
+    assert_eq!(a.buf(4096), &image[absent as usize..][..4096]);
     drop(f);
     vm.suspend();
 }

@@ -15,20 +15,33 @@
 //! * a fetched chunk's data is fdatasync'ed before its entry says present;
 //! * a write's data and dirty mark are written at once and made durable by
 //!   the next flush (data first, then the map), before the flush completes;
-//! * the header's `open` flag is set (and synced) while a process uses the
-//!   cache. Finding it set on open means an unclean stop: every chunk marked
-//!   present is re-verified against the manifest (its content must hash to
-//!   the manifest's key); one that does not match took unflushed writes and
-//!   becomes dirty, so nothing the guest wrote is silently dropped.
+//! * a write marks its chunk dirty in the map *before* its data goes to the
+//!   image (and again after), so that whatever of the data reached the page
+//!   cache, the dirty mark did too;
+//! * the header's `open` flag and the boot id are set (and synced) while a
+//!   process uses the cache. Finding the flag set on open means an unclean
+//!   stop. On the same boot (the daemon died, the kernel did not) the page
+//!   cache kept every write and every dirty mark in that order: nothing is in
+//!   doubt and nothing is re-read. After a host crash (another boot id),
+//!   data may have reached the disk without its dirty mark: the chunks
+//!   marked present that hold data are re-hashed against the manifest (holes
+//!   are never read), and one that does not match becomes dirty, so nothing
+//!   the guest wrote is silently dropped;
+//! * a failed sync of the image is remembered for the whole session (Linux
+//!   reports a writeback error to the first fsync only): every later sync,
+//!   and so every later FLUSH, fails too.
+//!
+//! The directory is 0700 and its files 0600 (they hold the plaintext disk).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::Error;
+use crate::{Error, private};
 
 /// Chunk states, in the low two bits of an entry.
 pub const ABSENT: u64 = 0;
@@ -88,6 +101,30 @@ pub struct Header {
     pub chunk_size: u32,
     pub cache_id: [u8; 16],
     pub open: bool,
+    /// The boot the cache was last opened in (see [`current_boot_id`]).
+    pub boot_id: [u8; 16],
+}
+
+/// This boot of the host: the kernel's random boot id (or `$ISR_BOOT_ID`,
+/// which lets a test play a host crash), hashed to 16 bytes.
+pub fn current_boot_id() -> [u8; 16] {
+    let text = std::env::var("ISR_BOOT_ID")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok())
+        .unwrap_or_default();
+    let h = blake3::hash(text.trim().as_bytes());
+    h.as_bytes()[..16].try_into().expect("16 bytes")
+}
+
+/// What [`Cache::repair`] fixed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Repaired {
+    /// Map entries with an impossible state (made absent).
+    pub bad_entries: u64,
+    /// Chunks present in the map but cut off a truncated image (absent now).
+    pub truncated: Vec<u64>,
+    /// Dirty chunks cut off a truncated image: unpublished data lost.
+    pub lost_dirty: Vec<u64>,
 }
 
 /// An open cache: its files, held locked, and the chunk-state map in memory.
@@ -100,6 +137,8 @@ pub struct Cache {
     trace: File,
     entries: Box<[AtomicU64]>,
     header: std::sync::Mutex<Header>,
+    /// The first failed sync of the image, kept until the cache is closed.
+    sync_failure: OnceLock<String>,
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
@@ -110,15 +149,14 @@ impl Cache {
     /// Locks the cache directory `dir` (creating it), so that no second
     /// process opens it. Fails naming the holder's pid if it is in use.
     pub fn lock(dir: &Path) -> Result<File, Error> {
-        std::fs::create_dir_all(dir.join("manifests")).map_err(io_err("create", dir))?;
+        private::create_dir_all(dir).map_err(io_err("create", dir))?;
+        if let Some(store_dir) = dir.parent() {
+            private::narrow(store_dir, private::DIR_MODE).map_err(io_err("chmod", store_dir))?;
+        }
+        let manifests = dir.join("manifests");
+        private::create_dir_all(&manifests).map_err(io_err("create", &manifests))?;
         let path = dir.join("lock");
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
+        let lock = open_rw(&path)?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -183,6 +221,7 @@ impl Cache {
                 .map(|&p| AtomicU64::new(if p { PRESENT } else { ABSENT }))
                 .collect(),
             header: std::sync::Mutex::new(header),
+            sync_failure: OnceLock::new(),
         };
         cache.write_header()?;
         cache
@@ -196,7 +235,7 @@ impl Cache {
     pub fn open(lock: File, dir: &Path) -> Result<Cache, Error> {
         let state_path = dir.join("state");
         let state = open_rw(&state_path)?;
-        let mut head = [0u8; 64];
+        let mut head = [0u8; 128];
         state
             .read_exact_at(&mut head, 0)
             .map_err(io_err("read", &state_path))?;
@@ -214,6 +253,7 @@ impl Cache {
             disk_size: u64::from_le_bytes(head[24..32].try_into().expect("8")),
             chunk_size: u32::from_le_bytes(head[32..36].try_into().expect("4")),
             cache_id: head[40..56].try_into().expect("16"),
+            boot_id: head[56..72].try_into().expect("16"),
         };
         let count = format::Geometry::new(header.disk_size, header.chunk_size)
             .map_err(|e| bad(&e.to_string()))?
@@ -226,7 +266,7 @@ impl Cache {
             .chunks_exact(8)
             .map(|b| AtomicU64::new(u64::from_le_bytes(b.try_into().expect("8"))))
             .collect();
-        Ok(Cache {
+        let cache = Cache {
             dir: dir.to_owned(),
             _lock: lock,
             image: open_rw(&dir.join("image"))?,
@@ -234,7 +274,54 @@ impl Cache {
             state,
             entries,
             header: std::sync::Mutex::new(header),
-        })
+            sync_failure: OnceLock::new(),
+        };
+        Ok(cache)
+    }
+
+    /// Repairs what can be seen without reading data: entries with an
+    /// impossible state become absent, and an image shorter than the disk
+    /// (truncated behind isr's back) regains its size with the chunks it
+    /// lost marked absent, to be fetched again. Returns the chunks dropped.
+    pub fn repair(&self) -> Result<Repaired, Error> {
+        let mut r = Repaired::default();
+        let h = self.header();
+        let g = format::Geometry::new(h.disk_size, h.chunk_size)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        for c in 0..self.len() as u64 {
+            if state_of(self.entry(c)) == STATE_MASK {
+                self.set(c, ABSENT)?;
+                r.bad_entries += 1;
+            }
+        }
+        let path = self.dir.join("image");
+        let len = self.image.metadata().map_err(io_err("stat", &path))?.len();
+        if len < h.disk_size {
+            for c in g.chunk_of(len)..g.chunk_count() {
+                match state_of(self.entry(c)) {
+                    ABSENT => {}
+                    DIRTY => r.lost_dirty.push(c),
+                    _ => r.truncated.push(c),
+                }
+                self.set(c, ABSENT)?;
+            }
+            self.image
+                .set_len(h.disk_size)
+                .map_err(io_err("size", &path))?;
+        } else if len > h.disk_size {
+            self.image
+                .set_len(h.disk_size)
+                .map_err(io_err("size", &path))?;
+        }
+        if r != Repaired::default() {
+            self.sync_state()?;
+        }
+        Ok(r)
+    }
+
+    /// Gives up the lock (at close: another process may open the cache).
+    pub fn unlock(&self) {
+        let _ = self._lock.unlock();
     }
 
     /// The cache directory.
@@ -263,6 +350,7 @@ impl Cache {
         b[24..32].copy_from_slice(&h.disk_size.to_le_bytes());
         b[32..36].copy_from_slice(&h.chunk_size.to_le_bytes());
         b[40..56].copy_from_slice(&h.cache_id);
+        b[56..72].copy_from_slice(&h.boot_id);
         let path = self.dir.join("state");
         self.state
             .write_all_at(&b, 0)
@@ -300,11 +388,44 @@ impl Cache {
         Ok(new)
     }
 
-    /// Makes image data durable.
+    /// Makes image data durable. Once a sync of the image has failed, every
+    /// later one fails too, naming the first failure: the kernel reports a
+    /// writeback error to one fsync only, and data written before it may be
+    /// lost, so no later flush may claim success.
     pub fn sync_image(&self) -> Result<(), Error> {
-        self.image
-            .sync_data()
-            .map_err(io_err("sync", &self.dir.join("image")))
+        self.check_synced()?;
+        self.image.sync_data().map_err(|e| {
+            let path = self.dir.join("image");
+            self.note_sync_failure(&e);
+            Error::io("sync", &path, e)
+        })
+    }
+
+    /// Fails if a sync of the image has failed in this session.
+    pub fn check_synced(&self) -> Result<(), Error> {
+        match self.sync_failure.get() {
+            None => Ok(()),
+            Some(first) => Err(Error::SyncFailed {
+                path: self.dir.join("image").display().to_string(),
+                first: first.clone(),
+            }),
+        }
+    }
+
+    /// Records a failed sync of the image (done elsewhere, e.g. by the
+    /// device's own ring): every later sync fails.
+    pub fn note_sync_failure(&self, e: &io::Error) {
+        if self.sync_failure.set(e.to_string()).is_ok() {
+            eprintln!(
+                "isr: syncing the cache image {} failed ({e}): writes may be lost; every later flush fails until the device is stopped",
+                self.dir.join("image").display()
+            );
+        }
+    }
+
+    /// The files whose sync makes a flush durable: image, map, trace.
+    pub fn sync_files(&self) -> [&File; 3] {
+        [&self.image, &self.state, &self.trace]
     }
 
     /// Makes the map and the trace durable.
@@ -376,7 +497,7 @@ impl Cache {
     pub fn save_manifest(&self, version: u64, bytes: &[u8]) -> Result<(), Error> {
         let path = self.manifest_path(version);
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)
+        private::write(&tmp, bytes)
             .and_then(|()| File::open(&tmp)?.sync_all())
             .and_then(|()| std::fs::rename(&tmp, &path))
             .and_then(|()| File::open(self.dir.join("manifests"))?.sync_all())
@@ -396,13 +517,7 @@ impl Cache {
 }
 
 fn open_rw(path: &Path) -> Result<File, Error> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(io_err("open", path))
+    private::open_rw(path).map_err(io_err("open", path))
 }
 
 #[cfg(test)]
@@ -416,6 +531,7 @@ mod tests {
             chunk_size: 65536,
             cache_id: [9; 16],
             open: true,
+            boot_id: [7; 16],
         }
     }
 

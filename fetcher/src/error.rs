@@ -120,6 +120,12 @@ pub enum Error {
     /// A request that contradicts the parcel (e.g. another chunk size).
     #[error("{0}")]
     Invalid(String),
+    /// A sync of the cache image failed earlier in this session; writes made
+    /// before it may be lost, so every later flush fails too.
+    #[error(
+        "an earlier sync of {path} failed ({first}): writes since the last good flush may be lost; every flush fails until the device is stopped (the dirty chunks stay marked)"
+    )]
+    SyncFailed { path: String, first: String },
     /// A local file failed.
     #[error("{op} {path}: {source}")]
     Io {

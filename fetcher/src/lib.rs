@@ -19,6 +19,7 @@ pub mod lease;
 pub mod notify;
 pub mod ops;
 mod parcel;
+pub mod private;
 pub mod sparse;
 mod store;
 

@@ -13,10 +13,12 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// A new, unsignalled, non-blocking eventfd.
+    /// A new, unsignalled eventfd. It is blocking on purpose: io_uring
+    /// completes a read of a non-blocking fd at once with EAGAIN (a waiter
+    /// would spin), while a read of a blocking one waits in the ring.
     pub fn new() -> io::Result<Notifier> {
         // SAFETY: eventfd takes no pointers; a negative return is an error.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -37,15 +39,23 @@ impl Notifier {
 
     /// Resets the fd; returns how many signals arrived since the last drain.
     pub fn drain(&self) -> u64 {
+        if !self.poll(0) {
+            return 0;
+        }
         let mut count: u64 = 0;
-        // SAFETY: reads at most 8 bytes into a live u64; EAGAIN (nothing
-        // signalled) leaves it 0.
+        // SAFETY: reads at most 8 bytes into a live u64; the fd is readable
+        // (polled above), so the read does not block.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
         if n == 8 { count } else { 0 }
     }
 
     /// Waits up to `timeout_ms` (-1: forever) for a signal; true if one came.
     pub fn wait(&self, timeout_ms: i32) -> bool {
+        self.poll(timeout_ms) && self.drain() > 0
+    }
+
+    /// Whether the fd becomes readable within `timeout_ms`.
+    fn poll(&self, timeout_ms: i32) -> bool {
         let mut pfd = libc::pollfd {
             fd: self.fd.as_raw_fd(),
             events: libc::POLLIN,
@@ -53,7 +63,7 @@ impl Notifier {
         };
         // SAFETY: poll on one pollfd that lives across the call.
         let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        n > 0 && self.drain() > 0
+        n > 0
     }
 }
 

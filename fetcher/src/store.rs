@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use format::ChunkId;
+use object_store::client::SpawnedReqwestConnector;
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
@@ -146,6 +147,7 @@ impl Store {
                     client = client.with_allow_http(true);
                 }
                 let s3 = builder
+                    .with_http_connector(SpawnedReqwestConnector::new(io_runtime()?))
                     .with_client_options(client)
                     .build()
                     .map_err(|e| bad(e.to_string()))?;
@@ -155,6 +157,7 @@ impl Store {
                 let http = object_store::http::HttpBuilder::new()
                     .with_url(url)
                     .with_retry(retry)
+                    .with_http_connector(SpawnedReqwestConnector::new(io_runtime()?))
                     .with_client_options(client.with_allow_http(true))
                     .build()
                     .map_err(|e| bad(e.to_string()))?;
@@ -399,6 +402,32 @@ impl Store {
                 source: Box::new(source),
             },
         }
+    }
+}
+
+/// The runtime that drives every HTTP connection of every store in this
+/// process. A connection lives on the runtime it was opened from; a store
+/// used from two runtimes (the daemon takes the lease on one, the engine
+/// fetches on another) would otherwise reuse a pooled connection whose
+/// runtime is not running, and its requests would hang until they time
+/// out. Spawning all HTTP I/O here makes a store usable from any runtime,
+/// or from none.
+fn io_runtime() -> Result<tokio::runtime::Handle, Error> {
+    static IO: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    let rt = IO.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("isr-store-io")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    match rt {
+        Ok(rt) => Ok(rt.handle().clone()),
+        Err(e) => Err(Error::Invalid(format!(
+            "cannot start the store's I/O runtime: {e}"
+        ))),
     }
 }
 

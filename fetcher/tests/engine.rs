@@ -738,9 +738,10 @@ fn crash_child_reads_a_chunk() {
     std::thread::sleep(Duration::from_secs(60));
 }
 
-/// After an unclean stop, a chunk marked present whose image bytes no
-/// longer match the manifest (a write whose dirty mark never became
-/// durable) is found and kept as dirty, so the next publish uploads it.
+/// After a host crash, a chunk marked present whose image bytes no longer
+/// match the manifest (a write whose dirty mark never became durable) is
+/// found and kept as dirty, so the next publish uploads it; only chunks
+/// holding data are hashed.
 #[test]
 fn crash_recovery_reverifies_present_chunks() {
     let dir = tempfile::tempdir().unwrap();
@@ -754,12 +755,15 @@ fn crash_recovery_reverifies_present_chunks() {
         .iter()
         .position(|e| *e != ChunkEntry::Zero)
         .unwrap() as u64;
+    // The child runs in an "earlier boot": reopening here is after a host
+    // crash, when data may be on disk without its dirty mark.
     let (mut child, cache) = spawn_ready_child(
         "crash_child_reads_a_chunk",
         dir.path(),
         &[
             ("ISR_CRASH_READ_CHILD", dir.path().display().to_string()),
             ("ISR_CRASH_CHUNK", c.to_string()),
+            ("ISR_BOOT_ID", "an-earlier-boot".into()),
         ],
     );
     let cache = PathBuf::from(cache);
@@ -776,8 +780,178 @@ fn crash_recovery_reverifies_present_chunks() {
     let report = reopened.open_report();
     assert!(report.recovered);
     assert_eq!(report.recovered_dirty, 1);
+    // Only the one chunk that holds data was read, not the whole disk.
+    assert_eq!(report.scanned_chunks, 1, "{report:?}");
     assert_eq!(reopened.stats().dirty_chunks, 1);
     let mut buf = [0u8; 9];
     reopened.read(c * CHUNK + 10, &mut buf).unwrap();
     assert_eq!(&buf, b"unflushed");
+}
+
+/// The child of `crash_of_the_process_alone_rehashes_nothing`: writes into
+/// a chunk without flushing, says so, and waits to be killed.
+#[test]
+fn crash_child_writes_unflushed() {
+    let Some(dir) = std::env::var_os("ISR_CRASH_WRITE_CHILD") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let engine = child_engine(&dir);
+    let mut buf = vec![0u8; CHUNK as usize];
+    for c in 0..4 {
+        engine.read(c * CHUNK, &mut buf).unwrap();
+    }
+    engine.write(2 * CHUNK + 100, b"not flushed").unwrap();
+    println!("ready");
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+/// A crash of the process alone (same boot): the page cache kept every
+/// write and the dirty mark made before it, so reopening re-reads nothing,
+/// and the unflushed write is there and dirty.
+#[test]
+fn crash_of_the_process_alone_rehashes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (parcel, _) = make_parcel(file_store(dir.path()), 8, 23);
+    let (mut child, _) = spawn_ready_child(
+        "crash_child_writes_unflushed",
+        dir.path(),
+        &[("ISR_CRASH_WRITE_CHILD", dir.path().display().to_string())],
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let reopened = Engine::open(parcel, options(&dir.path().join("cache"))).unwrap();
+    let report = reopened.open_report().clone();
+    assert!(report.recovered, "{report:?}");
+    assert_eq!(report.scanned_chunks, 0, "{report:?}");
+    assert_eq!(reopened.stats().dirty_chunks, 1);
+    let mut buf = [0u8; 11];
+    reopened.read(2 * CHUNK + 100, &mut buf).unwrap();
+    assert_eq!(&buf, b"not flushed");
+    reopened.close().unwrap();
+}
+
+/// `close` through a shared engine (the daemon's control thread holds a
+/// clone) marks the cache clean: the next open is not a recovery.
+#[test]
+fn close_of_a_shared_engine_leaves_a_clean_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (parcel, _) = make_parcel(file_store(dir.path()), 4, 24);
+    let engine =
+        Arc::new(Engine::open(parcel.clone(), options(&dir.path().join("cache"))).unwrap());
+    let held = engine.clone();
+    let mut buf = vec![0u8; CHUNK as usize];
+    engine.read(0, &mut buf).unwrap();
+    engine.write(10, b"x").unwrap();
+    engine.close().unwrap();
+    assert!(held.read(CHUNK * 3, &mut buf).is_err() || held.is_cached(3));
+    drop((engine, held));
+    let reopened = Engine::open(parcel, options(&dir.path().join("cache"))).unwrap();
+    let report = reopened.open_report();
+    assert!(!report.recovered, "{report:?}");
+    assert_eq!(reopened.stats().dirty_chunks, 1);
+}
+
+/// A small file system whose device fails writes once 4 MiB of data are
+/// written: an ext4 on a loop device over a sparse file in a tmpfs with
+/// that much room left. Writes land
+/// in the page cache and fail at writeback, as on a failing or full disk;
+/// Linux reports that to the first fsync only. Needs root (CI runs as root).
+struct FailingFs {
+    dir: tempfile::TempDir,
+    device: String,
+}
+
+impl FailingFs {
+    fn new() -> FailingFs {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, m) = (dir.path().join("t"), dir.path().join("m"));
+        std::fs::create_dir_all(&t).unwrap();
+        std::fs::create_dir_all(&m).unwrap();
+        let sh = |cmd: &str| {
+            let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd}: {}{} (this test needs root and a loop device)",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        sh(&format!(
+            "mount -t tmpfs -o size=8m isr-test {}",
+            t.display()
+        ));
+        sh(&format!("truncate -s 64M {}/back", t.display()));
+        let device = sh(&format!("losetup -f --show {}/back", t.display()));
+        let fs = FailingFs { dir, device };
+        // No journal and no lazy initialisation: nothing writes to the
+        // device in the background, so the room left is known. Then the
+        // tmpfs is shrunk to what mkfs used plus 4 MiB.
+        sh(&format!(
+            "mkfs.ext4 -q -F -O ^has_journal -E lazy_itable_init=0 {}",
+            fs.device
+        ));
+        sh(&format!(
+            "mount -o errors=continue {} {}",
+            fs.device,
+            m.display()
+        ));
+        sh("sync");
+        let used_kib: u64 = sh(&format!("du -k {}/back | cut -f1", t.display()))
+            .parse()
+            .unwrap();
+        sh(&format!(
+            "mount -o remount,size={}k {}",
+            used_kib + 4096,
+            t.display()
+        ));
+        fs
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("m")
+    }
+}
+
+impl Drop for FailingFs {
+    fn drop(&mut self) {
+        let m = self.dir.path().join("m");
+        let t = self.dir.path().join("t");
+        let _ = Command::new("umount").arg("-l").arg(&m).status();
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+        let _ = Command::new("umount").arg("-l").arg(&t).status();
+    }
+}
+
+/// A prefetch fill's fdatasync takes the writeback error; the guest's next
+/// FLUSH must not then return success for data that was lost: every flush
+/// after a failed sync fails, naming the first failure.
+#[test]
+fn flush_fails_forever_after_a_fill_swallowed_a_writeback_error() {
+    let fs = FailingFs::new();
+    let (store, _) = memory_store();
+    // 24 MiB of mixed data (more than half of it not zero) cannot fit.
+    let (parcel, _) = make_parcel(store, 24, 99);
+    let mut opts = options(&fs.path());
+    opts.prefetch = true;
+    let engine = Engine::open(parcel, opts).unwrap();
+    // Prefetch fills the cache until a fill's sync fails.
+    let err = engine
+        .hoard(no_progress())
+        .expect_err("the cache fit in a device with 4 MiB of room");
+    eprintln!("hoard failed as it must: {err}");
+    for round in 0..3 {
+        let e = engine
+            .flush()
+            .expect_err("a flush after a failed sync must fail");
+        assert!(
+            e.to_string().contains("an earlier sync"),
+            "round {round}: {e}"
+        );
+    }
+    // Writes are still accepted, but never claimed durable.
+    let _ = engine.write(0, b"after");
+    assert!(engine.flush().is_err());
+    drop(engine);
 }

@@ -5,12 +5,12 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fetcher::{Engine, Notifier};
 use io_uring::{opcode, squeue, types};
@@ -57,10 +57,75 @@ impl Future for After<'_> {
     }
 }
 
+/// A timerfd in the queue's ring, armed at the earliest deadline of the
+/// requests waiting for chunks: each waiting request has its own miss
+/// deadline, and the queue wakes at it without polling.
+struct Timer {
+    fd: OwnedFd,
+    armed: Cell<Option<Instant>>,
+}
+
+impl Timer {
+    fn new() -> std::io::Result<Timer> {
+        // SAFETY: timerfd_create takes no pointers; a negative return is an
+        // error. The fd is blocking, so a read of it in the ring waits.
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by timerfd_create and is owned by
+        // no one else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Timer {
+            fd,
+            armed: Cell::new(None),
+        })
+    }
+
+    /// Makes sure the timer fires no later than `deadline`.
+    fn arm_by(&self, deadline: Instant) {
+        if self.armed.get().is_some_and(|a| a <= deadline) {
+            return;
+        }
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: left.as_secs() as libc::time_t,
+                tv_nsec: left.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: `spec` lives across the call; the old value is not asked for.
+        let r =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if r == 0 {
+            self.armed.set(Some(deadline));
+        }
+    }
+}
+
+/// Merges concurrent FLUSH requests of a queue: a flush waits for a sync
+/// that started after it arrived; every flush arriving while one sync runs
+/// shares the next.
+#[derive(Default)]
+struct Flusher {
+    running: Cell<bool>,
+    started: Cell<u64>,
+    done: Cell<u64>,
+    finished: Wakeups,
+}
+
 struct QueueCtx {
     engine: Arc<Engine>,
     notifier: Arc<Notifier>,
     wakeups: Wakeups,
+    timer: Timer,
+    flusher: Flusher,
 }
 
 pub(crate) fn run(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
@@ -71,10 +136,10 @@ pub(crate) fn run(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
             return;
         }
     };
-    let notifier = match Notifier::new() {
-        Ok(n) => Arc::new(n),
-        Err(e) => {
-            eprintln!("isr: ublk queue {qid}: no eventfd: {e}");
+    let (notifier, timer) = match (Notifier::new(), Timer::new()) {
+        (Ok(n), Ok(t)) => (Arc::new(n), t),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("isr: ublk queue {qid}: no eventfd or timerfd: {e}");
             return;
         }
     };
@@ -82,6 +147,8 @@ pub(crate) fn run(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
         engine,
         notifier,
         wakeups: Wakeups::default(),
+        timer,
+        flusher: Flusher::default(),
     });
     let exe = Rc::new(smol::LocalExecutor::new());
     let mut tasks = Vec::new();
@@ -98,6 +165,10 @@ pub(crate) fn run(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
         let ctx = ctx.clone();
         exe.spawn(async move { eventfd_task(&ctx).await })
     };
+    let timer_task = {
+        let ctx = ctx.clone();
+        exe.spawn(async move { timer_task(&ctx).await })
+    };
     let exe2 = exe.clone();
     smol::block_on(exe.run(async move {
         let run_ops = || while exe2.try_tick() {};
@@ -110,17 +181,33 @@ pub(crate) fn run(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
         }
     }));
     drop(wake_task);
+    drop(timer_task);
 }
 
 /// Keeps one read of the eventfd in the ring; each completion wakes the
 /// tags that wait for fetches.
 async fn eventfd_task(ctx: &QueueCtx) {
-    let mut buf = Box::new([0u8; 8]);
     let fd = std::os::fd::AsFd::as_fd(ctx.notifier.as_ref()).as_raw_fd();
+    read_loop(fd, || ctx.wakeups.bump()).await
+}
+
+/// Keeps one read of the timerfd in the ring; each expiry wakes the
+/// waiting tags, which fail the requests whose deadline passed and re-arm
+/// the timer for the others.
+async fn timer_task(ctx: &QueueCtx) {
+    read_loop(ctx.timer.fd.as_raw_fd(), || {
+        ctx.timer.armed.set(None);
+        ctx.wakeups.bump();
+    })
+    .await
+}
+
+async fn read_loop(fd: i32, mut on_read: impl FnMut()) {
+    let mut buf = Box::new([0u8; 8]);
     loop {
         let sqe = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), 8).build();
         match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
-            Ok(r) if r >= 0 || r == -libc::EAGAIN || r == -libc::EINTR => ctx.wakeups.bump(),
+            Ok(r) if r >= 0 || r == -libc::EAGAIN || r == -libc::EINTR => on_read(),
             _ => return,
         }
     }
@@ -137,17 +224,15 @@ async fn tag_task(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx) -> Result<(), Ubl
     }
 }
 
-/// Serves one request; returns bytes done or a negative errno.
+/// Serves one request; returns bytes done or a negative errno. Nothing here
+/// blocks the queue thread: misses and syncs are waited for in the ring.
 async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, buf: &mut [u8]) -> i32 {
     let iod = q.get_iod(tag);
     let op = iod.op_flags & 0xff;
     let engine = &ctx.engine;
     // FLUSH carries no range (its start sector is u64::MAX): handle it first.
     if op == libublk::sys::UBLK_IO_OP_FLUSH {
-        return match engine.flush() {
-            Ok(()) => 0,
-            Err(e) => fail("flush", 0, 0, &e),
-        };
+        return flush(ctx).await;
     }
     let offset = iod.start_sector << 9;
     let len = (iod.nr_sectors << 9) as usize;
@@ -157,14 +242,8 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, buf: &mut [u8]) -> 
             if len > buf.len() {
                 return -libc::EINVAL;
             }
-            let need = match engine.prepare_io(offset, len, write) {
-                Ok(n) => n,
-                Err(e) => return fail("prepare", offset, len, &e),
-            };
-            for c in need {
-                if let Err(res) = wait_cached(ctx, c).await {
-                    return res;
-                }
+            if let Err(res) = wait_needed(ctx, offset, len, write).await {
+                return res;
             }
             // A write is marked dirty before its data goes in (fencing off
             // a fetch that completes meanwhile) and after (so that a publish
@@ -182,6 +261,11 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, buf: &mut [u8]) -> 
             res
         }
         libublk::sys::UBLK_IO_OP_DISCARD | libublk::sys::UBLK_IO_OP_WRITE_ZEROES => {
+            // Chunks covered in part keep the rest of their data: they are
+            // fetched first, waiting in the ring like a write's.
+            if let Err(res) = wait_needed(ctx, offset, len, true).await {
+                return res;
+            }
             match engine.discard(offset, len as u64) {
                 Ok(()) => 0,
                 Err(e) => fail("discard", offset, len, &e),
@@ -191,14 +275,87 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, buf: &mut [u8]) -> 
     }
 }
 
+/// Waits (in the ring) for every chunk an I/O needs cached first.
+async fn wait_needed(ctx: &QueueCtx, offset: u64, len: usize, write: bool) -> Result<(), i32> {
+    let need = match ctx.engine.prepare_io(offset, len, write) {
+        Ok(n) => n,
+        Err(e) => return Err(fail("prepare", offset, len, &e)),
+    };
+    let deadline = Instant::now() + ctx.engine.miss_timeout();
+    for c in need {
+        wait_cached(ctx, c, deadline).await?;
+    }
+    Ok(())
+}
+
+/// FLUSH: syncs the image, then the map and the trace, through the ring,
+/// merged with the other flushes of this queue. A failed sync fails this
+/// and every later flush of the session.
+async fn flush(ctx: &QueueCtx) -> i32 {
+    let f = &ctx.flusher;
+    let need = f.started.get() + 1;
+    while f.done.get() < need {
+        if f.running.get() {
+            let seen = f.finished.generation.get();
+            f.finished.after(seen).await;
+            continue;
+        }
+        f.running.set(true);
+        f.started.set(f.started.get() + 1);
+        let n = f.started.get();
+        sync_files(ctx).await;
+        f.running.set(false);
+        f.done.set(n);
+        f.finished.bump();
+    }
+    match ctx.engine.check_synced() {
+        Ok(()) => 0,
+        Err(e) => fail("flush", 0, 0, &e),
+    }
+}
+
+async fn sync_files(ctx: &QueueCtx) {
+    if ctx.engine.check_synced().is_err() {
+        return;
+    }
+    let [_, state, trace] = ctx.engine.sync_files();
+    let image_sqe = opcode::Fsync::new(types::Fixed(1))
+        .flags(types::FsyncFlags::DATASYNC)
+        .build()
+        .flags(squeue::Flags::FIXED_FILE);
+    let r = submit(image_sqe).await;
+    // A failure is remembered by the engine: this and every later flush fail.
+    if ctx.engine.note_sync_result(r).is_err() {
+        return;
+    }
+    for f in [state, trace] {
+        let sqe = opcode::Fsync::new(types::Fd(f.as_raw_fd()))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        let r = submit(sqe).await;
+        if r < 0 {
+            let e = std::io::Error::from_raw_os_error(-r);
+            eprintln!("isr: syncing the cache map or trace failed: {e}");
+            let _ = ctx.engine.note_sync_result(r);
+            return;
+        }
+    }
+}
+
+async fn submit(sqe: squeue::Entry) -> i32 {
+    ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
+        .await
+        .unwrap_or(-libc::EIO)
+}
+
 fn fail(op: &str, offset: u64, len: usize, e: &fetcher::Error) -> i32 {
     eprintln!("isr: ublk {op} of {len} bytes at offset {offset} failed: {e}");
     crate::errno(e)
 }
 
-/// Waits (asleep in the ring) until chunk `c` is cached.
-async fn wait_cached(ctx: &QueueCtx, c: u64) -> Result<(), i32> {
-    let started = Instant::now();
+/// Waits (asleep in the ring) until chunk `c` is cached, or fails the
+/// request at its own `deadline`.
+async fn wait_cached(ctx: &QueueCtx, c: u64, deadline: Instant) -> Result<(), i32> {
     loop {
         let seen = ctx.wakeups.generation.get();
         let Some(slot) = ctx.engine.request(c, Some(&ctx.notifier)) else {
@@ -210,14 +367,17 @@ async fn wait_cached(ctx: &QueueCtx, c: u64) -> Result<(), i32> {
                 let offset = ctx.engine.geometry().chunk_offset(c);
                 return Err(fail("fetch", offset, 0, &e));
             }
-            None if started.elapsed() >= ctx.engine.miss_timeout() => {
+            None if Instant::now() >= deadline => {
                 eprintln!(
-                    "isr: ublk read of chunk {c} timed out after {} s waiting for the store",
+                    "isr: ublk request waiting for chunk {c} timed out after {} s waiting for the store",
                     ctx.engine.miss_timeout().as_secs()
                 );
                 return Err(-libc::EIO);
             }
-            None => ctx.wakeups.after(seen).await,
+            None => {
+                ctx.timer.arm_by(deadline);
+                ctx.wakeups.after(seen).await
+            }
         }
     }
 }

@@ -119,14 +119,9 @@ impl Shared {
                 if st.done.is_some() {
                     n.signal();
                 } else if !st.notifiers.iter().any(|m| Arc::ptr_eq(m, n)) {
+                    // Deadlines are the waiter's own business (a ublk
+                    // queue keeps one per request in its ring).
                     st.notifiers.push(n.clone());
-                    // Wake the waiter at its deadline too, so that it can
-                    // fail the request without polling.
-                    let (n, timeout) = (n.clone(), self.options.miss_timeout);
-                    self.runtime.spawn(async move {
-                        tokio::time::sleep(timeout).await;
-                        n.signal();
-                    });
                 }
             }
         }

@@ -15,6 +15,7 @@
 //! Writes mark chunks dirty (with a generation); [`Engine::publish`] uploads
 //! dirty chunks and commits the next version (see `publish.rs`).
 
+mod check;
 mod fetch;
 mod publish;
 mod reconcile;
@@ -33,6 +34,7 @@ use crate::cache::{self, ABSENT, Cache, DIRTY, Header, PRESENT};
 use crate::notify::Notifier;
 use crate::{Error, Parcel};
 
+pub use check::{CheckReport, check};
 pub use fetch::Slot;
 pub use publish::PublishSummary;
 
@@ -70,8 +72,11 @@ pub struct OpenReport {
     pub base_version: u64,
     /// The cache was created by this open.
     pub created: bool,
-    /// The previous session stopped uncleanly; present chunks were re-verified.
+    /// The previous session stopped uncleanly.
     pub recovered: bool,
+    /// Chunks re-hashed because the stop was a host crash (0 after a crash
+    /// of the process alone: then nothing is in doubt).
+    pub scanned_chunks: u64,
     /// Chunks found changed by unflushed writes (now dirty).
     pub recovered_dirty: u64,
     /// Chunks invalidated because a newer version changed them.
@@ -156,7 +161,8 @@ pub(crate) struct Shared {
 /// The engine of one open parcel cache.
 pub struct Engine {
     shared: Arc<Shared>,
-    runtime: Option<tokio::runtime::Runtime>,
+    /// The fetcher's runtime, until [`close`](Engine::close) stops it.
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
     report: OpenReport,
 }
 
@@ -192,7 +198,11 @@ impl Engine {
         for &c in &trace {
             touched[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::Relaxed);
         }
-        cache.update_header(|h| h.open = true)?;
+        let boot_id = cache::current_boot_id();
+        cache.update_header(|h| {
+            h.open = true;
+            h.boot_id = boot_id;
+        })?;
         let (demand_tx, demand_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             parcel,
@@ -218,7 +228,7 @@ impl Engine {
         runtime.spawn(fetch::scheduler(shared.clone(), demand_rx));
         Ok(Engine {
             shared,
-            runtime: Some(runtime),
+            runtime: Mutex::new(Some(runtime)),
             report,
         })
     }
@@ -330,19 +340,47 @@ impl Engine {
             let src = &data[span.buf_offset..span.buf_offset + span.len as usize];
             let at = s.geometry.chunk_offset(span.chunk) + span.offset_in_chunk as u64;
             let _g = s.stripe(span.chunk);
+            // The dirty mark goes to the map before the data goes to the
+            // image: after a crash of this process the page cache holds both,
+            // in that order, so no chunk with new data is found unmarked.
+            s.cache.set(span.chunk, DIRTY)?;
             s.cache
                 .image
                 .write_all_at(src, at)
                 .map_err(|e| Error::io("write", &s.cache.dir().join("image"), e))?;
-            s.cache.set(span.chunk, DIRTY)?;
         }
         Ok(())
     }
 
-    /// Makes every write so far durable, data and dirty marks both.
+    /// Makes every write so far durable, data and dirty marks both. Once a
+    /// sync of the image failed, every later flush fails
+    /// ([`Error::SyncFailed`]).
     pub fn flush(&self) -> Result<(), Error> {
         self.shared.cache.sync_image()?;
         self.shared.cache.sync_state()
+    }
+
+    /// The files a flush must sync (image, map, trace), for a device that
+    /// syncs through its own ring; it reports the outcome with
+    /// [`note_sync_result`](Self::note_sync_result).
+    pub fn sync_files(&self) -> [&std::fs::File; 3] {
+        self.shared.cache.sync_files()
+    }
+
+    /// Fails if a sync of the image failed earlier in this session.
+    pub fn check_synced(&self) -> Result<(), Error> {
+        self.shared.cache.check_synced()
+    }
+
+    /// Records the result of a sync done by the device (`res` as io_uring
+    /// returns it: 0 or a negative errno): a failure makes every later flush
+    /// fail.
+    pub fn note_sync_result(&self, res: i32) -> Result<(), Error> {
+        if res < 0 {
+            let e = std::io::Error::from_raw_os_error(-res);
+            self.shared.cache.note_sync_failure(&e);
+        }
+        self.check_synced()
     }
 
     /// Zeroes `len` bytes at `offset` (discard and write-zeroes): whole
@@ -356,8 +394,9 @@ impl Engine {
             if span.covers(&s.geometry) {
                 s.touch(span.chunk);
                 let _g = s.stripe(span.chunk);
-                s.cache.punch_hole(at, span.len as u64)?;
+                // Marked before the hole is made, as writes are.
                 s.cache.set(span.chunk, DIRTY)?;
+                s.cache.punch_hole(at, span.len as u64)?;
             } else {
                 self.write(at, &vec![0u8; span.len as usize])?;
             }
@@ -398,6 +437,42 @@ impl Engine {
         }
     }
 
+    /// Re-hashes every chunk the cache holds as present against the base
+    /// manifest (in parallel; holes are not read); those that do not match
+    /// are damaged: dropped, to be fetched again. `hoard` runs this first,
+    /// so that a cache prepared for offline use is one that can be trusted.
+    /// Returns (chunks hashed, chunks dropped). Must not run while a device
+    /// writes (hoard has none).
+    pub fn verify_cached(&self, progress: crate::Progress) -> Result<(u64, Vec<u64>), Error> {
+        let s = &self.shared;
+        let base = s.base();
+        let present: Vec<u64> = (0..s.geometry.chunk_count())
+            .filter(|&c| cache::state_of(s.cache.entry(c)) == PRESENT)
+            .collect();
+        let found = reconcile::present_mismatches(
+            &s.parcel,
+            &s.cache,
+            &base.manifest,
+            &present,
+            &*progress,
+        )?;
+        for &c in &found.mismatched {
+            let _g = s.stripe(c);
+            if cache::state_of(s.cache.entry(c)) == PRESENT {
+                s.cache
+                    .punch_hole(s.geometry.chunk_offset(c), s.geometry.chunk_len(c) as u64)?;
+                s.cache.set(c, ABSENT)?;
+            }
+        }
+        s.cache.sync_state()?;
+        // The prefetch may have passed these chunks while they looked
+        // present: ask for them now.
+        for &c in &found.mismatched {
+            let _ = s.demand(c, None);
+        }
+        Ok((found.hashed, found.mismatched))
+    }
+
     /// Fetches every chunk not yet cached (prefetch on, waiting until done).
     /// Returns the first permanent failure, if a chunk cannot be fetched.
     pub fn hoard(&self, progress: crate::Progress) -> Result<EngineStats, Error> {
@@ -436,32 +511,51 @@ impl Engine {
         }
     }
 
-    /// Stops the fetcher, flushes, and marks the cache cleanly closed.
-    pub fn close(mut self) -> Result<(), Error> {
+    /// Stops the fetcher, flushes, and marks the cache cleanly closed, so
+    /// that the next open trusts the map as it is (a warm resume reads
+    /// nothing). Callable through a shared reference (the daemon's control
+    /// thread may still hold one); the engine serves nothing afterwards.
+    /// If the flush fails, the cache stays marked open: the next open then
+    /// treats it as an unclean stop, which is always safe.
+    pub fn close(&self) -> Result<(), Error> {
         self.stop();
         self.flush()?;
-        self.shared.cache.update_header(|h| h.open = false)
+        self.shared.cache.update_header(|h| h.open = false)?;
+        self.shared.cache.unlock();
+        Ok(())
     }
 
-    fn stop(&mut self) {
+    /// Stops the fetcher; true if it was running.
+    fn stop(&self) -> bool {
         self.shared.shutdown.store(true, Ordering::Relaxed);
         let _ = self.shared.demand_tx.send(u64::MAX);
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_timeout(Duration::from_secs(5));
+        let rt = self.runtime.lock().expect("runtime lock").take();
+        match rt {
+            Some(rt) => {
+                rt.shutdown_timeout(Duration::from_secs(5));
+                true
+            }
+            None => false,
         }
     }
 
-    pub(crate) fn runtime(&self) -> &tokio::runtime::Runtime {
-        self.runtime.as_ref().expect("running until close")
+    /// Runs `f` on the fetcher's runtime, from outside any runtime.
+    pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> Result<F::Output, Error> {
+        if self.shared.shutdown.load(Ordering::Relaxed) {
+            return Err(Error::Invalid(format!(
+                "the engine of parcel {} is closed",
+                self.shared.parcel.name()
+            )));
+        }
+        Ok(self.shared.runtime.block_on(f))
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        if self.runtime.is_some() {
-            self.stop();
+        if self.stop() {
             // Leave the `open` flag set unless everything was flushed: the
-            // next open then re-verifies, which is always safe.
+            // next open then treats the stop as unclean, which is always safe.
             if self.flush().is_ok() {
                 let _ = self.shared.cache.update_header(|h| h.open = false);
             }
@@ -566,5 +660,6 @@ fn new_header(version: u64, manifest: &Manifest) -> Result<Header, Error> {
         chunk_size: manifest.chunk_size,
         cache_id,
         open: false,
+        boot_id: [0; 16],
     })
 }

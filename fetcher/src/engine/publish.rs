@@ -50,12 +50,12 @@ impl Engine {
         let started = Instant::now();
         self.flush()?;
         let shared = self.shared.clone();
-        let mut summary = self.runtime().block_on(async move {
+        let mut summary = self.block_on(async move {
             if let Some(l) = lease {
                 l.check().await?;
             }
             publish(shared, created_unix).await
-        })?;
+        })??;
         summary.seconds = started.elapsed().as_secs_f64();
         Ok(summary)
     }

@@ -30,14 +30,29 @@ pub(crate) async fn open_cache(
         return create(parcel, lock, dir).await;
     }
     let cache = Cache::open(lock, dir)?;
+    let repaired = cache.repair()?;
+    if repaired != Default::default() {
+        report.warnings.push(format!(
+            "the cache was damaged: {} impossible map entries and {} chunks cut off a truncated image are fetched again; {} unpublished chunks were lost with them",
+            repaired.bad_entries,
+            repaired.truncated.len(),
+            repaired.lost_dirty.len()
+        ));
+    }
     let header = cache.header();
     let path = cache.manifest_path(header.base_version);
     let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
     let base = parcel.decode_manifest(&bytes, header.base_version, path.display().to_string())?;
     if header.open {
         report.recovered = true;
-        report.recovered_dirty = recover(parcel, &cache, &base)?;
-        cache.sync_state()?;
+        // Same boot: the process died, the page cache did not; every write
+        // was marked dirty before its data went in. Nothing is in doubt.
+        if header.boot_id != cache::current_boot_id() {
+            let (scanned, dirtied) = recover(parcel, &cache, &base)?;
+            report.scanned_chunks = scanned;
+            report.recovered_dirty = dirtied;
+            cache.sync_state()?;
+        }
     }
     let mut base = (header.base_version, base);
     let head = match parcel.head().await {
@@ -131,22 +146,92 @@ fn read_chunk(cache: &Cache, m: &Manifest, c: u64, buf: &mut Vec<u8>) -> Result<
         .map_err(|e| Error::io("read", &cache.dir().join("image"), e))
 }
 
-/// After an unclean stop: present chunks that no longer match the manifest
-/// took writes whose dirty mark was not yet durable; they become dirty.
-fn recover(parcel: &Parcel, cache: &Cache, base: &Manifest) -> Result<u64, Error> {
-    let mut buf = Vec::new();
-    let mut dirtied = 0;
-    for c in 0..cache.len() as u64 {
-        if cache::state_of(cache.entry(c)) != PRESENT {
-            continue;
-        }
-        read_chunk(cache, base, c, &mut buf)?;
-        if !matches(parcel, &buf, &base.chunks[c as usize]) {
-            cache.set(c, DIRTY)?;
-            dirtied += 1;
+/// After a host crash: a chunk marked present may hold data whose dirty
+/// mark never reached the disk. Such chunks are found by hashing what the
+/// image holds where it holds anything (see [`present_mismatches`]); those
+/// that do not match become dirty. Returns (chunks hashed, chunks made
+/// dirty).
+fn recover(parcel: &Parcel, cache: &Cache, base: &Manifest) -> Result<(u64, u64), Error> {
+    let candidates: Vec<u64> = (0..cache.len() as u64)
+        .filter(|&c| cache::state_of(cache.entry(c)) == PRESENT)
+        .collect();
+    let found = present_mismatches(parcel, cache, base, &candidates, &|_| {})?;
+    for &c in &found.mismatched {
+        cache.set(c, DIRTY)?;
+    }
+    Ok((found.hashed, found.mismatched.len() as u64))
+}
+
+/// What [`present_mismatches`] found.
+pub(crate) struct Mismatches {
+    /// Chunks whose bytes were read and hashed.
+    pub(crate) hashed: u64,
+    /// Chunks whose image bytes are not what the manifest says.
+    pub(crate) mismatched: Vec<u64>,
+}
+
+/// Which of `candidates` (chunks the map says are present) do not hold
+/// what `base` says. Holes are never read: a chunk that is all hole matches
+/// exactly when the manifest has zeros there (stored chunks are never all
+/// zero). The rest is read and hashed in parallel; `progress` gets the
+/// bytes hashed. Chunks are read under their stripe lock by the caller's
+/// contract: callers run before the device, or hold no writer.
+pub(crate) fn present_mismatches(
+    parcel: &Parcel,
+    cache: &Cache,
+    base: &Manifest,
+    candidates: &[u64],
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Mismatches, Error> {
+    let g = base.geometry();
+    let image_path = cache.dir().join("image");
+    let extents = crate::sparse::data_extents(&cache.image, g.disk_size())
+        .map_err(|e| Error::io("seek", &image_path, e))?;
+    let mut allocated = vec![false; cache.len()];
+    for r in &extents {
+        for c in g.chunk_of(r.start)..=g.chunk_of(r.end - 1) {
+            allocated[c as usize] = true;
         }
     }
-    Ok(dirtied)
+    let mut mismatched = Vec::new();
+    let mut to_hash = Vec::new();
+    for &c in candidates {
+        match (&base.chunks[c as usize], allocated[c as usize]) {
+            (ChunkEntry::Zero, false) => {}
+            (ChunkEntry::Data(_), false) => mismatched.push(c),
+            (_, true) => to_hash.push(c),
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = to_hash.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = to_hash
+            .chunks(per)
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut bad = Vec::new();
+                    for &c in part {
+                        read_chunk(cache, base, c, &mut buf)?;
+                        if !matches(parcel, &buf, &base.chunks[c as usize]) {
+                            bad.push(c);
+                        }
+                        progress(buf.len() as u64);
+                    }
+                    Ok::<_, Error>(bad)
+                })
+            })
+            .collect();
+        for w in workers {
+            mismatched.extend(w.join().expect("hashing does not panic")?);
+        }
+        Ok::<_, Error>(())
+    })?;
+    mismatched.sort_unstable();
+    Ok(Mismatches {
+        hashed: to_hash.len() as u64,
+        mismatched,
+    })
 }
 
 /// Our own publish of `next`: dirty chunks holding what `next` says are clean.
