@@ -314,14 +314,14 @@ fn unreachable_store_fails_naming_it() {
     let mut env = Env::file();
     env.store = format!("s3://{}/gone", support::BUCKET);
     env.vars = support::s3_env(&endpoint);
-    env.vars.push(("ISR_RETRY_TIMEOUT", "2".into()));
+    env.vars.push(("ISR_RETRY_TIMEOUT", "4".into()));
     let started = std::time::Instant::now();
     let r = env.on("log", "vm", &[]).fails();
     assert!(r.stderr().contains("s3://isr-test/gone"), "{}", r.stderr());
     assert!(r.stderr().contains("parcels/vm/"), "{}", r.stderr());
     // --retry-timeout is honoured: no giving up after a count of attempts.
     let waited = started.elapsed();
-    assert!(waited.as_secs_f64() >= 1.6, "gave up after {waited:?}");
+    assert!(waited.as_secs_f64() >= 3.2, "gave up after {waited:?}");
     assert!(waited.as_secs() < 60);
 }
 
