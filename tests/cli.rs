@@ -314,12 +314,15 @@ fn unreachable_store_fails_naming_it() {
     let mut env = Env::file();
     env.store = format!("s3://{}/gone", support::BUCKET);
     env.vars = support::s3_env(&endpoint);
-    env.vars.push(("ISR_RETRY_TIMEOUT", "2".into()));
+    env.vars.push(("ISR_RETRY_TIMEOUT", "4".into()));
     let started = std::time::Instant::now();
     let r = env.on("log", "vm", &[]).fails();
     assert!(r.stderr().contains("s3://isr-test/gone"), "{}", r.stderr());
     assert!(r.stderr().contains("parcels/vm/"), "{}", r.stderr());
-    assert!(started.elapsed().as_secs() < 60);
+    // --retry-timeout is honoured: no giving up after a count of attempts.
+    let waited = started.elapsed();
+    assert!(waited.as_secs_f64() >= 3.2, "gave up after {waited:?}");
+    assert!(waited.as_secs() < 60);
 }
 
 #[test]
@@ -383,4 +386,200 @@ fn resume_without_ublk_names_the_missing_driver() {
     assert!(r.stderr().contains("modprobe ublk_drv"), "{}", r.stderr());
     let r = env.isr(&["suspend", "vm"]).fails();
     assert!(r.stderr().contains("not resumed"), "{}", r.stderr());
+}
+
+/// Invariant 4 on a local store: every chunk file, and the directory entry
+/// naming it, is fsynced before the manifest that names it is linked into
+/// place, and the manifest's own entry is fsynced after. Watched with
+/// strace on a real import into a store directory that does not exist yet
+/// (so its new directories must be made durable too).
+#[test]
+fn file_store_chunks_are_durable_before_the_manifest() {
+    let env = Env::file();
+    let image = env.path("image");
+    write_mixed_image(&image, 8 << 20, 17);
+    let trace = env.path("trace");
+    let key = env.key();
+    let status = Command::new("strace")
+        .args(["-f", "-qq", "-y", "-o", s(&trace)])
+        .args([
+            "-e",
+            "trace=fsync,fdatasync,link,linkat,rename,renameat2,mkdir,mkdirat",
+        ])
+        .arg(env!("CARGO_BIN_EXE_isr"))
+        .args(["import", s(&image), "--store", &env.store, "--parcel", "vm"])
+        .args(["--key-file", s(&key)])
+        .env_remove("ISR_STORE")
+        .env_remove("AWS_ENDPOINT_URL")
+        .status()
+        .expect("strace (apt install strace; scripts/setup installs it)");
+    assert!(status.success());
+    let events = support::strace_events(&std::fs::read_to_string(&trace).unwrap());
+    let store = env.path("store");
+    let manifest = store.join("parcels/vm/versions/00000000000000000001");
+    let at = |pred: &dyn Fn(&support::Syscall) -> bool| events.iter().position(pred);
+    let linked = |p: &Path| {
+        at(&|e: &support::Syscall| {
+            e.name == "linkat" && e.paths.get(1).map(PathBuf::from).as_deref() == Some(p)
+        })
+    };
+    let synced_between = |dir: &Path, from: usize, to: usize| {
+        events[from..to]
+            .iter()
+            .any(|e| e.name.ends_with("sync") && e.fd_path.as_deref() == Some(dir))
+    };
+    let m = linked(&manifest).expect("the manifest is created with link()");
+    // The manifest's own bytes before its link, its entry after.
+    assert!(
+        events[..m].iter().any(|e| e.name.ends_with("sync")
+            && e.fd_path.as_ref().is_some_and(|p| p
+                .to_string_lossy()
+                .starts_with(&format!("{}#", manifest.display())))),
+        "manifest contents not synced before its link"
+    );
+    assert!(
+        synced_between(manifest.parent().unwrap(), m, events.len()),
+        "manifest's directory not synced after its link"
+    );
+
+    let chunks: Vec<PathBuf> = std::fs::read_dir(store.join("chunks"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(chunks.len() >= 4, "{chunks:?}");
+    for chunk in &chunks {
+        let l = linked(chunk).unwrap_or_else(|| panic!("{} not linked", chunk.display()));
+        assert!(l < m, "{} linked after the manifest", chunk.display());
+        let staged = format!("{}#", chunk.display());
+        assert!(
+            events[..l].iter().any(|e| e.name.ends_with("sync")
+                && e.fd_path
+                    .as_ref()
+                    .is_some_and(|p| p.to_string_lossy().starts_with(&staged))),
+            "{} not synced before its link",
+            chunk.display()
+        );
+        assert!(
+            synced_between(chunk.parent().unwrap(), l, m),
+            "directory of {} not synced between its link and the manifest's",
+            chunk.display()
+        );
+    }
+    // Every directory made on the way (the store's own included) is made
+    // durable in its parent before the manifest.
+    let made: Vec<(usize, PathBuf)> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.name.starts_with("mkdir"))
+        .map(|(i, e)| (i, PathBuf::from(&e.paths[0])))
+        .collect();
+    assert!(made.iter().any(|(_, d)| *d == store), "{made:?}");
+    for (i, dir) in made.iter().filter(|(i, _)| *i < m) {
+        assert!(
+            synced_between(dir.parent().unwrap(), *i, m),
+            "new directory {} not synced in its parent before the manifest",
+            dir.display()
+        );
+    }
+}
+
+/// A malformed S3 endpoint fails naming it and why, from the option or
+/// the environment; nothing panics.
+#[test]
+fn bad_endpoints_fail_naming_them() {
+    let mut env = Env::file();
+    env.store = format!("s3://{}/x", support::BUCKET);
+    env.vars = support::s3_env("unused");
+    env.vars.retain(|(k, _)| *k != "AWS_ENDPOINT_URL");
+    for (bad, why) in [
+        ("", "empty"),
+        ("127.0.0.1:9000", "no scheme"),
+        ("localhost:9000", "not http or https"),
+        ("http://[::1", "invalid"),
+    ] {
+        let r = env.on("log", "vm", &["--endpoint", bad]).fails();
+        for want in [&format!("S3 endpoint {bad:?}"), why, "s3://isr-test/x"] {
+            assert!(r.stderr().contains(want), "{bad:?}: {}", r.stderr());
+        }
+        env.vars.push(("AWS_ENDPOINT_URL", bad.into()));
+        let r = env.on("log", "vm", &[]).fails();
+        assert!(r.stderr().contains(why), "{bad:?}: {}", r.stderr());
+        env.vars.pop();
+    }
+}
+
+/// `file:relative` is not quietly read as `/relative`.
+#[test]
+fn file_urls_must_name_an_absolute_path() {
+    let env = Env::file();
+    let image = env.path("image");
+    write_mixed_image(&image, 1 << 20, 2);
+    let name = format!("isr-test-relative-{}", std::process::id());
+    let key = env.key();
+    for cmd in ["log", "import"] {
+        let url = format!("file:{name}");
+        let mut args = vec![
+            cmd,
+            "--store",
+            &url,
+            "--parcel",
+            "vm",
+            "--key-file",
+            s(&key),
+        ];
+        if cmd == "import" {
+            args.push(s(&image));
+        }
+        let r = env.isr(&args).fails();
+        assert!(
+            r.stderr().contains("not an absolute local path"),
+            "{}",
+            r.stderr()
+        );
+        assert!(r.stderr().contains(&url), "{}", r.stderr());
+        assert!(!Path::new("/").join(&name).exists(), "/{name} was created");
+    }
+}
+
+/// Only a publish creates a local store; reading a missing one says so and
+/// leaves nothing behind.
+#[test]
+fn reading_a_missing_store_fails_without_creating_it() {
+    let env = Env::file();
+    let dir = env.path("store");
+    let out = env.path("out");
+    let cache = env.path("cache");
+    let want = format!("store {} does not exist", env.store);
+    for args in [
+        vec!["log"],
+        vec!["verify"],
+        vec!["export", s(&out)],
+        vec!["hoard", "--cache-dir", s(&cache)],
+    ] {
+        let r = env.on(args[0], "vm", &args[1..]).fails();
+        assert!(r.stderr().contains(&want), "{args:?}: {}", r.stderr());
+        assert!(!dir.exists(), "{args:?} created the store");
+    }
+    env.imported(2, 4);
+    assert!(dir.is_dir());
+}
+
+/// With no CA certificates the HTTP client cannot be built (even for an
+/// http:// endpoint): the error says that, not a bare "builder error".
+#[test]
+fn missing_ca_certificates_are_named() {
+    let server = S3Server::start();
+    let mut env = Env::s3(&server, "ca");
+    env.vars
+        .push(("SSL_CERT_FILE", "/nonexistent/ca.pem".into()));
+    env.vars.push(("SSL_CERT_DIR", "/nonexistent".into()));
+    let r = env.on("log", "vm", &[]).fails();
+    for want in [
+        "cannot set up the HTTPS client for s3://isr-test/ca",
+        "no CA certificates found",
+        "install ca-certificates or set SSL_CERT_FILE",
+    ] {
+        assert!(r.stderr().contains(want), "{}", r.stderr());
+    }
 }

@@ -22,6 +22,29 @@ pub enum Error {
     /// The store URL could not be understood or opened.
     #[error("store URL {url}: {why}")]
     BadUrl { url: String, why: String },
+    /// The S3 endpoint (from `from`) is not a usable URL.
+    #[error("S3 endpoint {endpoint:?} (from {from}) for store {store}: {why}")]
+    BadEndpoint {
+        endpoint: String,
+        from: &'static str,
+        store: String,
+        why: String,
+    },
+    /// The HTTP(S) client of an s3:// or http(s):// store could not be built.
+    #[error("cannot set up the HTTPS client for {store}: {why}")]
+    HttpClient { store: String, why: String },
+    /// A `file://` store whose directory does not exist (only a publish
+    /// creates one).
+    #[error(
+        "store {store} does not exist (no directory {path}); check the URL, or import a parcel to create it"
+    )]
+    NoStore { store: String, path: String },
+    /// The store does not refuse to create an object that exists, so two
+    /// writers could both publish one version.
+    #[error(
+        "store {store} does not refuse to overwrite an existing object (it ignores the conditional create, If-None-Match: *), so two hosts could both publish the same version; isr does not publish to it. Use a store whose conditional writes work (AWS S3, MinIO, Ceph RGW, a file:// directory)"
+    )]
+    UntrustedStore { store: String },
     /// An object that must exist does not.
     #[error("{op} {object} in {store}: not found")]
     NotFound {
@@ -38,11 +61,15 @@ pub enum Error {
         detail: String,
     },
     /// Any other store failure (after retries, for transient ones).
-    #[error("{op} {object} in {store} failed: {source}")]
+    #[error("{op} {object} in {store} failed{}: {source}", retried(*attempts, *seconds))]
     Store {
         op: &'static str,
         object: String,
         store: String,
+        /// Requests made, the last (failed) one included.
+        attempts: u32,
+        /// Seconds from the first request to giving up.
+        seconds: f64,
         #[source]
         source: Box<object_store::Error>,
     },
@@ -82,11 +109,19 @@ pub enum Error {
         version: u64,
         fault: ChunkFault,
     },
-    /// Somebody else published this version first (put-if-absent lost).
-    #[error(
-        "version {version} of parcel {parcel} was published by another writer first; nothing was overwritten"
-    )]
-    VersionExists { parcel: String, version: u64 },
+    /// Somebody else published this version first (put-if-absent lost), or
+    /// at the same time (`concurrent`: the store let both creates through and
+    /// the manifest read back was the other writer's).
+    #[error("{}", if *concurrent {
+        format!("another writer published version {version} of parcel {parcel} at the same time; nothing of yours was published")
+    } else {
+        format!("version {version} of parcel {parcel} was published by another writer first; nothing was overwritten")
+    })]
+    VersionExists {
+        parcel: String,
+        version: u64,
+        concurrent: bool,
+    },
     /// Another process has the cache open.
     #[error("cache {dir} is in use by another isr process ({holder})")]
     CacheBusy { dir: String, holder: String },
@@ -134,6 +169,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// " after N attempts in S s" when a failure was retried.
+fn retried(attempts: u32, seconds: f64) -> String {
+    if attempts > 1 {
+        format!(" after {attempts} attempts in {seconds:.1} s")
+    } else {
+        String::new()
+    }
 }
 
 impl Error {

@@ -95,6 +95,9 @@ impl Lease {
             }
             let holder = lease.holder().await?;
             match holder {
+                // Our own: a create retried after a lost answer finds the
+                // lease its first attempt took.
+                Some(h) if h.nonce == lease.info.nonce => return Ok(lease),
                 Some(h) if reuse_nonce == Some(h.nonce.as_str()) => {
                     return Ok(Lease { info: h, ..lease });
                 }

@@ -55,12 +55,19 @@ impl Parcel {
         self.store.head(&self.name).await
     }
 
-    /// The newest version; [`Error::NoParcel`] if there is none.
+    /// The newest version; [`Error::NoParcel`] if there is none
+    /// ([`Error::NoStore`] if the whole local store is missing).
     pub async fn require_head(&self) -> Result<u64, Error> {
-        self.head().await?.ok_or_else(|| Error::NoParcel {
-            parcel: self.name.clone(),
-            store: self.store.url().to_owned(),
-        })
+        match self.head().await? {
+            Some(v) => Ok(v),
+            None => {
+                self.store.check_exists()?;
+                Err(Error::NoParcel {
+                    parcel: self.name.clone(),
+                    store: self.store.url().to_owned(),
+                })
+            }
+        }
     }
 
     /// Version `version`, or HEAD when `None`, with its decoded manifest.

@@ -224,6 +224,8 @@ async fn conformance_local_dir() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}/store", dir.path().display());
     let store = Store::open(&url, &StoreOptions::default()).unwrap();
+    // Opening creates nothing; the raw view below needs the directory.
+    std::fs::create_dir(dir.path().join("store")).unwrap();
     let raw: Arc<dyn ObjectStore> = Arc::new(
         object_store::local::LocalFileSystem::new_with_prefix(dir.path().join("store")).unwrap(),
     );

@@ -334,7 +334,7 @@ fn s3_store(server: &support::S3Server, retry: Duration) -> Store {
         )
         .build()
         .unwrap();
-    Store::from_object_store(Arc::new(s3), "s3://isr-test/", true)
+    Store::from_object_store(Arc::new(s3), "s3://isr-test/", true).with_retry_timeout(retry)
 }
 
 /// The S3 server stops for several seconds: cached chunks are still

@@ -37,13 +37,14 @@ fn wait_for_port(port: u16, child: &mut Child, what: &str) {
     panic!("{what} did not listen on 127.0.0.1:{port} within 20 s");
 }
 
-/// Finds a program on PATH or in ~/.cargo/bin.
+/// Finds a program on PATH, in ~/.cargo/bin or in ~/.local/bin.
 fn find_program(name: &str) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(Path::new(&home).join(".cargo/bin"));
+        dirs.push(Path::new(&home).join(".local/bin"));
     }
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
@@ -124,6 +125,53 @@ pub fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
 }
 
 impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// LocalBucket (PyPI `localbucket`), an S3 server on 127.0.0.1 whose
+/// conditional create is atomic: it writes a temporary file and `link()`s it
+/// into place, which fails if the object exists. s3s-fs checks and then
+/// writes, so racing creates can both succeed there. It does not check
+/// credentials. Stopped when dropped.
+pub struct LocalBucketServer {
+    pub port: u16,
+    pub root: tempfile::TempDir,
+    child: Child,
+}
+
+impl LocalBucketServer {
+    /// Starts it with one bucket, [`BUCKET`]. Panics (fails the test) when
+    /// it is not installed, saying how to install it.
+    pub fn start() -> LocalBucketServer {
+        let program = find_program("localbucket").unwrap_or_else(|| {
+            panic!(
+                "localbucket is not installed; the atomic-S3 tests need it. Install it with \
+                 `scripts/setup` or `pip install localbucket==1.2.1`"
+            )
+        });
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
+        let port = free_port();
+        let mut child = Command::new(program)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start localbucket");
+        wait_for_port(port, &mut child, "localbucket");
+        LocalBucketServer { port, root, child }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for LocalBucketServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -298,4 +346,64 @@ pub fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+/// One completed system call from an `strace -f -y` log.
+#[derive(Debug, Clone)]
+pub struct Syscall {
+    pub name: String,
+    /// The quoted path arguments, in order.
+    pub paths: Vec<String>,
+    /// The path of the first file-descriptor argument (shown by `-y`).
+    pub fd_path: Option<PathBuf>,
+}
+
+/// The successful system calls of an `strace -f -y` log, in the order they
+/// completed (an interrupted call is joined with its resumption).
+pub fn strace_events(log: &str) -> Vec<Syscall> {
+    let mut pending: std::collections::HashMap<&str, String> = Default::default();
+    let mut out = Vec::new();
+    for line in log.lines() {
+        let Some((pid, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        if let Some(start) = rest.strip_suffix("<unfinished ...>") {
+            pending.insert(pid, start.trim_end().to_owned());
+            continue;
+        }
+        let call = match rest.strip_prefix("<... ") {
+            Some(resumed) => match (resumed.split_once("resumed>"), pending.remove(pid)) {
+                (Some((_, tail)), Some(start)) => format!("{start}{tail}"),
+                _ => continue,
+            },
+            None => rest.to_owned(),
+        };
+        let Some((name, args)) = call.split_once('(') else {
+            continue;
+        };
+        let Some((args, result)) = args.rsplit_once(" = ") else {
+            continue;
+        };
+        if result.trim().starts_with('-') || result.trim().starts_with('?') {
+            continue;
+        }
+        let paths = args
+            .split('"')
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+            .map(|(_, p)| p.to_owned())
+            .collect();
+        let fd_path = args
+            .split_once('<')
+            .filter(|(fd, _)| fd.chars().all(|c| c.is_ascii_digit()) && !fd.is_empty())
+            .and_then(|(_, p)| p.split_once('>'))
+            .map(|(p, _)| PathBuf::from(p));
+        out.push(Syscall {
+            name: name.to_owned(),
+            paths,
+            fd_path,
+        });
+    }
+    out
 }

@@ -12,20 +12,33 @@
 //! highest version that exists: found from the hint by probing upward, then
 //! bisecting, in O(log N) existence checks and no listing (an http mirror
 //! cannot list).
+//!
+//! Every operation goes through one retry policy ([`retry`]): transient
+//! failures are retried for the store's whole retry timeout, permanent ones
+//! fail at once. Because not every S3-compatible server makes its conditional
+//! create atomic (or honours it at all), publishing also checks the store
+//! ([`commit`]): once per `Store`, that it refuses to create an existing
+//! object, and after each manifest, that the manifest read back is ours.
+//!
+//! ```text
+//! .isr/probe-<32 hex>                 transient: the conditional-create check
+//! ```
 
+mod commit;
+mod open;
+mod retry;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use format::ChunkId;
-use object_store::client::SpawnedReqwestConnector;
 use object_store::path::Path;
-use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
-    RetryConfig,
-};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::Error;
+use retry::{Failed, Retry};
 
 /// Tunables for opening a store.
 #[derive(Debug, Clone)]
@@ -65,6 +78,12 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     url: String,
     writable: bool,
+    /// The directory of a `file://` store.
+    local_root: Option<Arc<PathBuf>>,
+    retry: Retry,
+    /// Set once the store has shown that it refuses to create an existing
+    /// object (shared by the clones of this `Store`).
+    create_checked: Arc<tokio::sync::OnceCell<()>>,
 }
 
 /// Checks a parcel name: 1–128 characters of `A-Z a-z 0-9 . _ -`, not
@@ -94,97 +113,39 @@ pub fn validate_parcel_name(name: &str) -> Result<(), Error> {
 impl Store {
     /// Opens the store named by `url`: `file:///path`, `s3://bucket/prefix`,
     /// `http(s)://host/path` (read-only) or `memory://` (empty, private).
+    ///
+    /// Nothing is created: a `file://` store's directory is made by the first
+    /// write into it, so a command that only reads a store that is not there
+    /// fails (see [`check_exists`](Self::check_exists)) instead of leaving an
+    /// empty one behind.
     pub fn open(url: &str, options: &StoreOptions) -> Result<Store, Error> {
-        let bad = |why: String| Error::BadUrl {
-            url: url.to_owned(),
-            why,
-        };
-        let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-        let retry = RetryConfig {
-            backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(5),
-                base: 2.0,
-            },
-            max_retries: 10,
-            retry_timeout: options.retry_timeout,
-        };
-        let client = ClientOptions::new()
-            .with_timeout(options.request_timeout)
-            .with_connect_timeout(Duration::from_secs(5));
-        let (inner, writable): (Arc<dyn ObjectStore>, bool) = match parsed.scheme() {
-            "file" => {
-                let path = parsed
-                    .to_file_path()
-                    .map_err(|_| bad("not an absolute local path".into()))?;
-                std::fs::create_dir_all(&path)
-                    .map_err(|e| bad(format!("cannot create {}: {e}", path.display())))?;
-                let fs = object_store::local::LocalFileSystem::new_with_prefix(&path)
-                    .map_err(|e| bad(e.to_string()))?;
-                (Arc::new(fs), true)
-            }
-            "s3" => {
-                let bucket = parsed
-                    .host_str()
-                    .filter(|b| !b.is_empty())
-                    .ok_or_else(|| bad("no bucket: use s3://BUCKET/PREFIX".into()))?;
-                let mut builder = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_retry(retry);
-                let endpoint = options
-                    .endpoint
-                    .clone()
-                    .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
-                let mut client = client;
-                if let Some(endpoint) = endpoint {
-                    // The user named a plain-http endpoint: allow it.
-                    if endpoint.starts_with("http://") {
-                        client = client.with_allow_http(true);
-                    }
-                    builder = builder.with_endpoint(endpoint);
-                }
-                if std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true" || v == "1") {
-                    client = client.with_allow_http(true);
-                }
-                let s3 = builder
-                    .with_http_connector(SpawnedReqwestConnector::new(io_runtime()?))
-                    .with_client_options(client)
-                    .build()
-                    .map_err(|e| bad(e.to_string()))?;
-                (with_prefix(Arc::new(s3), parsed.path()), true)
-            }
-            "http" | "https" => {
-                let http = object_store::http::HttpBuilder::new()
-                    .with_url(url)
-                    .with_retry(retry)
-                    .with_http_connector(SpawnedReqwestConnector::new(io_runtime()?))
-                    .with_client_options(client.with_allow_http(true))
-                    .build()
-                    .map_err(|e| bad(e.to_string()))?;
-                (Arc::new(http), false)
-            }
-            "memory" => (Arc::new(object_store::memory::InMemory::new()), true),
-            other => {
-                return Err(bad(format!(
-                    "unknown scheme {other:?}: use file://, s3://, http(s):// or memory://"
-                )));
-            }
-        };
-        Ok(Store {
-            inner,
-            url: url.to_owned(),
-            writable,
-        })
+        let backend = open::open(url, options)?;
+        let mut store = Store::from_object_store(backend.inner, url, backend.writable);
+        store.local_root = backend.local_root.map(Arc::new);
+        store.retry.timeout = options.retry_timeout;
+        Ok(store)
     }
 
     /// Wraps an existing back end (tests use this to share an in-memory store
-    /// or to inject latency and faults).
+    /// or to inject latency and faults). Transient failures are retried for
+    /// the default retry timeout; see [`with_retry_timeout`](Self::with_retry_timeout).
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, url: &str, writable: bool) -> Store {
         Store {
             inner,
             url: url.to_owned(),
             writable,
+            local_root: None,
+            retry: Retry {
+                timeout: StoreOptions::default().retry_timeout,
+            },
+            create_checked: Arc::default(),
         }
+    }
+
+    /// The same store, retrying transient failures for `timeout`.
+    pub fn with_retry_timeout(mut self, timeout: Duration) -> Store {
+        self.retry.timeout = timeout;
+        self
     }
 
     /// The URL the store was opened with (used in messages).
@@ -212,6 +173,11 @@ impl Store {
         format!("parcels/{parcel}/HEAD")
     }
 
+    /// The object name of a parcel's lease.
+    pub fn lease_path(parcel: &str) -> String {
+        format!("parcels/{parcel}/lease")
+    }
+
     /// Fetches a chunk object.
     pub async fn get_chunk(&self, id: &ChunkId) -> Result<Bytes, Error> {
         self.get("get chunk", &Self::chunk_path(id)).await
@@ -223,7 +189,8 @@ impl Store {
     }
 
     /// Stores a chunk object unless one of that name exists (names derive from
-    /// content, so an existing one holds the same bytes).
+    /// content, so an existing one holds the same bytes; that includes one
+    /// this very call created in an attempt whose answer was lost).
     pub async fn put_chunk(&self, id: &ChunkId, object: Bytes) -> Result<PutOutcome, Error> {
         self.create("put chunk", &Self::chunk_path(id), object)
             .await
@@ -238,30 +205,6 @@ impl Store {
             Ok(b) => Ok(Some(b)),
             Err(Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
-        }
-    }
-
-    /// Creates version `version` of `parcel`: the commit point of a publish.
-    /// Fails with [`Error::VersionExists`] if another writer created it first.
-    pub async fn create_manifest(
-        &self,
-        parcel: &str,
-        version: u64,
-        object: Bytes,
-    ) -> Result<(), Error> {
-        match self
-            .create(
-                "publish manifest",
-                &Self::manifest_path(parcel, version),
-                object,
-            )
-            .await?
-        {
-            PutOutcome::Created => Ok(()),
-            PutOutcome::AlreadyPresent => Err(Error::VersionExists {
-                parcel: parcel.to_owned(),
-                version,
-            }),
         }
     }
 
@@ -308,33 +251,41 @@ impl Store {
     pub async fn put_head_hint(&self, parcel: &str, version: u64) -> Result<(), Error> {
         self.check_writable()?;
         let path = Self::head_path(parcel);
-        self.inner
-            .put(
-                &Path::from(path.as_str()),
-                PutPayload::from(version.to_string()),
-            )
+        let location = Path::from(path.as_str());
+        let body = PutPayload::from(version.to_string());
+        self.retry
+            .run(|| self.inner.put(&location, body.clone()))
             .await
             .map(|_| ())
-            .map_err(|e| self.error("put HEAD hint", &path, e))
+            .map_err(|f| self.error("put HEAD hint", &path, f))
     }
 
     pub(crate) async fn get(&self, op: &'static str, path: &str) -> Result<Bytes, Error> {
         let location = Path::from(path);
-        let result = self.inner.get(&location).await;
-        match result {
-            Ok(r) => r.bytes().await.map_err(|e| self.error(op, path, e)),
-            Err(e) => Err(self.error(op, path, e)),
-        }
+        self.retry
+            .run(|| async {
+                // The body is read inside the attempt: a transfer cut off
+                // half-way is retried like a refused connection.
+                self.inner.get(&location).await?.bytes().await
+            })
+            .await
+            .map_err(|f| self.error(op, path, f))
     }
 
     async fn exists(&self, op: &'static str, path: &str) -> Result<bool, Error> {
-        match self.inner.head(&Path::from(path)).await {
+        let location = Path::from(path);
+        match self.retry.run(|| self.inner.head(&location)).await {
             Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(self.error(op, path, e)),
+            Err(f) => match self.error(op, path, f) {
+                Error::NotFound { .. } => Ok(false),
+                e => Err(e),
+            },
         }
     }
 
+    /// Creates `path` unless it exists. A retried create may find the object
+    /// its own earlier attempt created: callers that must tell that apart
+    /// from another writer's object compare contents (see `commit`).
     pub(crate) async fn create(
         &self,
         op: &'static str,
@@ -342,35 +293,51 @@ impl Store {
         object: Bytes,
     ) -> Result<PutOutcome, Error> {
         self.check_writable()?;
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
+        let location = Path::from(path);
+        let payload = PutPayload::from(object);
+        let attempt = || {
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            self.inner.put_opts(&location, payload.clone(), opts)
         };
-        match self
-            .inner
-            .put_opts(&Path::from(path), PutPayload::from(object), opts)
-            .await
-        {
+        match self.retry.run(attempt).await {
             Ok(_) => Ok(PutOutcome::Created),
-            Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. },
-            ) => Ok(PutOutcome::AlreadyPresent),
-            Err(e) => Err(self.error(op, path, e)),
+            Err(Failed {
+                error:
+                    object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
+                ..
+            }) => Ok(PutOutcome::AlreadyPresent),
+            Err(f) => Err(self.error(op, path, f)),
         }
     }
 
     pub(crate) async fn delete(&self, op: &'static str, path: &str) -> Result<(), Error> {
         self.check_writable()?;
-        match self.inner.delete(&Path::from(path)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.error(op, path, e)),
+        let location = Path::from(path);
+        match self.retry.run(|| self.inner.delete(&location)).await {
+            Ok(()) => Ok(()),
+            Err(f) => match self.error(op, path, f) {
+                // Gone already (perhaps by an attempt whose answer was lost).
+                Error::NotFound { .. } => Ok(()),
+                e => Err(e),
+            },
         }
     }
 
-    /// The object name of a parcel's lease.
-    pub fn lease_path(parcel: &str) -> String {
-        format!("parcels/{parcel}/lease")
+    /// [`Error::NoStore`] if this is a `file://` store whose directory does
+    /// not exist. Its reads simply find nothing, and its first write creates
+    /// it; a reader that finds nothing asks this to say which is missing,
+    /// the parcel or the whole store.
+    pub fn check_exists(&self) -> Result<(), Error> {
+        match &self.local_root {
+            Some(root) if !root.is_dir() => Err(Error::NoStore {
+                store: self.url.clone(),
+                path: root.display().to_string(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn check_writable(&self) -> Result<(), Error> {
@@ -383,10 +350,10 @@ impl Store {
         }
     }
 
-    fn error(&self, op: &'static str, path: &str, e: object_store::Error) -> Error {
+    fn error(&self, op: &'static str, path: &str, failed: Failed) -> Error {
         let object = path.to_owned();
         let store = self.url.clone();
-        match e {
+        match failed.error {
             object_store::Error::NotFound { .. } => Error::NotFound { op, object, store },
             object_store::Error::PermissionDenied { source, .. }
             | object_store::Error::Unauthenticated { source, .. } => Error::Denied {
@@ -399,6 +366,8 @@ impl Store {
                 op,
                 object,
                 store,
+                attempts: failed.attempts,
+                seconds: failed.elapsed.as_secs_f64(),
                 source: Box::new(source),
             },
         }
@@ -412,7 +381,7 @@ impl Store {
 /// runtime is not running, and its requests would hang until they time
 /// out. Spawning all HTTP I/O here makes a store usable from any runtime,
 /// or from none.
-fn io_runtime() -> Result<tokio::runtime::Handle, Error> {
+pub(crate) fn io_runtime() -> Result<tokio::runtime::Handle, Error> {
     static IO: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
         std::sync::OnceLock::new();
     let rt = IO.get_or_init(|| {
@@ -428,15 +397,6 @@ fn io_runtime() -> Result<tokio::runtime::Handle, Error> {
         Err(e) => Err(Error::Invalid(format!(
             "cannot start the store's I/O runtime: {e}"
         ))),
-    }
-}
-
-fn with_prefix(store: Arc<dyn ObjectStore>, prefix: &str) -> Arc<dyn ObjectStore> {
-    let prefix = prefix.trim_matches('/');
-    if prefix.is_empty() {
-        store
-    } else {
-        Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
     }
 }
 
