@@ -11,18 +11,20 @@ use fetcher::{Parcel, Store, StoreOptions};
 use format::Secret;
 use serde_json::json;
 
-use crate::cli::{
-    Cli, Command, ExportArgs, HoardArgs, ImportArgs, LogArgs, ParcelArgs, VerifyArgs,
-};
-use crate::{image, progress, time};
+use crate::cli::{Cli, Command, HoardArgs, ParcelArgs, VerifyArgs};
+use crate::progress;
+
+mod export;
+mod import;
+mod log;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Keygen { keyfile } => keygen(&keyfile).map(|()| ExitCode::SUCCESS),
-        Command::Import(a) => import(a).await.map(|()| ExitCode::SUCCESS),
-        Command::Export(a) => export(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Import(a) => import::import(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Export(a) => export::export(a).await.map(|()| ExitCode::SUCCESS),
         Command::Verify(a) => verify(a).await,
-        Command::Log(a) => log(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Log(a) => log::log(a).await.map(|()| ExitCode::SUCCESS),
         Command::Hoard(a) => hoard(a).await.map(|()| ExitCode::SUCCESS),
         Command::Resume(_) | Command::Suspend(_) | Command::Status(_) | Command::Recover(_) => {
             unreachable!("run outside the async runtime by main")
@@ -110,96 +112,8 @@ pub(crate) fn host_name() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn mib(bytes: u64) -> f64 {
+pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
-}
-
-async fn import(a: ImportArgs) -> anyhow::Result<()> {
-    let parcel = open_parcel(&a.parcel)?;
-    let raw = image::open_raw(&a.image)?;
-    let size = std::fs::metadata(raw.path()).map(|m| m.len()).unwrap_or(0);
-    let (bar, sink) = progress::bytes_bar(size, "import", a.json);
-    let options = fetcher::ops::ImportOptions {
-        chunk_size: a.chunk_size,
-        host: host_name(),
-        created_unix: time::now_unix(),
-        ..Default::default()
-    };
-    let s = fetcher::ops::import(&parcel, raw.path(), &options, sink)
-        .await
-        .map_err(|e| explain(e, &a.parcel))?;
-    bar.finish_and_clear();
-    if a.json {
-        println!(
-            "{}",
-            json!({
-                "parcel": parcel.name(),
-                "version": s.version,
-                "chunks": s.chunks,
-                "zero_chunks": s.zero_chunks,
-                "dedup_chunks": s.dedup_chunks,
-                "uploaded_chunks": s.uploaded_chunks,
-                "bytes_in": s.bytes_in,
-                "bytes_uploaded": s.bytes_uploaded,
-                "seconds": s.seconds,
-            })
-        );
-    } else {
-        println!(
-            "imported {} as version {} of parcel {}: {} chunks ({} zero, {} already stored, {} uploaded); {:.1} MiB in, {:.1} MiB uploaded, {:.2} s ({:.0} MiB/s)",
-            a.image.display(),
-            s.version,
-            parcel.name(),
-            s.chunks,
-            s.zero_chunks,
-            s.dedup_chunks,
-            s.uploaded_chunks,
-            mib(s.bytes_in),
-            mib(s.bytes_uploaded),
-            s.seconds,
-            mib(s.bytes_in) / s.seconds.max(1e-9),
-        );
-    }
-    Ok(())
-}
-
-async fn export(a: ExportArgs) -> anyhow::Result<()> {
-    let parcel = open_parcel(&a.parcel)?;
-    let (version, manifest) = parcel
-        .resolve(a.version)
-        .await
-        .map_err(|e| explain(e, &a.parcel))?;
-    let (bar, sink) = progress::bytes_bar(manifest.disk_size, "export", a.json);
-    let s = fetcher::ops::export(&parcel, version, &manifest, &a.out, sink)
-        .await
-        .map_err(|e| explain(e, &a.parcel))?;
-    bar.finish_and_clear();
-    if a.json {
-        println!(
-            "{}",
-            json!({
-                "parcel": parcel.name(),
-                "version": s.version,
-                "out": a.out,
-                "bytes_out": s.bytes_out,
-                "chunks": s.chunks,
-                "fetched_chunks": s.fetched_chunks,
-                "bytes_fetched": s.bytes_fetched,
-                "seconds": s.seconds,
-            })
-        );
-    } else {
-        println!(
-            "exported version {} of parcel {} to {}: {:.1} MiB, {} chunks fetched, {:.2} s",
-            s.version,
-            parcel.name(),
-            a.out.display(),
-            mib(s.bytes_out),
-            s.fetched_chunks,
-            s.seconds
-        );
-    }
-    Ok(())
 }
 
 async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
@@ -251,68 +165,6 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-async fn log(a: LogArgs) -> anyhow::Result<()> {
-    let parcel = open_parcel(&a.parcel)?;
-    let head = parcel
-        .require_head()
-        .await
-        .map_err(|e| explain(e, &a.parcel))?;
-    let mut rows = Vec::new();
-    for version in (1..=head).rev() {
-        let m = parcel
-            .manifest(version)
-            .await
-            .map_err(|e| explain(e, &a.parcel))?;
-        let data = m
-            .chunks
-            .iter()
-            .filter(|e| matches!(e, format::ChunkEntry::Data(_)))
-            .count();
-        rows.push((version, m, data));
-    }
-    if a.json {
-        let out: Vec<_> = rows
-            .iter()
-            .map(|(v, m, data)| {
-                json!({
-                    "version": v,
-                    "head": *v == head,
-                    "created": m.created_unix,
-                    "created_utc": time::format_utc(m.created_unix),
-                    "host": m.host,
-                    "disk_size": m.disk_size,
-                    "chunk_size": m.chunk_size,
-                    "chunks": m.chunks.len(),
-                    "data_chunks": data,
-                    "parent": m.parent,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::Value::Array(out));
-        return Ok(());
-    }
-    println!(
-        "{:>7}  {:<20}  {:<20}  {:>12}  {:>6}  {:>9}",
-        "VERSION", "CREATED (UTC)", "HOST", "SIZE", "PARENT", "DATA"
-    );
-    for (v, m, data) in &rows {
-        println!(
-            "{:>7}  {:<20}  {:<20}  {:>12}  {:>6}  {:>9}",
-            if *v == head {
-                format!("{v}*")
-            } else {
-                v.to_string()
-            },
-            time::format_utc(m.created_unix),
-            m.host,
-            m.disk_size,
-            m.parent.map_or("-".into(), |p| p.to_string()),
-            format!("{data}/{}", m.chunks.len()),
-        );
-    }
-    Ok(())
 }
 
 async fn hoard(a: HoardArgs) -> anyhow::Result<()> {

@@ -1,0 +1,46 @@
+//! `isr export`: a version of a parcel's disk, written to a file or device.
+
+use serde_json::json;
+
+use super::{explain, mib, open_parcel};
+use crate::cli::ExportArgs;
+use crate::progress;
+
+pub(super) async fn export(a: ExportArgs) -> anyhow::Result<()> {
+    let parcel = open_parcel(&a.parcel)?;
+    let (version, manifest) = parcel
+        .resolve(a.version)
+        .await
+        .map_err(|e| explain(e, &a.parcel))?;
+    let (bar, sink) = progress::bytes_bar(manifest.disk_size, "export", a.json);
+    let s = fetcher::ops::export(&parcel, version, &manifest, &a.out, sink)
+        .await
+        .map_err(|e| explain(e, &a.parcel))?;
+    bar.finish_and_clear();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "parcel": parcel.name(),
+                "version": s.version,
+                "out": a.out,
+                "bytes_out": s.bytes_out,
+                "chunks": s.chunks,
+                "fetched_chunks": s.fetched_chunks,
+                "bytes_fetched": s.bytes_fetched,
+                "seconds": s.seconds,
+            })
+        );
+    } else {
+        println!(
+            "exported version {} of parcel {} to {}: {:.1} MiB, {} chunks fetched, {:.2} s",
+            s.version,
+            parcel.name(),
+            a.out.display(),
+            mib(s.bytes_out),
+            s.fetched_chunks,
+            s.seconds
+        );
+    }
+    Ok(())
+}
