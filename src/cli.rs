@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// Internet Suspend/Resume for virtual-machine disks.
 #[derive(Debug, Parser)]
-#[command(name = "isr", version, about)]
+#[command(name = "isr", version, about, after_help = crate::output::EXIT_STATUS_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -39,6 +39,22 @@ pub enum Command {
     Status(NameArgs),
     /// Reattach a resumed parcel's device after its daemon died.
     Recover(NameArgs),
+}
+
+impl Command {
+    /// Whether the command was asked for JSON output (`--json`).
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Keygen { .. } => false,
+            Command::Import(a) => a.json,
+            Command::Export(a) => a.json,
+            Command::Verify(a) => a.json,
+            Command::Log(a) => a.json,
+            Command::Hoard(a) => a.json,
+            Command::Resume(a) => a.json,
+            Command::Suspend(a) | Command::Status(a) | Command::Recover(a) => a.json,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -75,7 +75,7 @@ fn answer(
         if json {
             println!("{reply}");
         }
-        bail!("{e}");
+        return Err(crate::output::JsonPrinted(e.to_owned()).into());
     }
     if json {
         println!("{reply}");

@@ -76,7 +76,8 @@ impl Env {
         self.path("key")
     }
 
-    fn isr(&self, args: &[&str]) -> Run {
+    /// The isr command line for `args`, not yet run.
+    fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_isr"));
         cmd.args(args)
             .env_remove("ISR_STORE")
@@ -86,8 +87,12 @@ impl Env {
         for (k, v) in &self.vars {
             cmd.env(k, v);
         }
+        cmd
+    }
+
+    fn isr(&self, args: &[&str]) -> Run {
         Run {
-            out: cmd.output().expect("run isr"),
+            out: self.command(args).output().expect("run isr"),
         }
     }
 
@@ -101,6 +106,16 @@ impl Env {
 
     /// Runs a parcel command with --store, --parcel and --key-file filled in.
     fn on(&self, cmd: &str, parcel: &str, extra: &[&str]) -> Run {
+        Run {
+            out: self
+                .on_command(cmd, parcel, extra)
+                .output()
+                .expect("run isr"),
+        }
+    }
+
+    /// The command line of [`Env::on`], not yet run.
+    fn on_command(&self, cmd: &str, parcel: &str, extra: &[&str]) -> Command {
         let key = self.key();
         let mut args = vec![
             cmd,
@@ -112,7 +127,7 @@ impl Env {
             key.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        self.isr(&args)
+        self.command(&args)
     }
 }
 
@@ -383,4 +398,83 @@ fn resume_without_ublk_names_the_missing_driver() {
     assert!(r.stderr().contains("modprobe ublk_drv"), "{}", r.stderr());
     let r = env.isr(&["suspend", "vm"]).fails();
     assert!(r.stderr().contains("not resumed"), "{}", r.stderr());
+}
+
+/// Output to a closed pipe (`isr log | head -0`) ends quietly with 141; to a
+/// full disk (/dev/full) with a clear error and 1. Neither panics.
+#[test]
+fn closed_or_full_stdout_fails_cleanly() {
+    let env = Env::file();
+    env.imported(4, 29);
+    for json in [false, true] {
+        let extra: &[&str] = if json { &["--json"] } else { &[] };
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = env
+            .on_command("log", "vm", extra)
+            .stdout(writer)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{err}");
+        assert!(err.is_empty(), "{err}");
+
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = env
+            .on_command("log", "vm", extra)
+            .stdout(full)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            err.starts_with("isr: cannot write to standard output: No space left on device"),
+            "{err}"
+        );
+    }
+}
+
+/// With --json, every failure puts one JSON object with an "error" on
+/// stdout (and the message on stderr).
+#[test]
+fn json_failures_print_one_error_object() {
+    let env = Env::file();
+    let r = env.on("log", "nothing", &["--json"]).fails();
+    let j = r.json();
+    let msg = j["error"].as_str().expect("an error field");
+    assert!(msg.contains("parcel nothing does not exist"), "{j}");
+    assert!(r.stderr().contains(msg), "{}", r.stderr());
+    let r = env
+        .on("import", "vm", &[s(&env.path("missing")), "--json"])
+        .fails();
+    assert!(r.json()["error"].as_str().unwrap().contains("missing"));
+    let mut status = env.command(&["status", "nothing", "--json"]);
+    status.env("ISR_RUN_DIR", env.path("run"));
+    let r = Run {
+        out: status.output().unwrap(),
+    }
+    .fails();
+    assert!(r.json()["error"].as_str().unwrap().contains("not resumed"));
+}
+
+/// 0 ok, 1 failure, 2 usage; the help says so.
+#[test]
+fn exit_statuses_are_documented_and_kept() {
+    let env = Env::file();
+    let help = env.isr(&["--help"]).ok();
+    for line in [
+        "Exit status:",
+        "0    success",
+        "1    failure",
+        "2    usage",
+        "141",
+    ] {
+        assert!(help.stdout().contains(line), "{}", help.stdout());
+    }
+    let r = env.isr(&["export", "--no-such-flag"]);
+    assert_eq!(r.out.status.code(), Some(2), "{}", r.stderr());
 }

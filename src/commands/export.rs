@@ -4,7 +4,7 @@ use serde_json::json;
 
 use super::{explain, mib, open_parcel};
 use crate::cli::ExportArgs;
-use crate::progress;
+use crate::{output, progress};
 
 pub(super) async fn export(a: ExportArgs) -> anyhow::Result<()> {
     let parcel = open_parcel(&a.parcel)?;
@@ -18,21 +18,18 @@ pub(super) async fn export(a: ExportArgs) -> anyhow::Result<()> {
         .map_err(|e| explain(e, &a.parcel))?;
     bar.finish_and_clear();
     if a.json {
-        println!(
-            "{}",
-            json!({
-                "parcel": parcel.name(),
-                "version": s.version,
-                "out": a.out,
-                "bytes_out": s.bytes_out,
-                "chunks": s.chunks,
-                "fetched_chunks": s.fetched_chunks,
-                "bytes_fetched": s.bytes_fetched,
-                "seconds": s.seconds,
-            })
-        );
+        output::line(json!({
+            "parcel": parcel.name(),
+            "version": s.version,
+            "out": a.out,
+            "bytes_out": s.bytes_out,
+            "chunks": s.chunks,
+            "fetched_chunks": s.fetched_chunks,
+            "bytes_fetched": s.bytes_fetched,
+            "seconds": s.seconds,
+        }))?;
     } else {
-        println!(
+        output::line(format_args!(
             "exported version {} of parcel {} to {}: {:.1} MiB, {} chunks fetched, {:.2} s",
             s.version,
             parcel.name(),
@@ -40,7 +37,7 @@ pub(super) async fn export(a: ExportArgs) -> anyhow::Result<()> {
             mib(s.bytes_out),
             s.fetched_chunks,
             s.seconds
-        );
+        ))?;
     }
     Ok(())
 }

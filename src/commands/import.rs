@@ -4,7 +4,7 @@ use serde_json::json;
 
 use super::{explain, host_name, mib, open_parcel};
 use crate::cli::ImportArgs;
-use crate::{image, progress, time};
+use crate::{image, output, progress, time};
 
 pub(super) async fn import(a: ImportArgs) -> anyhow::Result<()> {
     let parcel = open_parcel(&a.parcel)?;
@@ -22,22 +22,19 @@ pub(super) async fn import(a: ImportArgs) -> anyhow::Result<()> {
         .map_err(|e| explain(e, &a.parcel))?;
     bar.finish_and_clear();
     if a.json {
-        println!(
-            "{}",
-            json!({
-                "parcel": parcel.name(),
-                "version": s.version,
-                "chunks": s.chunks,
-                "zero_chunks": s.zero_chunks,
-                "dedup_chunks": s.dedup_chunks,
-                "uploaded_chunks": s.uploaded_chunks,
-                "bytes_in": s.bytes_in,
-                "bytes_uploaded": s.bytes_uploaded,
-                "seconds": s.seconds,
-            })
-        );
+        output::line(json!({
+            "parcel": parcel.name(),
+            "version": s.version,
+            "chunks": s.chunks,
+            "zero_chunks": s.zero_chunks,
+            "dedup_chunks": s.dedup_chunks,
+            "uploaded_chunks": s.uploaded_chunks,
+            "bytes_in": s.bytes_in,
+            "bytes_uploaded": s.bytes_uploaded,
+            "seconds": s.seconds,
+        }))?;
     } else {
-        println!(
+        output::line(format_args!(
             "imported {} as version {} of parcel {}: {} chunks ({} zero, {} already stored, {} uploaded); {:.1} MiB in, {:.1} MiB uploaded, {:.2} s ({:.0} MiB/s)",
             a.image.display(),
             s.version,
@@ -50,7 +47,7 @@ pub(super) async fn import(a: ImportArgs) -> anyhow::Result<()> {
             mib(s.bytes_uploaded),
             s.seconds,
             mib(s.bytes_in) / s.seconds.max(1e-9),
-        );
+        ))?;
     }
     Ok(())
 }

@@ -4,7 +4,7 @@ use serde_json::json;
 
 use super::{explain, open_parcel};
 use crate::cli::LogArgs;
-use crate::time;
+use crate::{output, time};
 
 pub(super) async fn log(a: LogArgs) -> anyhow::Result<()> {
     let parcel = open_parcel(&a.parcel)?;
@@ -43,15 +43,15 @@ pub(super) async fn log(a: LogArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(out));
+        output::line(serde_json::Value::Array(out))?;
         return Ok(());
     }
-    println!(
+    output::line(format_args!(
         "{:>7}  {:<20}  {:<20}  {:>12}  {:>6}  {:>9}",
         "VERSION", "CREATED (UTC)", "HOST", "SIZE", "PARENT", "DATA"
-    );
+    ))?;
     for (v, m, data) in &rows {
-        println!(
+        output::line(format_args!(
             "{:>7}  {:<20}  {:<20}  {:>12}  {:>6}  {:>9}",
             if *v == head {
                 format!("{v}*")
@@ -63,7 +63,7 @@ pub(super) async fn log(a: LogArgs) -> anyhow::Result<()> {
             m.disk_size,
             m.parent.map_or("-".into(), |p| p.to_string()),
             format!("{data}/{}", m.chunks.len()),
-        );
+        ))?;
     }
     Ok(())
 }

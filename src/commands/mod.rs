@@ -12,7 +12,7 @@ use format::Secret;
 use serde_json::json;
 
 use crate::cli::{Cli, Command, HoardArgs, ParcelArgs, VerifyArgs};
-use crate::progress;
+use crate::{output, progress};
 
 mod export;
 mod import;
@@ -64,10 +64,10 @@ fn keygen(path: &Path) -> anyhow::Result<()> {
     file.write_all(&raw)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    eprintln!(
+    output::note(format_args!(
         "wrote a new key to {}; keep it safe: without it no parcel made with it can be opened",
         path.display()
-    );
+    ));
     Ok(())
 }
 
@@ -137,28 +137,35 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
                 _ => None,
             })
             .collect();
-        println!(
-            "{}",
-            json!({
-                "parcel": parcel.name(),
-                "version": report.version,
-                "chunks_checked": report.chunks_checked,
-                "ok": bad.is_empty(),
-                "bad_chunks": ids,
-                "errors": bad,
-            })
-        );
+        let mut reply = json!({
+            "parcel": parcel.name(),
+            "version": report.version,
+            "chunks_checked": report.chunks_checked,
+            "ok": bad.is_empty(),
+            "bad_chunks": ids,
+            "errors": bad,
+        });
+        if !bad.is_empty() {
+            reply["error"] = json!(format!(
+                "version {} of parcel {}: {} of {} chunks bad",
+                report.version,
+                parcel.name(),
+                bad.len(),
+                report.chunks_checked
+            ));
+        }
+        output::line(reply)?;
     } else {
         for line in &bad {
-            eprintln!("isr: bad {line}");
+            output::note(format_args!("isr: bad {line}"));
         }
-        println!(
+        output::line(format_args!(
             "version {} of parcel {}: {} chunks checked, {} bad",
             report.version,
             parcel.name(),
             report.chunks_checked,
             bad.len()
-        );
+        ))?;
     }
     Ok(if bad.is_empty() {
         ExitCode::SUCCESS
@@ -194,26 +201,23 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
     .await?
     .map_err(|e| explain(e, &a.parcel))?;
     for w in &report.warnings {
-        eprintln!("isr: warning: {w}");
+        output::warn(w);
     }
     let seconds = started.elapsed().as_secs_f64();
     if a.json {
-        println!(
-            "{}",
-            json!({
-                "parcel": a.parcel.parcel,
-                "version": report.base_version,
-                "cache": dir,
-                "chunks": stats.chunks,
-                "cached_chunks": stats.cached_chunks,
-                "dirty_chunks": stats.dirty_chunks,
-                "fetched_chunks": stats.fetched_chunks,
-                "bytes_fetched": stats.fetched_bytes,
-                "seconds": seconds,
-            })
-        );
+        output::line(json!({
+            "parcel": a.parcel.parcel,
+            "version": report.base_version,
+            "cache": dir,
+            "chunks": stats.chunks,
+            "cached_chunks": stats.cached_chunks,
+            "dirty_chunks": stats.dirty_chunks,
+            "fetched_chunks": stats.fetched_chunks,
+            "bytes_fetched": stats.fetched_bytes,
+            "seconds": seconds,
+        }))?;
     } else {
-        println!(
+        output::line(format_args!(
             "hoarded version {} of parcel {} in {}: {} chunks fetched ({:.1} MiB), {} of {} chunks cached, {:.2} s",
             report.base_version,
             a.parcel.parcel,
@@ -223,7 +227,7 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
             stats.cached_chunks,
             stats.chunks,
             seconds
-        );
+        ))?;
     }
     Ok(())
 }
