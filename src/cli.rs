@@ -22,7 +22,8 @@ pub enum Command {
     /// Import a disk image (raw; qcow2, vmdk, vhdx via qemu-img) as the next
     /// version of a parcel.
     Import(ImportArgs),
-    /// Write a version of a parcel's disk to a file (sparse) or block device.
+    /// Write a version of a parcel's disk to a new file (sparse), or with
+    /// --force over an existing file or a block device.
     Export(ExportArgs),
     /// Check that every chunk of a version exists and decodes.
     Verify(VerifyArgs),
@@ -137,8 +138,14 @@ pub struct ExportArgs {
     /// Version to export (default: HEAD).
     #[arg(long)]
     pub version: Option<u64>,
-    /// Output file or block device.
+    /// Output file or block device. A symbolic link is followed to the file
+    /// it names; a character device, FIFO, socket or directory is refused.
     pub out: PathBuf,
+    /// Replace an existing file, or write over a block device (which must
+    /// be at least as large as the disk). Without it, export writes only a
+    /// new file.
+    #[arg(long)]
+    pub force: bool,
     /// Print one JSON object instead of text, and no progress bar.
     #[arg(long)]
     pub json: bool,

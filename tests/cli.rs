@@ -228,7 +228,7 @@ fn corrupt_chunk_fails_verify_and_export_naming_it() {
 
     let out = env.path("out");
     std::fs::write(&out, b"earlier content").unwrap();
-    let e = env.on("export", "vm", &[s(&out)]).fails();
+    let e = env.on("export", "vm", &[s(&out), "--force"]).fails();
     assert!(e.stderr().contains(&id), "{}", e.stderr());
     assert!(e.stderr().contains("corrupt"), "{}", e.stderr());
     assert_eq!(
@@ -477,4 +477,192 @@ fn exit_statuses_are_documented_and_kept() {
     }
     let r = env.isr(&["export", "--no-such-flag"]);
     assert_eq!(r.out.status.code(), Some(2), "{}", r.stderr());
+}
+
+/// Runs `cmd`, killing it (and failing the test) if it has not finished
+/// within `secs` seconds: a hang is a failure, not a stuck test run.
+fn within(mut cmd: Command, secs: u64) -> Run {
+    use std::process::Stdio;
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run isr");
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(out) => Run {
+            out: out.expect("wait for isr"),
+        },
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of the child started above, which
+            // has not been reaped (its waiter has not returned).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = rx.recv();
+            panic!("isr {cmd:?} did not finish within {secs} s");
+        }
+    }
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(s(path)).unwrap();
+    // SAFETY: a NUL-terminated path that lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+fn file_type(path: &Path) -> std::fs::FileType {
+    std::fs::symlink_metadata(path).unwrap().file_type()
+}
+
+/// Export refuses what is not a file or a block device (a FIFO, a
+/// directory, /dev/null), with or without --force, and leaves it alone.
+#[test]
+fn export_refuses_special_files_and_leaves_them_alone() {
+    use std::os::unix::fs::FileTypeExt;
+    let env = Env::file();
+    env.imported(4, 3);
+    // The FIFO first: an export that replaced it fails here, before it gets
+    // near /dev/null.
+    let fifo = env.path("fifo");
+    mkfifo(&fifo);
+    let dir = env.path("dir");
+    std::fs::create_dir(&dir).unwrap();
+    for force in [false, true] {
+        let extra = |p: &Path| {
+            let mut v = vec![s(p).to_owned()];
+            if force {
+                v.push("--force".into());
+            }
+            v
+        };
+        let args = extra(&fifo);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = within(env.on_command("export", "vm", &args), 60).fails();
+        assert!(file_type(&fifo).is_fifo(), "the FIFO was replaced");
+        assert!(r.stderr().contains(s(&fifo)), "{}", r.stderr());
+        assert!(r.stderr().contains("FIFO"), "{}", r.stderr());
+
+        let args = extra(&dir);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = env.on("export", "vm", &args).fails();
+        assert!(file_type(&dir).is_dir());
+        assert!(r.stderr().contains("is a directory"), "{}", r.stderr());
+
+        let null = Path::new("/dev/null");
+        let args = extra(null);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = env.on("export", "vm", &args).fails();
+        assert!(file_type(null).is_char_device(), "/dev/null was replaced");
+        assert!(
+            r.stderr().contains("/dev/null: is a character device"),
+            "{}",
+            r.stderr()
+        );
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("isr-partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// An existing file is replaced only with --force; a refused export leaves
+/// it as it was, and a forced one replaces it whole.
+#[test]
+fn export_overwrites_an_existing_file_only_with_force() {
+    let env = Env::file();
+    let image = env.imported(4, 17);
+    let out = env.path("out");
+    std::fs::write(&out, b"precious").unwrap();
+    let r = env.on("export", "vm", &[s(&out)]).fails();
+    assert!(r.stderr().contains(s(&out)), "{}", r.stderr());
+    assert!(r.stderr().contains("--force"), "{}", r.stderr());
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    let j = env.on("export", "vm", &[s(&out), "--json"]).fails().json();
+    assert!(j["error"].as_str().unwrap().contains("exists"), "{j}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+
+    env.on("export", "vm", &[s(&out), "--force"]).ok();
+    assert_eq!(sha256(&out), sha256(&image));
+}
+
+/// A symbolic link is followed: the file it names receives the disk, and
+/// the link stays a link. A dangling link is refused.
+#[test]
+fn export_writes_through_a_symlink_and_keeps_it() {
+    let env = Env::file();
+    let image = env.imported(4, 19);
+    let target = env.path("target");
+    let link = env.path("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let r = env.on("export", "vm", &[s(&link)]).fails();
+    assert!(r.stderr().contains("does not exist"), "{}", r.stderr());
+    assert!(file_type(&link).is_symlink());
+    assert!(!target.exists());
+
+    std::fs::write(&target, b"old").unwrap();
+    let r = env.on("export", "vm", &[s(&link)]).fails();
+    assert!(r.stderr().contains("--force"), "{}", r.stderr());
+    assert_eq!(std::fs::read(&target).unwrap(), b"old");
+
+    env.on("export", "vm", &[s(&link), "--force"]).ok();
+    assert!(file_type(&link).is_symlink(), "the link was replaced");
+    assert_eq!(sha256(&target), sha256(&image));
+}
+
+/// Two forced exports of different versions to one path at once: the result
+/// is exactly one of the two versions, never a mix, and no temporary file
+/// is left behind.
+#[test]
+fn concurrent_exports_to_one_path_leave_one_whole_version() {
+    let env = Env::file();
+    let one = env.path("one");
+    let two = env.path("two");
+    write_mixed_image(&one, 32 << 20, 101);
+    write_mixed_image(&two, 32 << 20, 202);
+    env.on("import", "vm", &[s(&one)]).ok();
+    env.on("import", "vm", &[s(&two)]).ok();
+    let (sha1, sha2) = (sha256(&one), sha256(&two));
+    let out = env.path("out");
+    for round in 0..5 {
+        let mut children: Vec<_> = ["1", "2"]
+            .iter()
+            .map(|v| {
+                env.on_command("export", "vm", &["--version", v, "--force", s(&out)])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in &mut children {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            let status = loop {
+                if let Some(st) = c.try_wait().unwrap() {
+                    break st;
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = c.kill();
+                    panic!("an export did not finish within 120 s");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            assert!(status.success(), "round {round}: {status}");
+        }
+        let got = sha256(&out);
+        assert!(
+            got == sha1 || got == sha2,
+            "round {round}: the result is neither version"
+        );
+        let partial: Vec<_> = std::fs::read_dir(env.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().contains("isr-partial"))
+            .collect();
+        assert!(partial.is_empty(), "round {round}: {partial:?}");
+    }
 }

@@ -120,6 +120,10 @@ pub enum Error {
     /// A request that contradicts the parcel (e.g. another chunk size).
     #[error("{0}")]
     Invalid(String),
+    /// A destination isr will not write: writing it would destroy
+    /// something that is not isr's (a device, another file, a link).
+    #[error("{path}: {why}")]
+    Refused { path: String, why: String },
     /// A local file failed.
     #[error("{op} {path}: {source}")]
     Io {

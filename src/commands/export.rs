@@ -13,7 +13,8 @@ pub(super) async fn export(a: ExportArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| explain(e, &a.parcel))?;
     let (bar, sink) = progress::bytes_bar(manifest.disk_size, "export", a.json);
-    let s = fetcher::ops::export(&parcel, version, &manifest, &a.out, sink)
+    let options = fetcher::ops::ExportOptions { force: a.force };
+    let s = fetcher::ops::export_with(&parcel, version, &manifest, &a.out, &options, sink)
         .await
         .map_err(|e| explain(e, &a.parcel))?;
     bar.finish_and_clear();
