@@ -19,8 +19,8 @@ pub enum Command {
         /// Where to write the key; an existing file is never overwritten.
         keyfile: PathBuf,
     },
-    /// Import a disk image (raw; qcow2, vmdk, vhdx via qemu-img) as the next
-    /// version of a parcel.
+    /// Import a disk image (raw; qcow2, vmdk, vhdx via qemu-img; a regular
+    /// file or a block device) as the next version of a parcel.
     Import(ImportArgs),
     /// Write a version of a parcel's disk to a new file (sparse), or with
     /// --force over an existing file or a block device.

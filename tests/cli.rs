@@ -666,3 +666,27 @@ fn concurrent_exports_to_one_path_leave_one_whole_version() {
         assert!(partial.is_empty(), "round {round}: {partial:?}");
     }
 }
+
+/// Import takes a non-empty regular file or block device; anything else is
+/// refused naming the file and its kind, at once (a FIFO does not hang),
+/// and nothing is published.
+#[test]
+fn import_refuses_what_cannot_hold_a_disk() {
+    let env = Env::file();
+    let fifo = env.path("fifo");
+    mkfifo(&fifo);
+    let empty = env.path("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let cases = [
+        ("/dev/zero".to_owned(), "character device"),
+        (s(&fifo).to_owned(), "FIFO"),
+        (s(&empty).to_owned(), "empty (0 bytes)"),
+    ];
+    for (path, kind) in &cases {
+        let r = within(env.on_command("import", "vm", &[path]), 60).fails();
+        assert!(r.stderr().contains(path.as_str()), "{}", r.stderr());
+        assert!(r.stderr().contains(kind), "{}", r.stderr());
+    }
+    let r = env.on("log", "vm", &[]).fails();
+    assert!(r.stderr().contains("does not exist"), "{}", r.stderr());
+}

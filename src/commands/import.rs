@@ -9,8 +9,7 @@ use crate::{image, output, progress, time};
 pub(super) async fn import(a: ImportArgs) -> anyhow::Result<()> {
     let parcel = open_parcel(&a.parcel)?;
     let raw = image::open_raw(&a.image)?;
-    let size = std::fs::metadata(raw.path()).map(|m| m.len()).unwrap_or(0);
-    let (bar, sink) = progress::bytes_bar(size, "import", a.json);
+    let (bar, sink) = progress::bytes_bar(raw.size(), "import", a.json);
     let options = fetcher::ops::ImportOptions {
         chunk_size: a.chunk_size,
         host: host_name(),

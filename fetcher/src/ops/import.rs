@@ -290,15 +290,8 @@ fn spawn_encoders(
         .collect()
 }
 
-/// Size of a regular file or block device.
+/// Size of a non-empty regular file or block device; anything else is
+/// refused.
 fn image_size(file: &File) -> std::io::Result<u64> {
-    use std::io::{Seek, SeekFrom};
-    let meta = file.metadata()?;
-    if meta.is_file() {
-        Ok(meta.len())
-    } else {
-        // Block devices report 0 in metadata; their end is their size.
-        let mut f = file;
-        f.seek(SeekFrom::End(0))
-    }
+    crate::disk_file::image_size(file)
 }
