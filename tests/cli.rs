@@ -690,3 +690,39 @@ fn import_refuses_what_cannot_hold_a_disk() {
     let r = env.on("log", "vm", &[]).fails();
     assert!(r.stderr().contains("does not exist"), "{}", r.stderr());
 }
+
+/// A truncated qcow2 (which `qemu-img convert` turns into zeros without a
+/// complaint) is refused with what `qemu-img check` found.
+#[test]
+fn damaged_qcow2_is_refused() {
+    let env = Env::file();
+    let raw = env.path("image");
+    write_mixed_image(&raw, 8 << 20, 37);
+    let qcow2 = env.path("image.qcow2");
+    let st = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&raw),
+            s(&qcow2),
+        ])
+        .status()
+        .expect("qemu-img (apt install qemu-utils; scripts/setup installs it)");
+    assert!(st.success());
+    let len = std::fs::metadata(&qcow2).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&qcow2)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let r = env.on("import", "vm", &[s(&qcow2)]).fails();
+    assert!(r.stderr().contains(s(&qcow2)), "{}", r.stderr());
+    assert!(r.stderr().contains("qemu-img check"), "{}", r.stderr());
+    assert!(r.stderr().contains("errors were found"), "{}", r.stderr());
+    env.on("log", "vm", &[]).fails();
+}
