@@ -126,6 +126,10 @@ pub struct ImportArgs {
     /// Chunk size of a new parcel (64K to 4M, a power of two).
     #[arg(long, value_parser = parse_size)]
     pub chunk_size: Option<u32>,
+    /// Allow the new version's disk size to differ from HEAD's (without it,
+    /// an image of another size is refused).
+    #[arg(long)]
+    pub resize: bool,
     /// Print one JSON object instead of text, and no progress bar.
     #[arg(long)]
     pub json: bool,

@@ -726,3 +726,29 @@ fn damaged_qcow2_is_refused() {
     assert!(r.stderr().contains("errors were found"), "{}", r.stderr());
     env.on("log", "vm", &[]).fails();
 }
+
+/// A new version of another disk size needs --resize; without it nothing is
+/// published and the error names both sizes.
+#[test]
+fn import_of_another_size_needs_resize() {
+    let env = Env::file();
+    env.imported(32, 41);
+    for (mib, want) in [(1u64, "1048576"), (64, "67108864")] {
+        let other = env.path("other");
+        write_mixed_image(&other, mib << 20, 43);
+        let r = env.on("import", "vm", &[s(&other)]).fails();
+        assert!(r.stderr().contains(want), "{}", r.stderr());
+        assert!(r.stderr().contains("33554432"), "{}", r.stderr());
+        assert!(r.stderr().contains("--resize"), "{}", r.stderr());
+    }
+    let log = env.on("log", "vm", &["--json"]).ok().json();
+    assert_eq!(log.as_array().unwrap().len(), 1);
+    let other = env.path("other");
+    let j = env
+        .on("import", "vm", &[s(&other), "--resize", "--json"])
+        .ok()
+        .json();
+    assert_eq!(j["version"], 2);
+    let log = env.on("log", "vm", &["--json"]).ok().json();
+    assert_eq!(log[0]["disk_size"], 64 << 20);
+}

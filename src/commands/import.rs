@@ -12,6 +12,7 @@ pub(super) async fn import(a: ImportArgs) -> anyhow::Result<()> {
     let (bar, sink) = progress::bytes_bar(raw.size(), "import", a.json);
     let options = fetcher::ops::ImportOptions {
         chunk_size: a.chunk_size,
+        resize: a.resize,
         host: host_name(),
         created_unix: time::now_unix(),
         ..Default::default()
