@@ -752,3 +752,39 @@ fn import_of_another_size_needs_resize() {
     let log = env.on("log", "vm", &["--json"]).ok().json();
     assert_eq!(log[0]["disk_size"], 64 << 20);
 }
+
+/// One unreadable manifest does not hide the others: log lists them, names
+/// the broken version, and exits 1; in JSON that version has an "error".
+#[test]
+fn log_lists_what_it_can_read() {
+    let env = Env::file();
+    let image = env.imported(4, 47);
+    env.on("import", "vm", &[s(&image)]).ok();
+    env.on("import", "vm", &[s(&image)]).ok();
+    let victim = env.path("store/parcels/vm/versions/00000000000000000002");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&victim, bytes).unwrap();
+
+    let r = env.on("log", "vm", &[]).fails();
+    assert!(r.stderr().contains("version 2"), "{}", r.stderr());
+    let stdout = r.stdout();
+    let rows: Vec<&str> = stdout.lines().skip(1).map(str::trim).collect();
+    assert_eq!(rows.len(), 3, "{}", r.stdout());
+    assert!(rows[0].starts_with("3*"), "{}", r.stdout());
+    assert!(rows[1].contains("unreadable"), "{}", r.stdout());
+    assert!(rows[2].starts_with('1'), "{}", r.stdout());
+
+    let j = env.on("log", "vm", &["--json"]).fails().json();
+    let versions = j.as_array().unwrap();
+    assert_eq!(versions.len(), 3, "{j}");
+    assert_eq!(versions[0]["disk_size"], 4 << 20);
+    assert!(versions[0].get("error").is_none(), "{j}");
+    assert_eq!(versions[1]["version"], 2);
+    assert!(
+        versions[1]["error"].as_str().unwrap().contains("unusable"),
+        "{j}"
+    );
+    assert_eq!(versions[2]["version"], 1);
+}

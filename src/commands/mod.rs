@@ -24,7 +24,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Import(a) => import::import(a).await.map(|()| ExitCode::SUCCESS),
         Command::Export(a) => export::export(a).await.map(|()| ExitCode::SUCCESS),
         Command::Verify(a) => verify(a).await,
-        Command::Log(a) => log::log(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Log(a) => log::log(a).await,
         Command::Hoard(a) => hoard(a).await.map(|()| ExitCode::SUCCESS),
         Command::Resume(_) | Command::Suspend(_) | Command::Status(_) | Command::Recover(_) => {
             unreachable!("run outside the async runtime by main")
