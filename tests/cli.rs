@@ -788,3 +788,21 @@ fn log_lists_what_it_can_read() {
     );
     assert_eq!(versions[2]["version"], 1);
 }
+
+/// A key file others can read is used, with one warning saying how to fix it.
+#[test]
+fn a_key_readable_by_others_draws_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::file();
+    env.imported(4, 53);
+    let r = env.on("log", "vm", &[]).ok();
+    assert!(!r.stderr().contains("warning"), "{}", r.stderr());
+    std::fs::set_permissions(env.key(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = env.on("log", "vm", &[]).ok();
+    let want = format!(
+        "isr: warning: key file {k} is readable by others (mode 0644); chmod 600 {k}",
+        k = env.key().display()
+    );
+    assert!(r.stderr().contains(&want), "{}", r.stderr());
+    assert_eq!(r.stderr().matches("warning").count(), 1, "{}", r.stderr());
+}

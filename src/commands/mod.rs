@@ -74,6 +74,7 @@ fn keygen(path: &Path) -> anyhow::Result<()> {
 pub(crate) fn open_parcel(a: &ParcelArgs) -> anyhow::Result<Parcel> {
     let bytes = std::fs::read(&a.key_file)
         .with_context(|| format!("cannot read key file {}", a.key_file.display()))?;
+    warn_if_key_exposed(&a.key_file);
     let secret = Secret::from_key_file_bytes(&bytes).with_context(|| {
         format!(
             "{} is not an isr key (32 bytes, or 64 hex digits; see `isr keygen`)",
@@ -87,6 +88,25 @@ pub(crate) fn open_parcel(a: &ParcelArgs) -> anyhow::Result<Parcel> {
     };
     let store = Store::open(&a.store, &options)?;
     Ok(Parcel::new(store, &a.parcel, secret)?)
+}
+
+/// Warns (once per process) when the key file can be read by its group or
+/// by others: whoever reads it can decrypt every parcel made with it.
+fn warn_if_key_exposed(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        WARNED.call_once(|| {
+            output::warn(format_args!(
+                "key file {p} is readable by others (mode {mode:04o}); chmod 600 {p}",
+                p = path.display()
+            ));
+        });
+    }
 }
 
 /// Turns a fetcher error into the user's words (a wrong key names the file).
