@@ -6,7 +6,7 @@ use serde_json::json;
 
 use crate::cli::HoardArgs;
 use crate::commands::{explain, open_parcel};
-use crate::progress;
+use crate::{output, progress};
 
 pub async fn check(a: HoardArgs) -> anyhow::Result<ExitCode> {
     let parcel = open_parcel(&a.parcel)?;
@@ -25,9 +25,7 @@ pub async fn check(a: HoardArgs) -> anyhow::Result<ExitCode> {
     .await?
     .map_err(|e| explain(e, &a.parcel))?;
     if json {
-        println!(
-            "{}",
-            json!({
+        output::line(json!({
                 "parcel": name,
                 "version": report.base_version,
                 "ok": report.clean(),
@@ -41,8 +39,7 @@ pub async fn check(a: HoardArgs) -> anyhow::Result<ExitCode> {
                 "truncated_chunks": report.truncated,
                 "lost_dirty_chunks": report.lost_dirty,
                 "unclean_stop": report.unclean,
-            })
-        );
+        }))?;
     } else {
         for c in &report.damaged {
             eprintln!("isr: chunk {c} of the cache is damaged: dropped, it will be fetched again");
@@ -60,7 +57,7 @@ pub async fn check(a: HoardArgs) -> anyhow::Result<ExitCode> {
                 report.lost_dirty
             );
         }
-        println!(
+        output::line(format_args!(
             "cache of parcel {name} (version {}): {} of {} chunks present, {} hashed, {} dirty; {} damaged, {} suspect, {} bad map entries, {} truncated: {}",
             report.base_version,
             report.present,
@@ -72,7 +69,7 @@ pub async fn check(a: HoardArgs) -> anyhow::Result<ExitCode> {
             report.bad_entries,
             report.truncated.len(),
             if report.clean() { "ok" } else { "repaired" }
-        );
+        ))?;
     }
     Ok(if report.clean() {
         ExitCode::SUCCESS

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// Internet Suspend/Resume for virtual-machine disks.
 #[derive(Debug, Parser)]
-#[command(name = "isr", version, about)]
+#[command(name = "isr", version, about, after_help = crate::output::EXIT_STATUS_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -19,10 +19,11 @@ pub enum Command {
         /// Where to write the key; an existing file is never overwritten.
         keyfile: PathBuf,
     },
-    /// Import a disk image (raw; qcow2, vmdk, vhdx via qemu-img) as the next
-    /// version of a parcel.
+    /// Import a disk image (raw; qcow2, vmdk, vhdx via qemu-img; a regular
+    /// file or a block device) as the next version of a parcel.
     Import(ImportArgs),
-    /// Write a version of a parcel's disk to a file (sparse) or block device.
+    /// Write a version of a parcel's disk to a new file (sparse), or with
+    /// --force over an existing file or a block device.
     Export(ExportArgs),
     /// Check that every chunk of a version exists and decodes.
     Verify(VerifyArgs),
@@ -43,6 +44,22 @@ pub enum Command {
     Status(NameArgs),
     /// Reattach a resumed parcel's device after its daemon died.
     Recover(NameArgs),
+}
+
+impl Command {
+    /// Whether the command was asked for JSON output (`--json`).
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Keygen { .. } => false,
+            Command::Import(a) => a.json,
+            Command::Export(a) => a.json,
+            Command::Verify(a) => a.json,
+            Command::Log(a) => a.json,
+            Command::Hoard(a) | Command::Check(a) => a.json,
+            Command::Resume(a) => a.json,
+            Command::Suspend(a) | Command::Status(a) | Command::Recover(a) => a.json,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -113,6 +130,10 @@ pub struct ImportArgs {
     /// Chunk size of a new parcel (64K to 4M, a power of two).
     #[arg(long, value_parser = parse_size)]
     pub chunk_size: Option<u32>,
+    /// Allow the new version's disk size to differ from HEAD's (without it,
+    /// an image of another size is refused).
+    #[arg(long)]
+    pub resize: bool,
     /// Print one JSON object instead of text, and no progress bar.
     #[arg(long)]
     pub json: bool,
@@ -125,8 +146,14 @@ pub struct ExportArgs {
     /// Version to export (default: HEAD).
     #[arg(long)]
     pub version: Option<u64>,
-    /// Output file or block device.
+    /// Output file or block device. A symbolic link is followed to the file
+    /// it names; a character device, FIFO, socket or directory is refused.
     pub out: PathBuf,
+    /// Replace an existing file, or write over a block device (which must
+    /// be at least as large as the disk). Without it, export writes only a
+    /// new file.
+    #[arg(long)]
+    pub force: bool,
     /// Print one JSON object instead of text, and no progress bar.
     #[arg(long)]
     pub json: bool,

@@ -137,14 +137,14 @@ fn answer(
 ) -> anyhow::Result<ExitCode> {
     if let Some(e) = reply.get("error").and_then(Value::as_str) {
         if json {
-            println!("{reply}");
+            crate::output::line(&reply)?;
         }
-        bail!("{e}");
+        return Err(crate::output::JsonPrinted(e.to_owned()).into());
     }
     if json {
-        println!("{reply}");
+        crate::output::line(&reply)?;
     } else {
-        println!("{}", text(&reply));
+        crate::output::line(text(&reply))?;
     }
     Ok(ExitCode::SUCCESS)
 }

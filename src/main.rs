@@ -9,6 +9,7 @@ mod cli;
 mod commands;
 mod daemon;
 mod image;
+mod output;
 mod progress;
 mod time;
 
@@ -18,6 +19,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    let json = cli.command.json();
     // The device commands run their own runtimes (the engine's, the
     // daemon's): keep them out of the CLI's.
     let result = match cli.command {
@@ -27,10 +29,7 @@ fn main() -> ExitCode {
         cli::Command::Recover(a) => daemon::recover(a),
         command => run_async(cli::Cli { command }),
     };
-    result.unwrap_or_else(|e| {
-        eprintln!("isr: {}", commands::describe(&e));
-        ExitCode::FAILURE
-    })
+    result.unwrap_or_else(|e| output::fail(&e, json))
 }
 
 fn run_async(cli: cli::Cli) -> anyhow::Result<ExitCode> {

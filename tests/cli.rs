@@ -2,6 +2,8 @@
 //! directory and a real S3 server (s3s-fs) on 127.0.0.1.
 
 mod support;
+#[path = "cli/trust.rs"]
+mod trust;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -76,7 +78,8 @@ impl Env {
         self.path("key")
     }
 
-    fn isr(&self, args: &[&str]) -> Run {
+    /// The isr command line for `args`, not yet run.
+    fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_isr"));
         cmd.args(args)
             .env_remove("ISR_STORE")
@@ -86,8 +89,12 @@ impl Env {
         for (k, v) in &self.vars {
             cmd.env(k, v);
         }
+        cmd
+    }
+
+    fn isr(&self, args: &[&str]) -> Run {
         Run {
-            out: cmd.output().expect("run isr"),
+            out: self.command(args).output().expect("run isr"),
         }
     }
 
@@ -101,6 +108,16 @@ impl Env {
 
     /// Runs a parcel command with --store, --parcel and --key-file filled in.
     fn on(&self, cmd: &str, parcel: &str, extra: &[&str]) -> Run {
+        Run {
+            out: self
+                .on_command(cmd, parcel, extra)
+                .output()
+                .expect("run isr"),
+        }
+    }
+
+    /// The command line of [`Env::on`], not yet run.
+    fn on_command(&self, cmd: &str, parcel: &str, extra: &[&str]) -> Command {
         let key = self.key();
         let mut args = vec![
             cmd,
@@ -112,7 +129,7 @@ impl Env {
             key.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        self.isr(&args)
+        self.command(&args)
     }
 }
 
@@ -213,7 +230,7 @@ fn corrupt_chunk_fails_verify_and_export_naming_it() {
 
     let out = env.path("out");
     std::fs::write(&out, b"earlier content").unwrap();
-    let e = env.on("export", "vm", &[s(&out)]).fails();
+    let e = env.on("export", "vm", &[s(&out), "--force"]).fails();
     assert!(e.stderr().contains(&id), "{}", e.stderr());
     assert!(e.stderr().contains("corrupt"), "{}", e.stderr());
     assert_eq!(

@@ -544,3 +544,86 @@ fn ublk_store_outage_fails_each_miss_at_its_deadline_and_cached_reads_go_on() {
     drop(f);
     vm.suspend();
 }
+
+/// A loop device over a file, detached when dropped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn over(file: &Path) -> LoopDevice {
+        let out = ok(Command::new("losetup").args(["-f", "--show"]).arg(file));
+        LoopDevice(out.trim().to_owned())
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = run(Command::new("losetup").args(["-d", &self.0]));
+    }
+}
+
+/// Export onto a block device: only with --force, only if the device is
+/// large enough (else it is left untouched), and then in place, the link
+/// from /dev to the device kept.
+#[test]
+#[ignore = "kernel tier: needs loop devices (root); run by scripts/vm-test"]
+fn export_writes_a_large_enough_block_device_in_place() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}/store", dir.path().display());
+    let key = dir.path().join("key");
+    let image = dir.path().join("image");
+    support::write_mixed_image(&image, 16 << 20, 59);
+    let isr = || Command::new(env!("CARGO_BIN_EXE_isr"));
+    ok(isr().arg("keygen").arg(&key));
+    let parcel = |cmd: &str| {
+        let mut c = isr();
+        c.args([cmd, "--store", &store, "--parcel", "vm", "--key-file"])
+            .arg(&key);
+        c
+    };
+    ok(parcel("import").arg(&image));
+
+    let backing = |name: &str, mib: u64| {
+        let p = dir.path().join(name);
+        let f = File::create(&p).unwrap();
+        f.set_len(mib << 20).unwrap();
+        f.write_all_at(&[0xa5; 4096], 0).unwrap();
+        p
+    };
+    let small = LoopDevice::over(&backing("small", 8));
+    let big = LoopDevice::over(&backing("big", 24));
+
+    let out = run(parcel("export").arg(&big.0));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--force") && err.contains(&big.0), "{err}");
+
+    let out = run(parcel("export").arg("--force").arg(&small.0));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("8388608") && err.contains("16777216"), "{err}");
+    let mut head = [0u8; 4096];
+    File::open(&small.0)
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    assert_eq!(head, [0xa5; 4096], "a refused device was written");
+
+    ok(parcel("export").arg("--force").arg(&big.0));
+    assert!(
+        std::fs::metadata(&big.0)
+            .unwrap()
+            .file_type()
+            .is_block_device(),
+        "the device node was replaced"
+    );
+    let mut written = vec![0u8; 16 << 20];
+    File::open(&big.0)
+        .unwrap()
+        .read_exact_at(&mut written, 0)
+        .unwrap();
+    assert!(
+        written == std::fs::read(&image).unwrap(),
+        "device differs from the image"
+    );
+}

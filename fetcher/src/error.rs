@@ -161,6 +161,10 @@ pub enum Error {
         "an earlier sync of {path} failed ({first}): writes since the last good flush may be lost; every flush fails until the device is stopped (the dirty chunks stay marked)"
     )]
     SyncFailed { path: String, first: String },
+    /// A destination isr will not write: writing it would destroy
+    /// something that is not isr's (a device, another file, a link).
+    #[error("{path}: {why}")]
+    Refused { path: String, why: String },
     /// A local file failed.
     #[error("{op} {path}: {source}")]
     Io {

@@ -13,6 +13,7 @@
 //! ```
 
 pub mod cache;
+pub mod disk_file;
 pub mod engine;
 mod error;
 pub mod lease;

@@ -2,7 +2,8 @@
 //! (every chunk a version names exists and decodes).
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,6 +12,7 @@ use format::{ChunkEntry, Geometry, Manifest};
 use futures::{StreamExt, TryStreamExt, stream};
 
 use super::{DEFAULT_CONCURRENCY, distinct_chunks};
+use crate::disk_file::{block_device_size, kind_name};
 use crate::{Error, Parcel, Progress};
 
 /// What an export did.
@@ -30,13 +32,16 @@ pub struct ExportSummary {
     pub seconds: f64,
 }
 
+/// What an export may do to what is already at its destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExportOptions {
+    /// Replace an existing regular file, or write over a block device.
+    pub force: bool,
+}
+
 /// Writes version `version` of `parcel`, whose manifest is `manifest` (see
-/// [`Parcel::resolve`]), to `out`.
-///
-/// A regular file is written sparse (zero chunks, and zero 4 KiB blocks
-/// inside chunks, are left as holes) into a temporary file beside `out`,
-/// renamed over it only when complete, so a failed export leaves any earlier
-/// `out` untouched. A block device is written in place, zeros included.
+/// [`Parcel::resolve`]), to `out`, which must not exist yet: see
+/// [`export_with`].
 pub async fn export(
     parcel: &Parcel,
     version: u64,
@@ -44,10 +49,41 @@ pub async fn export(
     out: &Path,
     progress: Progress,
 ) -> Result<ExportSummary, Error> {
+    export_with(
+        parcel,
+        version,
+        manifest,
+        out,
+        &ExportOptions::default(),
+        progress,
+    )
+    .await
+}
+
+/// Writes version `version` of `parcel`, whose manifest is `manifest` (see
+/// [`Parcel::resolve`]), to `out`.
+///
+/// A regular file is written sparse (zero chunks, and zero 4 KiB blocks
+/// inside chunks, are left as holes) into a temporary file beside `out`
+/// with a name of its own, renamed to `out` only when complete, so a failed
+/// export leaves any earlier `out` untouched and concurrent exports to one
+/// `out` leave exactly one of their results. A symbolic link is followed
+/// to the file it names. An existing file is replaced, and a block device
+/// written in place (zeros included, if it is large enough), only with
+/// [`ExportOptions::force`]; any other kind of file is refused
+/// ([`Error::Refused`]) and left as it was.
+pub async fn export_with(
+    parcel: &Parcel,
+    version: u64,
+    manifest: &Manifest,
+    out: &Path,
+    options: &ExportOptions,
+    progress: Progress,
+) -> Result<ExportSummary, Error> {
     let started = Instant::now();
     let geometry = manifest.geometry();
-    let is_device = std::fs::metadata(out).is_ok_and(|m| m.file_type().is_block_device());
-    let target = Target::open(out, is_device, geometry.disk_size())?;
+    let target = Target::open(out, options.force, geometry.disk_size())?;
+    let is_device = target.is_device();
     let file = target.file.clone();
 
     let chunks = distinct_chunks(manifest);
@@ -146,54 +182,183 @@ pub async fn verify(
     })
 }
 
-/// Where an export writes: the device itself, or a temporary file renamed
-/// over the output at the end (and removed if the export fails).
+/// Where an export writes: a block device in place, or a fresh temporary
+/// file beside the output, renamed over it only when complete (and removed
+/// if the export fails).
 struct Target {
     file: Arc<File>,
+    /// What `file` is: the device, or the temporary file.
     path: PathBuf,
-    rename_to: Option<PathBuf>,
+    kind: TargetKind,
+}
+
+enum TargetKind {
+    Device,
+    Temp {
+        /// The output the temporary file becomes.
+        out: PathBuf,
+        /// Whether it may replace an existing file there.
+        replace: bool,
+        committed: bool,
+    },
 }
 
 impl Target {
-    fn open(out: &Path, is_device: bool, size: u64) -> Result<Target, Error> {
-        if is_device {
-            let file = OpenOptions::new()
-                .write(true)
-                .open(out)
-                .map_err(|e| Error::io("open", out, e))?;
-            return Ok(Target {
-                file: Arc::new(file),
-                path: out.to_owned(),
-                rename_to: None,
-            });
+    /// Decides what `out` may become. A symbolic link is followed to the
+    /// file it names (the link stays a link); a dangling one is refused.
+    /// A block device is written in place, and only with `force`, and only
+    /// when it is large enough. An existing regular file is replaced only
+    /// with `force`. Everything else (a character device such as /dev/null,
+    /// a FIFO, a socket, a directory) is refused.
+    fn open(out: &Path, force: bool, size: u64) -> Result<Target, Error> {
+        let refuse = |why: String| Error::Refused {
+            path: out.display().to_string(),
+            why,
+        };
+        let is_link = std::fs::symlink_metadata(out).is_ok_and(|m| m.file_type().is_symlink());
+        let path = if is_link {
+            std::fs::canonicalize(out).map_err(|e| match e.kind() {
+                ErrorKind::NotFound => refuse(format!(
+                    "a symbolic link to {}, which does not exist; export does not create files through a dangling link",
+                    std::fs::read_link(out).unwrap_or_default().display()
+                )),
+                _ => Error::io("resolve symbolic link", out, e),
+            })?
+        } else {
+            out.to_owned()
+        };
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io("stat", &path, e)),
+        };
+        match meta {
+            None => Target::temp(&path, size, force, None),
+            Some(m) if m.is_file() && force => Target::temp(&path, size, true, Some(m.permissions())),
+            Some(m) if m.is_file() => Err(refuse(
+                "exists; refusing to overwrite it (use --force to replace it)".into(),
+            )),
+            Some(m) if m.file_type().is_block_device() && force => Target::device(&path, size),
+            Some(m) if m.file_type().is_block_device() => Err(refuse(
+                "is a block device; refusing to overwrite its content (use --force to write the disk onto it)"
+                    .into(),
+            )),
+            Some(m) => Err(refuse(format!(
+                "is a {}; export writes only to a regular file or a block device",
+                kind_name(m.file_type())
+            ))),
         }
-        let name = out
-            .file_name()
-            .ok_or_else(|| Error::Invalid(format!("{} is not a file name", out.display())))?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(".isr-partial");
-        let tmp = out.with_file_name(tmp_name);
+    }
+
+    fn device(path: &Path, size: u64) -> Result<Target, Error> {
+        // O_EXCL on a block device: fail with EBUSY if it is mounted or held
+        // exclusively, rather than write under a file system.
         let file = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| Error::io("create", &tmp, e))?;
-        file.set_len(size).map_err(|e| Error::io("size", &tmp, e))?;
+            .custom_flags(libc::O_EXCL)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EBUSY) => Error::Refused {
+                    path: path.display().to_string(),
+                    why: "the block device is in use (mounted, or held open exclusively)".into(),
+                },
+                _ => Error::io("open", path, e),
+            })?;
+        let have = block_device_size(&file).map_err(|e| Error::io("size", path, e))?;
+        if have < size {
+            return Err(Error::Refused {
+                path: path.display().to_string(),
+                why: format!("the block device holds {have} bytes; the disk needs {size} bytes"),
+            });
+        }
         Ok(Target {
             file: Arc::new(file),
-            path: tmp,
-            rename_to: Some(out.to_owned()),
+            path: path.to_owned(),
+            kind: TargetKind::Device,
         })
+    }
+
+    /// A new temporary file beside `out` with a name no other export uses
+    /// (created with O_EXCL), mode 0600 like any fresh copy of a
+    /// plaintext disk, or the mode of the file it is to replace.
+    fn temp(
+        out: &Path,
+        size: u64,
+        replace: bool,
+        permissions: Option<std::fs::Permissions>,
+    ) -> Result<Target, Error> {
+        let name = out
+            .file_name()
+            .ok_or_else(|| Error::Refused {
+                path: out.display().to_string(),
+                why: "not a file name".into(),
+            })?
+            .to_owned();
+        let mut attempt = 0u32;
+        let (file, tmp) = loop {
+            let mut tmp_name = std::ffi::OsString::from(".");
+            tmp_name.push(&name);
+            tmp_name.push(format!(".isr-partial-{:016x}", unique_suffix(attempt)));
+            let tmp = out.with_file_name(tmp_name);
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+            {
+                Ok(file) => break (file, tmp),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists && attempt < 16 => attempt += 1,
+                Err(e) => return Err(Error::io("create", &tmp, e)),
+            }
+        };
+        // From here on, dropping the target removes the temporary file.
+        let target = Target {
+            file: Arc::new(file),
+            path: tmp,
+            kind: TargetKind::Temp {
+                out: out.to_owned(),
+                replace,
+                committed: false,
+            },
+        };
+        if let Some(p) = permissions {
+            target
+                .file
+                .set_permissions(p)
+                .map_err(|e| Error::io("chmod", &target.path, e))?;
+        }
+        target
+            .file
+            .set_len(size)
+            .map_err(|e| Error::io("size", &target.path, e))?;
+        Ok(target)
+    }
+
+    fn is_device(&self) -> bool {
+        matches!(self.kind, TargetKind::Device)
     }
 
     fn commit(mut self) -> Result<(), Error> {
         self.file
             .sync_all()
             .map_err(|e| Error::io("sync", &self.path, e))?;
-        if let Some(out) = self.rename_to.take() {
-            std::fs::rename(&self.path, &out).map_err(|e| Error::io("rename", &self.path, e))?;
+        if let TargetKind::Temp {
+            out,
+            replace,
+            committed,
+        } = &mut self.kind
+        {
+            if *replace {
+                std::fs::rename(&self.path, &*out)
+                    .map_err(|e| Error::io("rename", &self.path, e))?;
+            } else {
+                rename_no_replace(&self.path, out)?;
+            }
+            *committed = true;
+            // The rename is durable once the directory is.
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                let _ = File::open(dir).and_then(|d| d.sync_all());
+            }
         }
         Ok(())
     }
@@ -201,10 +366,75 @@ impl Target {
 
 impl Drop for Target {
     fn drop(&mut self) {
-        if self.rename_to.is_some() {
+        if let TargetKind::Temp {
+            committed: false, ..
+        } = self.kind
+        {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// A suffix that makes a temporary name unlikely to be taken: random, or
+/// (should the OS give no randomness) the pid, time and attempt.
+fn unique_suffix(attempt: u32) -> u64 {
+    let mut raw = [0u8; 8];
+    if getrandom::fill(&mut raw).is_ok() {
+        return u64::from_le_bytes(raw);
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32) ^ u64::from(attempt)
+}
+
+/// Renames `from` to `to` unless `to` exists (it appeared while exporting):
+/// renameat2(RENAME_NOREPLACE), or where the file system lacks it, a hard
+/// link (which fails on an existing name too) and an unlink.
+fn rename_no_replace(from: &Path, to: &Path) -> Result<(), Error> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Refused {
+            path: p.display().to_string(),
+            why: "the path contains a NUL byte".into(),
+        })
+    };
+    let (cfrom, cto) = (c(from)?, c(to)?);
+    // SAFETY: both pointers are NUL-terminated strings alive for the call;
+    // renameat2 reads them and touches no other memory of ours.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cfrom.as_ptr(),
+            libc::AT_FDCWD,
+            cto.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    let err = if r == 0 {
+        return Ok(());
+    } else {
+        std::io::Error::last_os_error()
+    };
+    let err = match err.raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+            match std::fs::hard_link(from, to) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(from);
+                    return Ok(());
+                }
+                Err(e) => e,
+            }
+        }
+        _ => err,
+    };
+    if err.kind() == ErrorKind::AlreadyExists {
+        return Err(Error::Refused {
+            path: to.display().to_string(),
+            why: "was created by someone else during the export; refusing to overwrite it (use --force to replace it)".into(),
+        });
+    }
+    Err(Error::io("rename", from, err))
 }
 
 /// Block size below which zeros are written rather than left as holes.

@@ -37,6 +37,9 @@ pub struct ImportOptions {
     pub created_unix: i64,
     /// zstd level.
     pub zstd_level: i32,
+    /// Allow a disk size other than HEAD's (without it, such an image is
+    /// refused: it would silently grow or shrink the disk).
+    pub resize: bool,
 }
 
 impl Default for ImportOptions {
@@ -48,6 +51,7 @@ impl Default for ImportOptions {
             host: String::new(),
             created_unix: 0,
             zstd_level: 1,
+            resize: false,
         }
     }
 }
@@ -110,6 +114,16 @@ pub async fn import(
         (Some(p), _) => p.chunk_size,
         (None, c) => c.unwrap_or(DEFAULT_CHUNK_SIZE),
     };
+    if let (Some(p), Some(h)) = (&parent, head)
+        && p.disk_size != size
+        && !options.resize
+    {
+        return Err(Error::Invalid(format!(
+            "the image is {size} bytes but version {h} (HEAD) of parcel {} is {} bytes; importing it would resize the disk (pass --resize to do so)",
+            parcel.name(),
+            p.disk_size
+        )));
+    }
     let geometry = Geometry::new(size, chunk_size).map_err(|e| Error::Invalid(e.to_string()))?;
 
     // Chunks that hold data per SEEK_DATA; the rest are holes, hence zero.
@@ -290,15 +304,8 @@ fn spawn_encoders(
         .collect()
 }
 
-/// Size of a regular file or block device.
+/// Size of a non-empty regular file or block device; anything else is
+/// refused.
 fn image_size(file: &File) -> std::io::Result<u64> {
-    use std::io::{Seek, SeekFrom};
-    let meta = file.metadata()?;
-    if meta.is_file() {
-        Ok(meta.len())
-    } else {
-        // Block devices report 0 in metadata; their end is their size.
-        let mut f = file;
-        f.seek(SeekFrom::End(0))
-    }
+    crate::disk_file::image_size(file)
 }

@@ -4,7 +4,7 @@
 mod export;
 mod import;
 
-pub use export::{ExportSummary, VerifyReport, export, verify};
+pub use export::{ExportOptions, ExportSummary, VerifyReport, export, export_with, verify};
 pub use import::{ImportOptions, ImportSummary, import};
 
 use std::collections::HashMap;

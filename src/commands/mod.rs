@@ -11,18 +11,20 @@ use fetcher::{Parcel, Store, StoreOptions};
 use format::Secret;
 use serde_json::json;
 
-use crate::cli::{
-    Cli, Command, ExportArgs, HoardArgs, ImportArgs, LogArgs, ParcelArgs, VerifyArgs,
-};
-use crate::{image, progress, time};
+use crate::cli::{Cli, Command, HoardArgs, ParcelArgs, VerifyArgs};
+use crate::{output, progress};
+
+mod export;
+mod import;
+mod log;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Keygen { keyfile } => keygen(&keyfile).map(|()| ExitCode::SUCCESS),
-        Command::Import(a) => import(a).await.map(|()| ExitCode::SUCCESS),
-        Command::Export(a) => export(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Import(a) => import::import(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Export(a) => export::export(a).await.map(|()| ExitCode::SUCCESS),
         Command::Verify(a) => verify(a).await,
-        Command::Log(a) => log(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Log(a) => log::log(a).await,
         Command::Hoard(a) => hoard(a).await.map(|()| ExitCode::SUCCESS),
         Command::Check(a) => crate::check::check(a).await,
         Command::Resume(_) | Command::Suspend(_) | Command::Status(_) | Command::Recover(_) => {
@@ -63,16 +65,17 @@ fn keygen(path: &Path) -> anyhow::Result<()> {
     file.write_all(&raw)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    eprintln!(
+    output::note(format_args!(
         "wrote a new key to {}; keep it safe: without it no parcel made with it can be opened",
         path.display()
-    );
+    ));
     Ok(())
 }
 
 pub(crate) fn open_parcel(a: &ParcelArgs) -> anyhow::Result<Parcel> {
     let bytes = std::fs::read(&a.key_file)
         .with_context(|| format!("cannot read key file {}", a.key_file.display()))?;
+    warn_if_key_exposed(&a.key_file);
     let secret = Secret::from_key_file_bytes(&bytes).with_context(|| {
         format!(
             "{} is not an isr key (32 bytes, or 64 hex digits; see `isr keygen`)",
@@ -86,6 +89,25 @@ pub(crate) fn open_parcel(a: &ParcelArgs) -> anyhow::Result<Parcel> {
     };
     let store = Store::open(&a.store, &options)?;
     Ok(Parcel::new(store, &a.parcel, secret)?)
+}
+
+/// Warns (once per process) when the key file can be read by its group or
+/// by others: whoever reads it can decrypt every parcel made with it.
+fn warn_if_key_exposed(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        WARNED.call_once(|| {
+            output::warn(format_args!(
+                "key file {p} is readable by others (mode {mode:04o}); chmod 600 {p}",
+                p = path.display()
+            ));
+        });
+    }
 }
 
 /// Turns a fetcher error into the user's words (a wrong key names the file).
@@ -111,96 +133,8 @@ pub(crate) fn host_name() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn mib(bytes: u64) -> f64 {
+pub(crate) fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
-}
-
-async fn import(a: ImportArgs) -> anyhow::Result<()> {
-    let parcel = open_parcel(&a.parcel)?;
-    let raw = image::open_raw(&a.image)?;
-    let size = std::fs::metadata(raw.path()).map(|m| m.len()).unwrap_or(0);
-    let (bar, sink) = progress::bytes_bar(size, "import", a.json);
-    let options = fetcher::ops::ImportOptions {
-        chunk_size: a.chunk_size,
-        host: host_name(),
-        created_unix: time::now_unix(),
-        ..Default::default()
-    };
-    let s = fetcher::ops::import(&parcel, raw.path(), &options, sink)
-        .await
-        .map_err(|e| explain(e, &a.parcel))?;
-    bar.finish_and_clear();
-    if a.json {
-        println!(
-            "{}",
-            json!({
-                "parcel": parcel.name(),
-                "version": s.version,
-                "chunks": s.chunks,
-                "zero_chunks": s.zero_chunks,
-                "dedup_chunks": s.dedup_chunks,
-                "uploaded_chunks": s.uploaded_chunks,
-                "bytes_in": s.bytes_in,
-                "bytes_uploaded": s.bytes_uploaded,
-                "seconds": s.seconds,
-            })
-        );
-    } else {
-        println!(
-            "imported {} as version {} of parcel {}: {} chunks ({} zero, {} already stored, {} uploaded); {:.1} MiB in, {:.1} MiB uploaded, {:.2} s ({:.0} MiB/s)",
-            a.image.display(),
-            s.version,
-            parcel.name(),
-            s.chunks,
-            s.zero_chunks,
-            s.dedup_chunks,
-            s.uploaded_chunks,
-            mib(s.bytes_in),
-            mib(s.bytes_uploaded),
-            s.seconds,
-            mib(s.bytes_in) / s.seconds.max(1e-9),
-        );
-    }
-    Ok(())
-}
-
-async fn export(a: ExportArgs) -> anyhow::Result<()> {
-    let parcel = open_parcel(&a.parcel)?;
-    let (version, manifest) = parcel
-        .resolve(a.version)
-        .await
-        .map_err(|e| explain(e, &a.parcel))?;
-    let (bar, sink) = progress::bytes_bar(manifest.disk_size, "export", a.json);
-    let s = fetcher::ops::export(&parcel, version, &manifest, &a.out, sink)
-        .await
-        .map_err(|e| explain(e, &a.parcel))?;
-    bar.finish_and_clear();
-    if a.json {
-        println!(
-            "{}",
-            json!({
-                "parcel": parcel.name(),
-                "version": s.version,
-                "out": a.out,
-                "bytes_out": s.bytes_out,
-                "chunks": s.chunks,
-                "fetched_chunks": s.fetched_chunks,
-                "bytes_fetched": s.bytes_fetched,
-                "seconds": s.seconds,
-            })
-        );
-    } else {
-        println!(
-            "exported version {} of parcel {} to {}: {:.1} MiB, {} chunks fetched, {:.2} s",
-            s.version,
-            parcel.name(),
-            a.out.display(),
-            mib(s.bytes_out),
-            s.fetched_chunks,
-            s.seconds
-        );
-    }
-    Ok(())
 }
 
 async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
@@ -224,96 +158,41 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
                 _ => None,
             })
             .collect();
-        println!(
-            "{}",
-            json!({
-                "parcel": parcel.name(),
-                "version": report.version,
-                "chunks_checked": report.chunks_checked,
-                "ok": bad.is_empty(),
-                "bad_chunks": ids,
-                "errors": bad,
-            })
-        );
+        let mut reply = json!({
+            "parcel": parcel.name(),
+            "version": report.version,
+            "chunks_checked": report.chunks_checked,
+            "ok": bad.is_empty(),
+            "bad_chunks": ids,
+            "errors": bad,
+        });
+        if !bad.is_empty() {
+            reply["error"] = json!(format!(
+                "version {} of parcel {}: {} of {} chunks bad",
+                report.version,
+                parcel.name(),
+                bad.len(),
+                report.chunks_checked
+            ));
+        }
+        output::line(reply)?;
     } else {
         for line in &bad {
-            eprintln!("isr: bad {line}");
+            output::note(format_args!("isr: bad {line}"));
         }
-        println!(
+        output::line(format_args!(
             "version {} of parcel {}: {} chunks checked, {} bad",
             report.version,
             parcel.name(),
             report.chunks_checked,
             bad.len()
-        );
+        ))?;
     }
     Ok(if bad.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
-}
-
-async fn log(a: LogArgs) -> anyhow::Result<()> {
-    let parcel = open_parcel(&a.parcel)?;
-    let head = parcel
-        .require_head()
-        .await
-        .map_err(|e| explain(e, &a.parcel))?;
-    let mut rows = Vec::new();
-    for version in (1..=head).rev() {
-        let m = parcel
-            .manifest(version)
-            .await
-            .map_err(|e| explain(e, &a.parcel))?;
-        let data = m
-            .chunks
-            .iter()
-            .filter(|e| matches!(e, format::ChunkEntry::Data(_)))
-            .count();
-        rows.push((version, m, data));
-    }
-    if a.json {
-        let out: Vec<_> = rows
-            .iter()
-            .map(|(v, m, data)| {
-                json!({
-                    "version": v,
-                    "head": *v == head,
-                    "created": m.created_unix,
-                    "created_utc": time::format_utc(m.created_unix),
-                    "host": m.host,
-                    "disk_size": m.disk_size,
-                    "chunk_size": m.chunk_size,
-                    "chunks": m.chunks.len(),
-                    "data_chunks": data,
-                    "parent": m.parent,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::Value::Array(out));
-        return Ok(());
-    }
-    println!(
-        "{:>7}  {:<20}  {:<20}  {:>12}  {:>6}  {:>9}",
-        "VERSION", "CREATED (UTC)", "HOST", "SIZE", "PARENT", "DATA"
-    );
-    for (v, m, data) in &rows {
-        println!(
-            "{:>7}  {:<20}  {:<20}  {:>12}  {:>6}  {:>9}",
-            if *v == head {
-                format!("{v}*")
-            } else {
-                v.to_string()
-            },
-            time::format_utc(m.created_unix),
-            m.host,
-            m.disk_size,
-            m.parent.map_or("-".into(), |p| p.to_string()),
-            format!("{data}/{}", m.chunks.len()),
-        );
-    }
-    Ok(())
 }
 
 async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
@@ -355,26 +234,23 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
     .await?
     .map_err(|e| explain(e, &a.parcel))?;
     for w in &report.warnings {
-        eprintln!("isr: warning: {w}");
+        output::warn(w);
     }
     let seconds = started.elapsed().as_secs_f64();
     if a.json {
-        println!(
-            "{}",
-            json!({
-                "parcel": a.parcel.parcel,
-                "version": report.base_version,
-                "cache": dir,
-                "chunks": stats.chunks,
-                "cached_chunks": stats.cached_chunks,
-                "dirty_chunks": stats.dirty_chunks,
-                "fetched_chunks": stats.fetched_chunks,
-                "bytes_fetched": stats.fetched_bytes,
-                "seconds": seconds,
-            })
-        );
+        output::line(json!({
+            "parcel": a.parcel.parcel,
+            "version": report.base_version,
+            "cache": dir,
+            "chunks": stats.chunks,
+            "cached_chunks": stats.cached_chunks,
+            "dirty_chunks": stats.dirty_chunks,
+            "fetched_chunks": stats.fetched_chunks,
+            "bytes_fetched": stats.fetched_bytes,
+            "seconds": seconds,
+        }))?;
     } else {
-        println!(
+        output::line(format_args!(
             "hoarded version {} of parcel {} in {}: {} chunks fetched ({:.1} MiB), {} of {} chunks cached, {:.2} s",
             report.base_version,
             a.parcel.parcel,
@@ -384,7 +260,7 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
             stats.cached_chunks,
             stats.chunks,
             seconds
-        );
+        ))?;
     }
     Ok(())
 }

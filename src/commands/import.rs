@@ -1,0 +1,53 @@
+//! `isr import`: a disk image becomes the next version of a parcel.
+
+use serde_json::json;
+
+use super::{explain, host_name, mib, open_parcel};
+use crate::cli::ImportArgs;
+use crate::{image, output, progress, time};
+
+pub(super) async fn import(a: ImportArgs) -> anyhow::Result<()> {
+    let parcel = open_parcel(&a.parcel)?;
+    let raw = image::open_raw(&a.image)?;
+    let (bar, sink) = progress::bytes_bar(raw.size(), "import", a.json);
+    let options = fetcher::ops::ImportOptions {
+        chunk_size: a.chunk_size,
+        resize: a.resize,
+        host: host_name(),
+        created_unix: time::now_unix(),
+        ..Default::default()
+    };
+    let s = fetcher::ops::import(&parcel, raw.path(), &options, sink)
+        .await
+        .map_err(|e| explain(e, &a.parcel))?;
+    bar.finish_and_clear();
+    if a.json {
+        output::line(json!({
+            "parcel": parcel.name(),
+            "version": s.version,
+            "chunks": s.chunks,
+            "zero_chunks": s.zero_chunks,
+            "dedup_chunks": s.dedup_chunks,
+            "uploaded_chunks": s.uploaded_chunks,
+            "bytes_in": s.bytes_in,
+            "bytes_uploaded": s.bytes_uploaded,
+            "seconds": s.seconds,
+        }))?;
+    } else {
+        output::line(format_args!(
+            "imported {} as version {} of parcel {}: {} chunks ({} zero, {} already stored, {} uploaded); {:.1} MiB in, {:.1} MiB uploaded, {:.2} s ({:.0} MiB/s)",
+            a.image.display(),
+            s.version,
+            parcel.name(),
+            s.chunks,
+            s.zero_chunks,
+            s.dedup_chunks,
+            s.uploaded_chunks,
+            mib(s.bytes_in),
+            mib(s.bytes_uploaded),
+            s.seconds,
+            mib(s.bytes_in) / s.seconds.max(1e-9),
+        ))?;
+    }
+    Ok(())
+}
