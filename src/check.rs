@@ -1,11 +1,12 @@
-//! `isr check`: verify (and repair) a parcel's local cache, offline.
+//! Commands on a local cache, offline: `isr check` verifies (and repairs)
+//! it, `isr fork` publishes it as a new parcel.
 
 use std::process::ExitCode;
 
 use serde_json::json;
 
-use crate::cli::HoardArgs;
-use crate::commands::{explain, open_parcel};
+use crate::cli::{ForkArgs, HoardArgs};
+use crate::commands::{explain, host_name, open_parcel};
 use crate::{output, progress};
 
 pub async fn check(a: HoardArgs) -> anyhow::Result<ExitCode> {
@@ -76,4 +77,43 @@ pub async fn check(a: HoardArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+pub async fn fork(a: ForkArgs) -> anyhow::Result<ExitCode> {
+    let parcel = open_parcel(&a.cache.parcel)?;
+    let to = fetcher::Parcel::new(parcel.store().clone(), &a.to, parcel.secret().clone())?;
+    let mut options = fetcher::EngineOptions {
+        host: host_name(),
+        ..Default::default()
+    };
+    if let Some(dir) = &a.cache.cache_dir {
+        options.cache_root = dir.clone();
+    }
+    let (from, to_name) = (parcel.name().to_owned(), a.to.clone());
+    let (s, dir) = tokio::task::spawn_blocking(move || {
+        fetcher::engine::fork(&parcel, &to, options, crate::time::now_unix())
+    })
+    .await?
+    .map_err(|e| explain(e, &a.cache.parcel))?;
+    if a.cache.json {
+        output::line(json!({
+            "parcel": to_name,
+            "from": from,
+            "version": s.version,
+            "dirty_chunks": s.dirty_chunks,
+            "uploaded_chunks": s.uploaded_chunks,
+            "bytes_uploaded": s.bytes_uploaded,
+            "cache": dir,
+        }))?;
+    } else {
+        output::line(format_args!(
+            "published the cache of parcel {from} as version {} of parcel {to_name}: {} changed chunks, {} uploaded ({} bytes); the cache is now {to_name}'s ({})",
+            s.version,
+            s.dirty_chunks,
+            s.uploaded_chunks,
+            s.bytes_uploaded,
+            dir.display()
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }

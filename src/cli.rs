@@ -35,6 +35,11 @@ pub enum Command {
     /// chunk re-hashed, the map and the image's size checked); damaged
     /// chunks are dropped, to be fetched again. Exits 1 if it found damage.
     Check(HoardArgs),
+    /// Publish a parcel's local cache (its base version and local changes)
+    /// as version 1 of a new parcel, and move the cache to it: keeps the
+    /// work of a session that was fenced (its lease was stolen) or is in
+    /// conflict.
+    Fork(ForkArgs),
     /// Present a parcel's disk as a block device (/dev/ublkbN) on this host.
     Resume(ResumeArgs),
     /// Drain, flush, publish the new version, release the parcel and remove
@@ -56,6 +61,7 @@ impl Command {
             Command::Verify(a) => a.json,
             Command::Log(a) => a.json,
             Command::Hoard(a) | Command::Check(a) => a.json,
+            Command::Fork(a) => a.cache.json,
             Command::Resume(a) => a.json,
             Command::Suspend(a) | Command::Status(a) | Command::Recover(a) => a.json,
         }
@@ -191,6 +197,15 @@ pub struct HoardArgs {
     /// Print one JSON object instead of text, and no progress bar.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    #[command(flatten)]
+    pub cache: HoardArgs,
+    /// Name of the new parcel (it must not exist).
+    #[arg(long)]
+    pub to: String,
 }
 
 /// Parses `262144`, `256K`, `256k`, `1M`, `4MiB`.

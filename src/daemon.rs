@@ -420,6 +420,16 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| explain(e, &a.parcel))?;
     fetcher::private::write(&nonce_path, &lease.info().nonce)
         .with_context(|| format!("cannot write {}", nonce_path.display()))?;
+    if let Some(old) = lease.stolen_from() {
+        // Fence the old holder: its commit of the next version now fails.
+        let fence = rt
+            .block_on(parcel.publish_fence(&host_name(), now_unix()))
+            .map_err(|e| explain(e, &a.parcel))?;
+        eprintln!(
+            "isr: took the lease on parcel {name} from {}; published version {fence} to fence that session",
+            old.describe()
+        );
+    }
     let engine = match Engine::open(parcel, options) {
         Ok(e) => Arc::new(e),
         Err(e) => {

@@ -197,3 +197,54 @@ fn check_and_hoard_repair_a_damaged_or_truncated_cache() {
     let cached = std::fs::read(cache_of(&cache).join("image")).unwrap();
     assert!(cached == data, "the repaired cache differs from the image");
 }
+
+/// `isr import` does not publish over a parcel resumed elsewhere: with the
+/// lease held by another host it fails naming the holder and HEAD stays;
+/// once released, it publishes.
+#[test]
+fn import_honours_a_lease_held_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}/store", dir.path().display());
+    let key = dir.path().join("key");
+    let image = dir.path().join("image");
+    support::write_mixed_image(&image, 2 << 20, 3);
+    let import = || {
+        isr(&dir.path().join("run"))
+            .arg("import")
+            .arg(&image)
+            .args(["--store", &store_url, "--parcel", "vm", "--key-file"])
+            .arg(&key)
+            .arg("--resize")
+            .output()
+            .unwrap()
+    };
+    assert!(
+        isr(dir.path())
+            .arg("keygen")
+            .arg(&key)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(import().status.success());
+    let store = fetcher::Store::open(&store_url, &Default::default()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let lease = rt
+        .block_on(fetcher::Lease::acquire(
+            &store,
+            "vm",
+            "other-host",
+            5,
+            None,
+            false,
+        ))
+        .unwrap();
+    let out = import();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("in use by host other-host"), "{err}");
+    assert_eq!(rt.block_on(store.head("vm")).unwrap(), Some(1));
+    rt.block_on(lease.release()).unwrap();
+    assert!(import().status.success());
+    assert_eq!(rt.block_on(store.head("vm")).unwrap(), Some(2));
+}

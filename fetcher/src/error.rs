@@ -135,6 +135,19 @@ pub enum Error {
         "the lease on parcel {parcel} is no longer ours: it is held by {holder}; nothing was published"
     )]
     LeaseLost { parcel: String, holder: String },
+    /// The lease was stolen and the stealer fenced this session: its
+    /// commit lost to the stealer's fence version. Nothing was published;
+    /// every change is still in the cache.
+    #[error(
+        "the lease on parcel {parcel} was taken over by {holder} (isr resume --steal), which fences this session (HEAD is version {version}): nothing of it was published. Its {dirty} changed chunks are still in the cache {cache}; to keep them, publish them as a new parcel: isr fork --parcel {parcel} --to NEW-NAME (with the same --store and --key-file)"
+    )]
+    Fenced {
+        parcel: String,
+        holder: String,
+        version: u64,
+        dirty: u64,
+        cache: String,
+    },
     /// Local changes and a newer version from elsewhere: never merged.
     #[error("{0}")]
     Conflict(String),

@@ -1,9 +1,20 @@
 //! Leases: at most one host uses a parcel at a time.
 //!
-//! A lease is an object `parcels/<name>/lease` created with put-if-absent,
-//! holding who took it (host, pid, time) and a random nonce. A second
-//! taker is refused with the holder's name; `steal` deletes and re-creates
-//! it deliberately. Publishing checks the nonce is still ours first.
+//! A lease is a sequence of objects `parcels/<name>/leases/<generation>`,
+//! each created with put-if-absent and never changed or deleted, holding who
+//! took it (host, pid, time) and a random nonce. The holder is the highest
+//! generation, unless a marker `<generation>.released` exists beside it.
+//! Taking the lease creates the next generation, so two takers cannot both
+//! win; a second taker is refused with the holder's name; `steal` takes the
+//! next generation over a live holder deliberately. Releasing creates the
+//! marker of one's own generation: it can never remove a lease that was
+//! stolen meanwhile (nothing is deleted).
+//!
+//! A lease alone cannot stop a holder that checked it a moment before it was
+//! stolen from committing. So a steal also *fences*: the stealer publishes a
+//! copy of HEAD as the next version ([`crate::Parcel::publish_fence`]); the
+//! old holder's commit, which needs that same version number, then fails at
+//! the store's put-if-absent, and its changes stay in its cache.
 
 use bytes::Bytes;
 
@@ -59,13 +70,16 @@ impl LeaseInfo {
 pub struct Lease {
     store: Store,
     parcel: String,
+    generation: u64,
     info: LeaseInfo,
+    stolen_from: Option<LeaseInfo>,
 }
 
 impl Lease {
-    /// Takes the lease on `parcel`. If `reuse_nonce` names the lease already
-    /// in the store (this cache's own, from a session that died), it is
-    /// adopted; with `steal`, any other holder's lease is broken.
+    /// Takes the lease on `parcel`. If `reuse_nonce` names the lease held in
+    /// the store (this cache's own, from a session that died), it is
+    /// adopted; with `steal`, a live holder's lease is taken over (see
+    /// [`stolen_from`](Self::stolen_from): the caller must then fence).
     pub async fn acquire(
         store: &Store,
         parcel: &str,
@@ -74,7 +88,6 @@ impl Lease {
         reuse_nonce: Option<&str>,
         steal: bool,
     ) -> Result<Lease, Error> {
-        let path = Store::lease_path(parcel);
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
         let info = LeaseInfo {
@@ -83,36 +96,50 @@ impl Lease {
             since_unix: now_unix,
             nonce: nonce.iter().map(|b| format!("{b:02x}")).collect(),
         };
-        let lease = Lease {
-            store: store.clone(),
-            parcel: parcel.to_owned(),
-            info,
-        };
-        for attempt in 0..2 {
-            let body = Bytes::from(lease.info.encode());
-            if store.create("take lease", &path, body).await? == PutOutcome::Created {
-                return Ok(lease);
-            }
-            let holder = lease.holder().await?;
+        let body = Bytes::from(info.encode());
+        // Each round either takes the next generation or sees who did.
+        for _ in 0..8 {
+            let (generation, holder) = current(store, parcel).await?;
+            let mut stolen_from = None;
             match holder {
-                // Our own: a create retried after a lost answer finds the
-                // lease its first attempt took.
-                Some(h) if h.nonce == lease.info.nonce => return Ok(lease),
-                Some(h) if reuse_nonce == Some(h.nonce.as_str()) => {
-                    return Ok(Lease { info: h, ..lease });
-                }
-                Some(_) | None if steal && attempt == 0 => {
-                    store.delete("break lease", &path).await?;
-                }
-                h => {
-                    return Err(Error::LeaseHeld {
+                Some(h) if h.nonce == info.nonce || reuse_nonce == Some(h.nonce.as_str()) => {
+                    return Ok(Lease {
+                        store: store.clone(),
                         parcel: parcel.to_owned(),
-                        holder: h.map_or("an unknown holder".into(), |h| h.describe()),
+                        generation,
+                        info: h,
+                        stolen_from: None,
                     });
                 }
+                Some(h) if !steal => {
+                    return Err(Error::LeaseHeld {
+                        parcel: parcel.to_owned(),
+                        holder: h.describe(),
+                    });
+                }
+                Some(h) => stolen_from = Some(h),
+                None => {}
+            }
+            let next = generation + 1;
+            let path = Store::lease_path(parcel, next);
+            match store.create("take lease", &path, body.clone()).await? {
+                PutOutcome::Created => {
+                    return Ok(Lease {
+                        store: store.clone(),
+                        parcel: parcel.to_owned(),
+                        generation: next,
+                        info,
+                        stolen_from,
+                    });
+                }
+                // Someone took it first (or our own retried create did):
+                // look again.
+                PutOutcome::AlreadyPresent => {}
             }
         }
-        unreachable!("the loop returns on its second attempt")
+        Err(Error::Invalid(format!(
+            "could not take the lease on parcel {parcel}: it changed hands 8 times while trying"
+        )))
     }
 
     /// This lease's identity.
@@ -120,35 +147,72 @@ impl Lease {
         &self.info
     }
 
-    /// The lease object's current content, if any.
+    /// Whose live lease this one took over (`--steal`), if any: the caller
+    /// fences that holder by publishing (see the module docs).
+    pub fn stolen_from(&self) -> Option<&LeaseInfo> {
+        self.stolen_from.as_ref()
+    }
+
+    /// The lease's current holder, if any.
     pub async fn holder(&self) -> Result<Option<LeaseInfo>, Error> {
-        match self
-            .store
-            .get("read lease", &Store::lease_path(&self.parcel))
-            .await
-        {
-            Ok(b) => Ok(LeaseInfo::decode(&b)),
-            Err(Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(current(&self.store, &self.parcel).await?.1)
     }
 
     /// Fails with [`Error::LeaseLost`] unless the store still holds this lease.
     pub async fn check(&self) -> Result<(), Error> {
-        match self.holder().await? {
-            Some(h) if h.nonce == self.info.nonce => Ok(()),
-            h => Err(Error::LeaseLost {
+        match current(&self.store, &self.parcel).await? {
+            (g, Some(_)) if g == self.generation => Ok(()),
+            (_, h) => Err(Error::LeaseLost {
                 parcel: self.parcel.clone(),
                 holder: h.map_or("nobody".into(), |h| h.describe()),
             }),
         }
     }
 
-    /// Gives the lease up (only if it is still ours).
+    /// Gives the lease up, if it is still ours: marks its generation
+    /// released (creating a marker; nothing is deleted, so a lease stolen
+    /// in the meantime stays with its new holder).
     pub async fn release(self) -> Result<(), Error> {
         self.check().await?;
+        let marker = released_path(&self.parcel, self.generation);
         self.store
-            .delete("release lease", &Store::lease_path(&self.parcel))
+            .create("release lease", &marker, Bytes::from_static(b"released\n"))
             .await
+            .map(|_| ())
+    }
+}
+
+fn released_path(parcel: &str, generation: u64) -> String {
+    format!("{}.released", Store::lease_path(parcel, generation))
+}
+
+/// The highest lease generation of `parcel` (0 if none) and its holder, if
+/// that generation is not released.
+async fn current(store: &Store, parcel: &str) -> Result<(u64, Option<LeaseInfo>), Error> {
+    let Some(generation) = store
+        .highest("find lease", None, |g| Store::lease_path(parcel, g))
+        .await?
+    else {
+        return Ok((0, None));
+    };
+    if store
+        .exists("check lease", &released_path(parcel, generation))
+        .await?
+    {
+        return Ok((generation, None));
+    }
+    let path = Store::lease_path(parcel, generation);
+    match store.get("read lease", &path).await {
+        Ok(b) => Ok((
+            generation,
+            Some(LeaseInfo::decode(&b).unwrap_or_else(|| LeaseInfo {
+                host: "an unknown holder (unreadable lease)".into(),
+                pid: 0,
+                since_unix: 0,
+                nonce: String::new(),
+            })),
+        )),
+        Err(Error::NotFound { .. }) => Ok((generation, None)),
+        Err(e) => Err(e),
     }
 }

@@ -146,6 +146,31 @@ impl Parcel {
         Ok(Published { version, object })
     }
 
+    /// Fences a lease just stolen: publishes a copy of HEAD as the next
+    /// version (same content; this host; no writer cache), so that the old
+    /// holder's commit of that version number fails. If the old holder
+    /// commits first, its version is the one copied (nothing of it is
+    /// lost). Returns the fence's version.
+    pub async fn publish_fence(&self, host: &str, created_unix: i64) -> Result<u64, Error> {
+        for _ in 0..16 {
+            let head = self.require_head().await?;
+            let mut m = self.manifest(head).await?;
+            m.parent = Some(head);
+            m.host = host.to_owned();
+            m.created_unix = created_unix;
+            m.writer = None;
+            match self.publish(&m, head + 1).await {
+                Ok(p) => return Ok(p.version),
+                Err(Error::VersionExists { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Invalid(format!(
+            "could not fence parcel {}: its HEAD kept moving",
+            self.name
+        )))
+    }
+
     /// Fetches chunk `key` (disk chunk `index` of `version`, for messages),
     /// verifies, decrypts and decompresses it into `len` bytes. Decoding runs
     /// on tokio's blocking pool, off the async threads.

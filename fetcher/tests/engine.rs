@@ -501,7 +501,7 @@ fn lease_two_hosts_suspend_here_resume_there() {
     b.write(0, b"b").unwrap();
     assert!(matches!(
         b.publish(Some(&lease_b), 2),
-        Err(Error::LeaseLost { .. })
+        Err(Error::Fenced { .. })
     ));
     b.close().unwrap();
     drop(lease_c);
@@ -954,4 +954,68 @@ fn flush_fails_forever_after_a_fill_swallowed_a_writeback_error() {
     let _ = engine.write(0, b"after");
     assert!(engine.flush().is_err());
     drop(engine);
+}
+
+/// A steal fences the old holder: after host C takes the lease with
+/// `steal` and publishes its fence version, host A's commit of the same
+/// version cannot pass (with or without its lease check), A is told why and
+/// keeps every change in its cache; A's release cannot remove C's lease;
+/// and `fork` publishes A's work as a new parcel.
+#[test]
+fn lease_steal_fences_the_old_holder_which_keeps_its_work_by_forking() {
+    let (store, _) = memory_store();
+    let (parcel, mut model) = make_parcel(store.clone(), 4, 31);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let lease_a = rt
+        .block_on(Lease::acquire(&store, "vm", "host-a", 100, None, false))
+        .unwrap();
+    let root_a = tempfile::tempdir().unwrap();
+    let a = Engine::open(parcel.clone(), options(root_a.path())).unwrap();
+    a.write(7, b"work of host a").unwrap();
+    model[7..21].copy_from_slice(b"work of host a");
+
+    let lease_c = rt
+        .block_on(Lease::acquire(&store, "vm", "host-c", 200, None, true))
+        .unwrap();
+    assert_eq!(lease_c.stolen_from().unwrap().host, "host-a");
+    let fence = rt.block_on(parcel.publish_fence("host-c", 200)).unwrap();
+    assert_eq!(fence, 2);
+
+    // A commits as if its lease check had passed just before the steal:
+    // the fence holds that version number.
+    let err = a.publish(None, 300).unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+    // With its lease: told who took it and how to keep the work.
+    let err = a.publish(Some(&lease_a), 300).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Fenced { .. }), "{text}");
+    assert!(
+        text.contains("host-c") && text.contains("isr fork"),
+        "{text}"
+    );
+    assert_eq!(rt.block_on(parcel.require_head()).unwrap(), 2);
+    assert_eq!(a.stats().dirty_chunks, 1, "the work stays in the cache");
+    // A's release cannot undo C's lease.
+    assert!(rt.block_on(lease_a.clone().release()).is_err());
+    rt.block_on(lease_c.check()).unwrap();
+    a.close().unwrap();
+    drop(a);
+
+    let mine = Parcel::new(store.clone(), "vm-a", secret()).unwrap();
+    let (summary, dir) =
+        fetcher::engine::fork(&parcel, &mine, options(root_a.path()), 400).unwrap();
+    assert_eq!((summary.version, summary.dirty_chunks), (1, 1));
+    // The cache moved to the new parcel: resuming it is warm and clean.
+    let warm = Engine::open(mine.clone(), options(root_a.path())).unwrap();
+    assert_eq!(warm.cache_dir(), dir);
+    assert!(!warm.open_report().created);
+    assert_eq!(warm.stats().dirty_chunks, 0);
+    drop(warm);
+    let fresh = tempfile::tempdir().unwrap();
+    let engine = Engine::open(mine, options(fresh.path())).unwrap();
+    assert_eq!(read_all(&engine), model);
+    // The original parcel is untouched: its HEAD is the fence, version 1's
+    // content.
+    let engine = Engine::open(parcel, options(tempfile::tempdir().unwrap().path())).unwrap();
+    assert_eq!(engine.base_version(), 2);
 }

@@ -17,9 +17,22 @@ pub(super) async fn import(a: ImportArgs) -> anyhow::Result<()> {
         created_unix: time::now_unix(),
         ..Default::default()
     };
-    let s = fetcher::ops::import(&parcel, raw.path(), &options, sink)
-        .await
-        .map_err(|e| explain(e, &a.parcel))?;
+    // A parcel in use elsewhere (resumed on some host) is not published
+    // over: the import holds the lease while it publishes.
+    let lease = fetcher::Lease::acquire(
+        parcel.store(),
+        parcel.name(),
+        &host_name(),
+        time::now_unix(),
+        None,
+        false,
+    )
+    .await
+    .map_err(|e| explain(e, &a.parcel))?;
+    let imported = fetcher::ops::import(&parcel, raw.path(), &options, sink).await;
+    let released = lease.release().await;
+    let s = imported.map_err(|e| explain(e, &a.parcel))?;
+    released.map_err(|e| explain(e, &a.parcel))?;
     bar.finish_and_clear();
     if a.json {
         output::line(json!({

@@ -27,6 +27,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Log(a) => log::log(a).await,
         Command::Hoard(a) => hoard(a).await.map(|()| ExitCode::SUCCESS),
         Command::Check(a) => crate::check::check(a).await,
+        Command::Fork(a) => crate::check::fork(a).await,
         Command::Resume(_) | Command::Suspend(_) | Command::Status(_) | Command::Recover(_) => {
             unreachable!("run outside the async runtime by main")
         }

@@ -17,6 +17,7 @@
 
 mod check;
 mod fetch;
+mod fork;
 mod publish;
 mod reconcile;
 
@@ -36,6 +37,7 @@ use crate::{Error, Parcel};
 
 pub use check::{CheckReport, check};
 pub use fetch::Slot;
+pub use fork::fork;
 pub use publish::PublishSummary;
 
 /// How an engine runs.
@@ -51,6 +53,9 @@ pub struct EngineOptions {
     pub max_fetches: usize,
     /// Host name recorded in published manifests.
     pub host: String,
+    /// Bring the cache up to date with the store's HEAD at open (false:
+    /// take the cache as it is, offline; it must exist).
+    pub reconcile: bool,
 }
 
 impl Default for EngineOptions {
@@ -61,6 +66,7 @@ impl Default for EngineOptions {
             prefetch: true,
             max_fetches: 64,
             host: String::new(),
+            reconcile: true,
         }
     }
 }
@@ -188,7 +194,12 @@ impl Engine {
             .map_err(|e| Error::Invalid(format!("cannot start the fetcher runtime: {e}")))?;
         let dir = cache::cache_dir(&options.cache_root, parcel.store().url(), parcel.name());
         let mut report = OpenReport::default();
-        let (cache, base) = runtime.block_on(reconcile::open_cache(&parcel, &dir, &mut report))?;
+        let (cache, base) = runtime.block_on(reconcile::open_cache(
+            &parcel,
+            &dir,
+            options.reconcile,
+            &mut report,
+        ))?;
         let geometry = base.1.geometry();
 
         let trace = cache.read_trace()?;

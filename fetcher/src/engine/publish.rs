@@ -22,7 +22,7 @@ use super::{Engine, Shared};
 use crate::cache::{self, DIRTY, PRESENT};
 use crate::lease::Lease;
 use crate::ops::DEFAULT_CONCURRENCY;
-use crate::{Error, PutOutcome};
+use crate::{Error, Parcel, PutOutcome};
 
 /// What a publish did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -40,6 +40,29 @@ pub struct PublishSummary {
 }
 
 impl Engine {
+    /// Publishes this cache (its base version with its local changes) as
+    /// version 1 of a new parcel `to` in the same store, with the same key:
+    /// the way to keep the work of a session that was fenced. Only the
+    /// changed chunks upload; the others are shared. The cache is then
+    /// based on `to` (move it with [`fork`](super::fork)).
+    pub fn publish_fork(&self, to: &Parcel, created_unix: i64) -> Result<PublishSummary, Error> {
+        let started = Instant::now();
+        self.flush()?;
+        let (shared, to) = (self.shared.clone(), to.clone());
+        let mut summary = self.block_on(async move {
+            if to.head().await?.is_some() {
+                return Err(Error::Conflict(format!(
+                    "parcel {} exists already in {}; choose another name",
+                    to.name(),
+                    to.store().url()
+                )));
+            }
+            publish(shared, None, Some(&to), created_unix).await
+        })??;
+        summary.seconds = started.elapsed().as_secs_f64();
+        Ok(summary)
+    }
+
     /// Publishes the dirty chunks as the next version. With `lease`, checks
     /// first that it is still ours. With nothing dirty, publishes nothing.
     pub fn publish(
@@ -51,17 +74,26 @@ impl Engine {
         self.flush()?;
         let shared = self.shared.clone();
         let mut summary = self.block_on(async move {
-            if let Some(l) = lease {
-                l.check().await?;
+            if let Some(l) = lease
+                && let Err(e) = l.check().await
+            {
+                return Err(fenced(&shared, e).await);
             }
-            publish(shared, created_unix).await
+            publish(shared, lease, None, created_unix).await
         })??;
         summary.seconds = started.elapsed().as_secs_f64();
         Ok(summary)
     }
 }
 
-async fn publish(shared: Arc<Shared>, created_unix: i64) -> Result<PublishSummary, Error> {
+/// Publishes the dirty chunks: as the next version of the engine's parcel,
+/// or (`fork_to`) as version 1 of a new parcel.
+async fn publish(
+    shared: Arc<Shared>,
+    lease: Option<&Lease>,
+    fork_to: Option<&Parcel>,
+    created_unix: i64,
+) -> Result<PublishSummary, Error> {
     let base = shared.base();
     let (base_version, base_manifest) = (&base.version, &base.manifest);
     let dirty: Vec<u64> = (0..shared.geometry.chunk_count())
@@ -72,7 +104,7 @@ async fn publish(shared: Arc<Shared>, created_unix: i64) -> Result<PublishSummar
         dirty_chunks: dirty.len() as u64,
         ..Default::default()
     };
-    if dirty.is_empty() {
+    if dirty.is_empty() && fork_to.is_none() {
         return Ok(summary);
     }
     let uploaded: Vec<(u64, u64, ChunkEntry, Option<u64>)> = stream::iter(dirty)
@@ -131,15 +163,32 @@ async fn publish(shared: Arc<Shared>, created_unix: i64) -> Result<PublishSummar
             summary.bytes_uploaded += size;
         }
     }
-    manifest.parent = Some(*base_version);
+    manifest.parent = fork_to.is_none().then_some(*base_version);
     manifest.created_unix = created_unix;
     manifest.host = shared.options.host.clone();
     manifest.access_trace = shared.trace.lock().expect("trace lock").clone();
     manifest.writer = Some(shared.cache.header().cache_id);
-    let version = base_version + 1;
-    let published = match shared.parcel.publish(&manifest, version).await {
+    let (target, version) = match fork_to {
+        Some(p) => (p, 1),
+        None => (&shared.parcel, base_version + 1),
+    };
+    let published = match target.publish(&manifest, version).await {
         Ok(p) => p,
+        Err(Error::VersionExists { .. }) if fork_to.is_some() => {
+            return Err(Error::Conflict(format!(
+                "parcel {} exists already in {}; choose another name",
+                target.name(),
+                target.store().url()
+            )));
+        }
         Err(Error::VersionExists { .. }) => {
+            // A lease stolen meanwhile: the stealer's fence took this
+            // version number (see `lease`).
+            if let Some(l) = lease
+                && let Err(e) = l.check().await
+            {
+                return Err(fenced(&shared, e).await);
+            }
             return Err(Error::Conflict(format!(
                 "version {version} of parcel {} was published by another writer while this cache was based on version {base_version}; nothing was published and every change is still in the cache ({})",
                 shared.parcel.name(),
@@ -169,4 +218,22 @@ async fn publish(shared: Arc<Shared>, created_unix: i64) -> Result<PublishSummar
     shared.cache.prune_manifests(version);
     summary.version = version;
     Ok(summary)
+}
+
+/// The error of a session whose lease is gone (`lost`, from
+/// [`Lease::check`]): fenced, with what it still holds and how to keep it.
+async fn fenced(shared: &Shared, lost: Error) -> Error {
+    let Error::LeaseLost { holder, .. } = lost else {
+        return lost;
+    };
+    let dirty = (0..shared.geometry.chunk_count())
+        .filter(|&c| cache::state_of(shared.cache.entry(c)) == DIRTY)
+        .count() as u64;
+    Error::Fenced {
+        parcel: shared.parcel.name().to_owned(),
+        holder,
+        version: shared.parcel.head().await.ok().flatten().unwrap_or(0),
+        dirty,
+        cache: shared.cache.dir().display().to_string(),
+    }
 }

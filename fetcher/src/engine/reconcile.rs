@@ -22,8 +22,16 @@ use crate::{Error, Parcel};
 pub(crate) async fn open_cache(
     parcel: &Parcel,
     dir: &Path,
+    reconcile: bool,
     report: &mut OpenReport,
 ) -> Result<(Cache, (u64, Manifest)), Error> {
+    if !reconcile && !Cache::exists(dir) {
+        return Err(Error::Invalid(format!(
+            "parcel {} has no cache on this host (looked in {})",
+            parcel.name(),
+            dir.display()
+        )));
+    }
     let lock = Cache::lock(dir)?;
     if !Cache::exists(dir) {
         report.created = true;
@@ -55,6 +63,9 @@ pub(crate) async fn open_cache(
         }
     }
     let mut base = (header.base_version, base);
+    if !reconcile {
+        return Ok((cache, base));
+    }
     let head = match parcel.head().await {
         Ok(h) => h,
         Err(e) => {

@@ -173,9 +173,9 @@ impl Store {
         format!("parcels/{parcel}/HEAD")
     }
 
-    /// The object name of a parcel's lease.
-    pub fn lease_path(parcel: &str) -> String {
-        format!("parcels/{parcel}/lease")
+    /// The object name of generation `generation` of a parcel's lease.
+    pub fn lease_path(parcel: &str, generation: u64) -> String {
+        format!("parcels/{parcel}/leases/{generation:020}")
     }
 
     /// Fetches a chunk object.
@@ -210,16 +210,29 @@ impl Store {
 
     /// The newest version of `parcel`, or `None` if it has none.
     pub async fn head(&self, parcel: &str) -> Result<Option<u64>, Error> {
-        let exists = |v: u64| async move {
-            self.exists("check manifest", &Self::manifest_path(parcel, v))
-                .await
-        };
         let hint = match self.get("get HEAD hint", &Self::head_path(parcel)).await {
             Ok(b) => std::str::from_utf8(&b)
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok()),
             Err(Error::NotFound { .. }) => None,
             Err(e) => return Err(e),
+        };
+        self.highest("check manifest", hint, |v| Self::manifest_path(parcel, v))
+            .await
+    }
+
+    /// The highest `n` ≥ 1 for which object `name(n)` exists, given that
+    /// they are created in order 1, 2, 3…: probing upward from `hint` (or 1),
+    /// then bisecting, in O(log n) existence checks and no listing.
+    pub(crate) async fn highest(
+        &self,
+        op: &'static str,
+        hint: Option<u64>,
+        name: impl Fn(u64) -> String,
+    ) -> Result<Option<u64>, Error> {
+        let exists = |v: u64| {
+            let path = name(v);
+            async move { self.exists(op, &path).await }
         };
         // `lo` exists (or is 0), `hi` does not.
         let mut lo = match hint {
@@ -272,7 +285,7 @@ impl Store {
             .map_err(|f| self.error(op, path, f))
     }
 
-    async fn exists(&self, op: &'static str, path: &str) -> Result<bool, Error> {
+    pub(crate) async fn exists(&self, op: &'static str, path: &str) -> Result<bool, Error> {
         let location = Path::from(path);
         match self.retry.run(|| self.inner.head(&location)).await {
             Ok(_) => Ok(true),
