@@ -852,84 +852,12 @@ fn close_of_a_shared_engine_leaves_a_clean_cache() {
     assert_eq!(reopened.stats().dirty_chunks, 1);
 }
 
-/// A small file system whose device fails writes once 4 MiB of data are
-/// written: an ext4 on a loop device over a sparse file in a tmpfs with
-/// that much room left. Writes land
-/// in the page cache and fail at writeback, as on a failing or full disk;
-/// Linux reports that to the first fsync only. Needs root (CI runs as root).
-struct FailingFs {
-    dir: tempfile::TempDir,
-    device: String,
-}
-
-impl FailingFs {
-    fn new() -> FailingFs {
-        let dir = tempfile::tempdir().unwrap();
-        let (t, m) = (dir.path().join("t"), dir.path().join("m"));
-        std::fs::create_dir_all(&t).unwrap();
-        std::fs::create_dir_all(&m).unwrap();
-        let sh = |cmd: &str| {
-            let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{cmd}: {}{} (this test needs root and a loop device)",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).trim().to_owned()
-        };
-        sh(&format!(
-            "mount -t tmpfs -o size=8m isr-test {}",
-            t.display()
-        ));
-        sh(&format!("truncate -s 64M {}/back", t.display()));
-        let device = sh(&format!("losetup -f --show {}/back", t.display()));
-        let fs = FailingFs { dir, device };
-        // No journal and no lazy initialisation: nothing writes to the
-        // device in the background, so the room left is known. Then the
-        // tmpfs is shrunk to what mkfs used plus 4 MiB.
-        sh(&format!(
-            "mkfs.ext4 -q -F -O ^has_journal -E lazy_itable_init=0 {}",
-            fs.device
-        ));
-        sh(&format!(
-            "mount -o errors=continue {} {}",
-            fs.device,
-            m.display()
-        ));
-        sh("sync");
-        let used_kib: u64 = sh(&format!("du -k {}/back | cut -f1", t.display()))
-            .parse()
-            .unwrap();
-        sh(&format!(
-            "mount -o remount,size={}k {}",
-            used_kib + 4096,
-            t.display()
-        ));
-        fs
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().join("m")
-    }
-}
-
-impl Drop for FailingFs {
-    fn drop(&mut self) {
-        let m = self.dir.path().join("m");
-        let t = self.dir.path().join("t");
-        let _ = Command::new("umount").arg("-l").arg(&m).status();
-        let _ = Command::new("losetup").args(["-d", &self.device]).status();
-        let _ = Command::new("umount").arg("-l").arg(&t).status();
-    }
-}
-
 /// A prefetch fill's fdatasync takes the writeback error; the guest's next
 /// FLUSH must not then return success for data that was lost: every flush
 /// after a failed sync fails, naming the first failure.
 #[test]
 fn flush_fails_forever_after_a_fill_swallowed_a_writeback_error() {
-    let fs = FailingFs::new();
+    let fs = support::FailingFs::new();
     let (store, _) = memory_store();
     // 24 MiB of mixed data (more than half of it not zero) cannot fit.
     let (parcel, _) = make_parcel(store, 24, 99);

@@ -1,0 +1,181 @@
+//! Kernel-tier benchmark (not a test): how long `isr resume` takes to a
+//! usable device, cold (empty cache) and warm (after a clean suspend on the
+//! same host), and how long `isr recover` takes after a SIGKILL of the
+//! daemon, for a 1 GiB and a 64 GiB parcel holding the same 160 MiB of data.
+//! DESIGN.md invariant 9: resuming costs what changed, not what exists.
+//! Run by `scripts/bench-resume` in a guest with ublk; it prints a table
+//! and one JSON line per parcel size. Nothing is asserted on timings.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+const DATA_MIB: u64 = 160;
+
+struct Parcel {
+    dir: PathBuf,
+    name: String,
+    cache: PathBuf,
+}
+
+impl Parcel {
+    fn isr(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_isr"));
+        c.env("ISR_RUN_DIR", self.dir.join("run"))
+            .env("ISR_CACHE_DIR", &self.cache)
+            .env_remove("ISR_STORE")
+            .env_remove("ISR_KEY_FILE");
+        c
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--store".into(),
+            format!("file://{}/store", self.dir.display()),
+            "--parcel".into(),
+            self.name.clone(),
+            "--key-file".into(),
+            self.dir.join("key").display().to_string(),
+        ]
+    }
+
+    fn ok(&self, args: &[&str], parcel_args: bool) -> Value {
+        let mut c = self.isr();
+        c.args(args);
+        if parcel_args {
+            c.args(self.args());
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "isr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap_or(Value::Null)
+    }
+
+    /// Seconds from `isr resume` until its device answers a read.
+    fn timed(&self, args: &[&str], parcel_args: bool) -> (f64, Value) {
+        let t = Instant::now();
+        let v = self.ok(args, parcel_args);
+        let dev = v["device"].as_str().expect("a device").to_owned();
+        let mut buf = [0u8; 4096];
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(&dev)
+            .unwrap()
+            .read_exact_at(&mut buf, 0)
+            .unwrap();
+        (t.elapsed().as_secs_f64(), v)
+    }
+
+    fn daemon_pid(&self) -> i32 {
+        let st: Value = serde_json::from_str(
+            &std::fs::read_to_string(self.dir.join(format!("run/{}.json", self.name))).unwrap(),
+        )
+        .unwrap();
+        st["pid"].as_i64().unwrap() as i32
+    }
+}
+
+/// A sparse image of `size` with `DATA_MIB` MiB of random data spread
+/// over it, imported as a parcel.
+fn parcel(root: &Path, size: u64) -> Parcel {
+    let name = format!("p{}g", size >> 30);
+    let dir = root.join(&name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = Parcel {
+        cache: dir.join("cache"),
+        dir,
+        name,
+    };
+    let image = p.dir.join("image");
+    let f = std::fs::File::create(&image).unwrap();
+    f.set_len(size).unwrap();
+    let pieces = 10;
+    let step = size / pieces;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ size;
+    let mut buf = vec![0u8; (DATA_MIB / pieces * MIB) as usize];
+    for i in 0..pieces {
+        for w in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&buf, i * step).unwrap();
+    }
+    drop(f);
+    p.ok(&["keygen", p.dir.join("key").to_str().unwrap()], false);
+    let mut c = p.isr();
+    c.arg("import").arg(&image).args(p.args());
+    assert!(c.status().unwrap().success());
+    std::fs::remove_file(&image).unwrap();
+    p
+}
+
+#[test]
+#[ignore = "benchmark: run by scripts/bench-resume in a guest with ublk"]
+fn bench_resume_cold_warm_recover() {
+    assert!(
+        Path::new("/dev/ublk-control").exists(),
+        "/dev/ublk-control is missing: run scripts/bench-resume"
+    );
+    let root = tempfile::tempdir().unwrap();
+    let mut rows = Vec::new();
+    for size in [1u64 << 30, 64 << 30] {
+        let p = parcel(root.path(), size);
+        // Cold: an empty cache; then fill it (hoard) and suspend cleanly.
+        let (cold, _) = p.timed(&["resume", "--json"], true);
+        p.ok(&["suspend", &p.name, "--json"], false);
+        p.ok(&["hoard", "--json"], true);
+        // Warm: the same cache, right after a clean close.
+        let (warm, _) = p.timed(&["resume", "--json"], true);
+        let st = p.ok(&["status", &p.name, "--json"], false);
+        // Recover: SIGKILL the daemon, reattach.
+        // SAFETY: sends SIGKILL to the daemon's pid; no memory involved.
+        unsafe { libc::kill(p.daemon_pid(), libc::SIGKILL) };
+        std::thread::sleep(Duration::from_millis(300));
+        let (recover, _) = p.timed(&["recover", &p.name, "--json"], false);
+        let rst = p.ok(&["status", &p.name, "--json"], false);
+        p.ok(&["suspend", &p.name, "--json"], false);
+        let row = json!({
+            "scenario": "resume",
+            "disk_bytes": size,
+            "data_mib": DATA_MIB,
+            "cold_s": cold,
+            "warm_s": warm,
+            "recover_s": recover,
+            "warm_over_cold": warm / cold,
+            "warm_cached_chunks": st["cached_chunks"],
+            "warm_scanned_chunks": st["scanned_chunks"],
+            "recover_scanned_chunks": rst["scanned_chunks"],
+        });
+        println!("{row}");
+        rows.push(row);
+    }
+    println!();
+    println!("| parcel | cold resume | warm resume | recover after SIGKILL | warm/cold |");
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} GiB ({} MiB data) | {:.2} s | {:.2} s | {:.2} s | {:.2} |",
+            r["disk_bytes"].as_u64().unwrap() >> 30,
+            DATA_MIB,
+            r["cold_s"].as_f64().unwrap(),
+            r["warm_s"].as_f64().unwrap(),
+            r["recover_s"].as_f64().unwrap(),
+            r["warm_over_cold"].as_f64().unwrap(),
+        );
+    }
+    let ratio = |k: &str| rows[1][k].as_f64().unwrap() / rows[0][k].as_f64().unwrap();
+    println!(
+        "64 GiB / 1 GiB: cold {:.2}x, warm {:.2}x, recover {:.2}x",
+        ratio("cold_s"),
+        ratio("warm_s"),
+        ratio("recover_s")
+    );
+}
