@@ -133,6 +133,24 @@ impl Env {
     }
 }
 
+/// Converts raw image `raw` to qcow2 `qcow2` with qemu-img.
+fn to_qcow2(raw: &Path, qcow2: &Path) {
+    let st = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(raw),
+            s(qcow2),
+        ])
+        .status()
+        .expect("qemu-img (apt install qemu-utils; scripts/setup installs it)");
+    assert!(st.success());
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -348,20 +366,7 @@ fn qcow2_images_import_through_qemu_img() {
     let raw = env.path("image");
     write_mixed_image(&raw, 8 << 20, 13);
     let qcow2 = env.path("image.qcow2");
-    let st = Command::new("qemu-img")
-        .args([
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            s(&raw),
-            s(&qcow2),
-        ])
-        .status()
-        .expect("qemu-img (apt install qemu-utils; scripts/setup installs it)");
-    assert!(st.success());
+    to_qcow2(&raw, &qcow2);
     env.on("import", "vm", &[s(&qcow2)]).ok();
     let out = env.path("out");
     env.on("export", "vm", &[s(&out)]).ok();

@@ -525,14 +525,23 @@ fn ublk_store_outage_fails_each_miss_at_its_deadline_and_cached_reads_go_on() {
             .unwrap_or(8),
     );
     let down = Instant::now();
-    let absent = 20u64 << 20;
+    // Chunks (256 KiB) holding data, beyond what was read: only the store
+    // has them (zero chunks need no store).
+    let image = std::fs::read(&vm.image).unwrap();
+    let absent: Vec<u64> = (16u64 << 20..32 << 20)
+        .step_by(256 << 10)
+        .filter(|&o| image[o as usize..][..256 << 10].iter().any(|&b| b != 0))
+        .take(8)
+        .collect();
+    assert!(absent.len() >= 2, "the image has data beyond 16 MiB");
     let mut misses = Vec::new();
     let mut attempt = 0u64;
     while attempt < 2 || (down.elapsed() < outage && attempt < 100) {
+        // The first two reads are of one chunk, then of the others in turn.
         let at = if attempt < 2 {
-            absent
+            absent[0]
         } else {
-            absent + (attempt % 8) * (1 << 20)
+            absent[attempt as usize % absent.len()]
         };
         let started = Instant::now();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -560,7 +569,6 @@ fn ublk_store_outage_fails_each_miss_at_its_deadline_and_cached_reads_go_on() {
     assert!(n > 0, "no cached read completed during the outage");
 
     vm.s3().restart();
-    let image = std::fs::read(&vm.image).unwrap();
     let mut a = Aligned::new(4096);
     for &(at, _) in &misses {
         f.read_exact_at(a.buf(4096), at).unwrap();

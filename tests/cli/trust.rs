@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use super::support::{sha256, write_mixed_image};
-use super::{Env, Run, s};
+use super::{Env, Run, s, to_qcow2};
 
 /// Runs `cmd`, killing it (and failing the test) if it has not finished
 /// within `secs` seconds: a hang is a failure, not a stuck test run.
@@ -228,20 +228,7 @@ fn damaged_qcow2_is_refused() {
     let raw = env.path("image");
     write_mixed_image(&raw, 8 << 20, 37);
     let qcow2 = env.path("image.qcow2");
-    let st = Command::new("qemu-img")
-        .args([
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            s(&raw),
-            s(&qcow2),
-        ])
-        .status()
-        .expect("qemu-img (apt install qemu-utils; scripts/setup installs it)");
-    assert!(st.success());
+    to_qcow2(&raw, &qcow2);
     let len = std::fs::metadata(&qcow2).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)

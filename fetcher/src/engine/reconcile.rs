@@ -108,7 +108,7 @@ pub(crate) async fn open_cache(
             return create(parcel, Cache::lock(dir)?, dir).await;
         }
         if ours {
-            adopt_own(parcel, &cache, &base.1, &manifest)?;
+            adopt_own(parcel, &cache, &manifest)?;
         } else if dirty_count(&cache) > 0 {
             return Err(conflict(parcel, &cache, base.0, version, &manifest));
         }
@@ -245,17 +245,15 @@ pub(crate) fn present_mismatches(
     })
 }
 
-/// Our own publish of `next`: dirty chunks holding what `next` says are clean.
-fn adopt_own(
-    parcel: &Parcel,
-    cache: &Cache,
-    base: &Manifest,
-    next: &Manifest,
-) -> Result<(), Error> {
+/// Our own publish of `next`: dirty chunks holding what `next` says are
+/// clean. Every dirty chunk is checked, not only those `next` changed: a
+/// chunk rewritten with the bytes it had (zeros over zeros, a block written
+/// again unchanged) is dirty although its entry did not change.
+fn adopt_own(parcel: &Parcel, cache: &Cache, next: &Manifest) -> Result<(), Error> {
     let mut buf = Vec::new();
     for c in 0..cache.len() as u64 {
         let i = c as usize;
-        if base.chunks[i] != next.chunks[i] && cache::state_of(cache.entry(c)) == DIRTY {
+        if cache::state_of(cache.entry(c)) == DIRTY {
             read_chunk(cache, next, c, &mut buf)?;
             if matches(parcel, &buf, &next.chunks[i]) {
                 cache.set(c, PRESENT)?;
