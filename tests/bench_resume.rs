@@ -146,7 +146,10 @@ fn bench_resume_cold_warm_recover() {
     let mut rows = Vec::new();
     for size in [1u64 << 30, 64 << 30] {
         let mut p = parcel(root.path(), size);
-        let runs = 3;
+        let runs: usize = std::env::var("ISR_BENCH_RUNS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3);
         // Cold: an empty cache each time.
         let cold = median(runs, |i| {
             p.cache = p.dir.join(format!("cold-{i}"));
@@ -157,6 +160,9 @@ fn bench_resume_cold_warm_recover() {
         // Warm: one cache, filled (hoard), resumed right after a clean close.
         p.cache = p.dir.join("cache");
         p.ok(&["hoard", "--json"], true);
+        // What is measured is a resume right after a clean suspend.
+        p.ok(&["resume", "--json"], true);
+        p.ok(&["suspend", &p.name, "--json"], false);
         let mut st = Value::Null;
         let warm = median(runs, |_| {
             let (t, _) = p.timed(&["resume", "--json"], true);
@@ -194,7 +200,7 @@ fn bench_resume_cold_warm_recover() {
     }
     println!();
     println!(
-        "| parcel | cold resume | warm resume | recover after SIGKILL | warm/cold |  (medians of 3)"
+        "| parcel | cold resume | warm resume | recover after SIGKILL | warm/cold |  (medians)"
     );
     println!("|---|---|---|---|---|");
     for r in &rows {

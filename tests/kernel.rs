@@ -570,9 +570,32 @@ fn ublk_store_outage_fails_each_miss_at_its_deadline_and_cached_reads_go_on() {
         misses.push((at, started.elapsed()));
         attempt += 1;
     }
+    // A discard of part of an absent chunk must keep the rest of it, so it
+    // waits for the chunk too, in the ring, and fails at its deadline;
+    // cached reads are still going on meanwhile.
+    let started = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (dev2, at) = (dev.clone(), absent[1] + 4096);
+    std::thread::spawn(move || {
+        let out = Command::new("blkdiscard")
+            .args(["-o", &at.to_string(), "-l", "4096", &dev2])
+            .output();
+        let _ = tx.send(out);
+    });
+    let out = rx
+        .recv_timeout(Duration::from_secs(40))
+        .expect("a partial discard of an absent chunk hung past its deadline")
+        .unwrap();
+    assert!(!out.status.success(), "the discard needed the store");
+    assert!(started.elapsed() >= Duration::from_millis(2500));
     stop.store(true, Ordering::Relaxed);
     let (n, worst) = cached.join().unwrap();
     assert!(n > 0, "no cached read completed during the outage");
+    // No queue thread sat in a wait for the store (a miss deadline is 3 s).
+    assert!(
+        worst < Duration::from_secs(2),
+        "a cached read waited {worst:?}: a queue was blocked"
+    );
 
     vm.s3().restart();
     let mut a = Aligned::new(4096);
