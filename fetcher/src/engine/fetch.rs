@@ -280,21 +280,63 @@ impl Window {
     }
 }
 
+/// The order of prefetch: the previous session's trace first, then every
+/// other chunk ascending, then chunks pushed back after a transient error.
+/// Nothing of the size of the disk is built up front (a warm resume of a
+/// large disk should not pay for it).
+struct PrefetchOrder {
+    trace: VecDeque<u64>,
+    in_trace: Vec<u64>,
+    next: u64,
+    n: u64,
+    again: VecDeque<u64>,
+}
+
+impl PrefetchOrder {
+    fn new(trace: &[u64], n: u64) -> PrefetchOrder {
+        let mut in_trace = vec![0u64; n.div_ceil(64) as usize];
+        let mut order = VecDeque::new();
+        for &c in trace {
+            if c < n && in_trace[(c / 64) as usize] & (1 << (c % 64)) == 0 {
+                in_trace[(c / 64) as usize] |= 1 << (c % 64);
+                order.push_back(c);
+            }
+        }
+        PrefetchOrder {
+            trace: order,
+            in_trace,
+            next: 0,
+            n,
+            again: VecDeque::new(),
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<u64> {
+        if let Some(c) = self.trace.pop_front() {
+            return Some(c);
+        }
+        while self.next < self.n {
+            let c = self.next;
+            self.next += 1;
+            if self.in_trace[(c / 64) as usize] & (1 << (c % 64)) == 0 {
+                return Some(c);
+            }
+        }
+        self.again.pop_front()
+    }
+
+    fn push_back(&mut self, c: u64) {
+        self.again.push_back(c);
+    }
+}
+
 /// Runs until shutdown: demand fetches start at once; prefetches fill the
 /// window, in the base manifest's trace order, then ascending.
 pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::UnboundedReceiver<u64>) {
     let n = shared.geometry.chunk_count();
-    let mut order: VecDeque<u64> = {
+    let mut order = {
         let base = shared.base();
-        let trace = &base.manifest.access_trace;
-        let mut seen = vec![false; n as usize];
-        let mut order = VecDeque::with_capacity(n as usize);
-        for &c in trace.iter().chain(&(0..n).collect::<Vec<_>>()) {
-            if c < n && !std::mem::replace(&mut seen[c as usize], true) {
-                order.push_back(c);
-            }
-        }
-        order
+        PrefetchOrder::new(&base.manifest.access_trace, n)
     };
     let mut window = Window::new(shared.options.max_fetches);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, bool, Outcome)>();
@@ -385,6 +427,14 @@ pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::Unbounde
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefetch_order_is_trace_then_the_rest_then_retries() {
+        let mut o = PrefetchOrder::new(&[5, 2, 5, 99], 8);
+        o.push_back(7);
+        let got: Vec<u64> = std::iter::from_fn(|| o.pop_front()).collect();
+        assert_eq!(got, [5, 2, 0, 1, 3, 4, 6, 7, 7]);
+    }
 
     #[test]
     fn window_grows_with_throughput_and_halves_on_errors() {
