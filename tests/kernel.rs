@@ -303,6 +303,7 @@ fn ublk_recovery_after_sigkill_under_fio() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             &loops,
         ])
         .stdout(std::process::Stdio::piped())
