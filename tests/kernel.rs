@@ -262,6 +262,7 @@ fn ublk_fio_random_writes_verify_at_qd32() {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--output-format=terse",
     ]));
     vm.suspend();
