@@ -17,6 +17,12 @@ pub fn fork(
     options: EngineOptions,
     created_unix: i64,
 ) -> Result<(PublishSummary, PathBuf), Error> {
+    if to.name() == parcel.name() {
+        return Err(Error::Invalid(format!(
+            "fork parcel {} to a new name (--to), not to itself",
+            parcel.name()
+        )));
+    }
     let to_dir = cache::cache_dir(&options.cache_root, to.store().url(), to.name());
     if to_dir.exists() {
         return Err(Error::Conflict(format!(
