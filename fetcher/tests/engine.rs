@@ -10,10 +10,11 @@ mod support;
 
 mod common;
 
+use common::{Rng, read_all};
+
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{BufRead, BufReader};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -159,33 +160,6 @@ fn options(root: &Path) -> EngineOptions {
         prefetch: false,
         host: "test-host".into(),
         ..Default::default()
-    }
-}
-
-fn read_all(engine: &Engine) -> Vec<u8> {
-    let mut buf = vec![0u8; engine.geometry().disk_size() as usize];
-    engine.read(0, &mut buf).unwrap();
-    buf
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn range_in(&mut self, r: &Range<u64>, max_len: u64) -> (u64, u64) {
-        let off = r.start + self.below(r.end - r.start);
-        let len = 1 + self.below(max_len.min(r.end - off));
-        (off, len)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
     }
 }
 

@@ -13,6 +13,10 @@
 #[path = "../../tests/support/mod.rs"]
 mod support;
 
+mod common;
+
+use common::{Rng, read_all};
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -40,33 +44,6 @@ fn options(root: &Path) -> EngineOptions {
         prefetch: false,
         host: "reliability".into(),
         ..Default::default()
-    }
-}
-
-fn read_all(engine: &Engine) -> Vec<u8> {
-    let mut buf = vec![0u8; engine.geometry().disk_size() as usize];
-    engine.read(0, &mut buf).unwrap();
-    buf
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(n + 8);
-        while out.len() < n {
-            out.extend_from_slice(&self.next().to_le_bytes());
-        }
-        out.truncate(n);
-        out
     }
 }
 
