@@ -54,8 +54,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends one command to a parcel's daemon; its one-line JSON answer.
 fn ask(parcel: &str, command: &str) -> anyhow::Result<Value> {
-    let (stream, mut reader) = send(parcel, command)?;
-    let _ = stream;
+    let (_stream, mut reader) = send(parcel, command)?;
     read_answer(parcel, command, &mut reader, ANSWER_TIMEOUT)
 }
 

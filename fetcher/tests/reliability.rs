@@ -15,7 +15,7 @@ mod support;
 
 mod common;
 
-use common::{Rng, read_all};
+use common::{CHUNK, Rng, file_store, read_all};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -23,15 +23,13 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fetcher::ops::{ImportOptions, export, import, verify};
+use fetcher::ops::{export, verify};
 use fetcher::{ChunkFault, Engine, EngineOptions, Error, Parcel, Store, StoreOptions, no_progress};
 use format::{ChunkEntry, ChunkId, Secret};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
-
-const CHUNK: u64 = 64 * 1024;
 
 fn secret() -> Secret {
     Secret::new(&[0x44; 32])
@@ -49,26 +47,7 @@ fn options(root: &Path) -> EngineOptions {
 
 /// Imports a generated image of `mib` MiB as version 1 of parcel "vm".
 fn make_parcel(store: Store, mib: u64, seed: u64) -> (Parcel, Vec<u8>) {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("image");
-    support::write_mixed_image(&image, mib << 20, seed);
-    let parcel = Parcel::new(store, "vm", secret()).unwrap();
-    let options = ImportOptions {
-        chunk_size: Some(CHUNK as u32),
-        ..Default::default()
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(import(&parcel, &image, &options, no_progress()))
-        .unwrap();
-    (parcel, std::fs::read(&image).unwrap())
-}
-
-fn file_store(dir: &Path) -> Store {
-    Store::open(
-        &format!("file://{}/store", dir.display()),
-        &StoreOptions::default(),
-    )
-    .unwrap()
+    common::import_parcel(store, mib, seed, secret())
 }
 
 /// A raw client of the test S3 server, under `prefix` of its bucket.

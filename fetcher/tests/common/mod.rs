@@ -4,7 +4,13 @@
 
 use std::ops::Range;
 
-use fetcher::Engine;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use fetcher::ops::{ImportOptions, import};
+use fetcher::{Engine, Parcel, Store, no_progress};
+use format::Secret;
 use object_store::aws::AmazonS3Builder;
 
 use crate::support;
@@ -53,4 +59,59 @@ impl Rng {
         out.truncate(n);
         out
     }
+}
+
+/// Size of the chunks of the parcels the tests make.
+pub const CHUNK: u64 = 64 * 1024;
+
+/// Imports a generated image of `mib` MiB as version 1 of parcel "vm"
+/// under `secret`; returns the parcel and the image.
+pub fn import_parcel(store: Store, mib: u64, seed: u64, secret: Secret) -> (Parcel, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image");
+    support::write_mixed_image(&image, mib << 20, seed);
+    let parcel = Parcel::new(store, "vm", secret).unwrap();
+    let options = ImportOptions {
+        chunk_size: Some(CHUNK as u32),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(import(&parcel, &image, &options, no_progress()))
+        .unwrap();
+    (parcel, std::fs::read(&image).unwrap())
+}
+
+/// The file store under `dir` that the crash tests and their children share.
+pub fn file_store(dir: &Path) -> Store {
+    Store::open(
+        &format!("file://{}/store", dir.display()),
+        &Default::default(),
+    )
+    .unwrap()
+}
+
+/// Runs test `name` of this binary as a child process with `env`, and waits
+/// for its line saying "ready"; returns the child and the rest of that line.
+/// (The harness may print "test NAME ... " before the child's words.)
+pub fn spawn_ready_child(name: &str, dir: &Path, env: &[(&str, String)]) -> (Child, String) {
+    let err = dir.join("child.err");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("ready") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "{name} died before ready: {}",
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
+    }
+    let rest = line.split("ready").nth(1).unwrap_or("").trim().to_owned();
+    (child, rest)
 }
