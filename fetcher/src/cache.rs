@@ -368,6 +368,13 @@ impl Cache {
         self.entries.is_empty()
     }
 
+    /// The chunks whose state is `state`, ascending.
+    pub fn chunks_in(&self, state: u64) -> Vec<u64> {
+        (0..self.len() as u64)
+            .filter(|&c| state_of(self.entry(c)) == state)
+            .collect()
+    }
+
     /// The entry of chunk `c` (lock-free).
     pub fn entry(&self, c: u64) -> u64 {
         self.entries[c as usize].load(Ordering::Acquire)

@@ -77,18 +77,14 @@ pub fn check(parcel: &Parcel, cache_root: &Path, progress: Progress) -> Result<C
             base.chunk_size
         )));
     }
-    let present: Vec<u64> = (0..cache.len() as u64)
-        .filter(|&c| cache::state_of(cache.entry(c)) == PRESENT)
-        .collect();
+    let present = cache.chunks_in(PRESENT);
     let found = present_mismatches(parcel, &cache, &base, &present, &*progress)?;
     let mut report = CheckReport {
         base_version: header.base_version,
         chunks: cache.len() as u64,
         present: present.len() as u64,
         hashed: found.hashed,
-        dirty: (0..cache.len() as u64)
-            .filter(|&c| cache::state_of(cache.entry(c)) == DIRTY)
-            .count() as u64,
+        dirty: cache.chunks_in(DIRTY).len() as u64,
         bad_entries: repaired.bad_entries,
         truncated: repaired.truncated,
         lost_dirty: repaired.lost_dirty,

@@ -457,9 +457,7 @@ impl Engine {
     pub fn verify_cached(&self, progress: crate::Progress) -> Result<(u64, Vec<u64>), Error> {
         let s = &self.shared;
         let base = s.base();
-        let present: Vec<u64> = (0..s.geometry.chunk_count())
-            .filter(|&c| cache::state_of(s.cache.entry(c)) == PRESENT)
-            .collect();
+        let present = s.cache.chunks_in(PRESENT);
         let found = reconcile::present_mismatches(
             &s.parcel,
             &s.cache,

@@ -19,7 +19,7 @@ use format::chunk::ChunkEncoder;
 use futures::{StreamExt, TryStreamExt, stream};
 
 use super::{Engine, Shared};
-use crate::cache::{self, DIRTY, PRESENT};
+use crate::cache::{DIRTY, PRESENT};
 use crate::lease::Lease;
 use crate::ops::DEFAULT_CONCURRENCY;
 use crate::{Error, Parcel, PutOutcome};
@@ -46,21 +46,14 @@ impl Engine {
     /// changed chunks upload; the others are shared. The cache is then
     /// based on `to` (move it with [`fork`](super::fork)).
     pub fn publish_fork(&self, to: &Parcel, created_unix: i64) -> Result<PublishSummary, Error> {
-        let started = Instant::now();
-        self.flush()?;
         let (shared, to) = (self.shared.clone(), to.clone());
-        let mut summary = self.block_on(async move {
+        self.flush_and_run(async move {
+            // Refused before anything uploads; `publish` catches a race.
             if to.head().await?.is_some() {
-                return Err(Error::Conflict(format!(
-                    "parcel {} exists already in {}; choose another name",
-                    to.name(),
-                    to.store().url()
-                )));
+                return Err(fork_target_exists(&to));
             }
             publish(shared, None, Some(&to), created_unix).await
-        })??;
-        summary.seconds = started.elapsed().as_secs_f64();
-        Ok(summary)
+        })
     }
 
     /// Publishes the dirty chunks as the next version. With `lease`, checks
@@ -70,20 +63,36 @@ impl Engine {
         lease: Option<&Lease>,
         created_unix: i64,
     ) -> Result<PublishSummary, Error> {
-        let started = Instant::now();
-        self.flush()?;
         let shared = self.shared.clone();
-        let mut summary = self.block_on(async move {
+        self.flush_and_run(async move {
             if let Some(l) = lease
                 && let Err(e) = l.check().await
             {
                 return Err(fenced(&shared, e).await);
             }
             publish(shared, lease, None, created_unix).await
-        })??;
+        })
+    }
+
+    /// Flushes, then runs a publish on the fetcher's runtime, timing both.
+    fn flush_and_run(
+        &self,
+        publish: impl std::future::Future<Output = Result<PublishSummary, Error>>,
+    ) -> Result<PublishSummary, Error> {
+        let started = Instant::now();
+        self.flush()?;
+        let mut summary = self.block_on(publish)??;
         summary.seconds = started.elapsed().as_secs_f64();
         Ok(summary)
     }
+}
+
+fn fork_target_exists(to: &Parcel) -> Error {
+    Error::Conflict(format!(
+        "parcel {} exists already in {}; choose another name",
+        to.name(),
+        to.store().url()
+    ))
 }
 
 /// Publishes the dirty chunks: as the next version of the engine's parcel,
@@ -96,9 +105,7 @@ async fn publish(
 ) -> Result<PublishSummary, Error> {
     let base = shared.base();
     let (base_version, base_manifest) = (&base.version, &base.manifest);
-    let dirty: Vec<u64> = (0..shared.geometry.chunk_count())
-        .filter(|&c| cache::state_of(shared.cache.entry(c)) == DIRTY)
-        .collect();
+    let dirty = shared.cache.chunks_in(DIRTY);
     let mut summary = PublishSummary {
         version: *base_version,
         dirty_chunks: dirty.len() as u64,
@@ -175,11 +182,7 @@ async fn publish(
     let published = match target.publish(&manifest, version).await {
         Ok(p) => p,
         Err(Error::VersionExists { .. }) if fork_to.is_some() => {
-            return Err(Error::Conflict(format!(
-                "parcel {} exists already in {}; choose another name",
-                target.name(),
-                target.store().url()
-            )));
+            return Err(fork_target_exists(target));
         }
         Err(Error::VersionExists { .. }) => {
             // A lease stolen meanwhile: the stealer's fence took this
@@ -226,9 +229,7 @@ async fn fenced(shared: &Shared, lost: Error) -> Error {
     let Error::LeaseLost { holder, .. } = lost else {
         return lost;
     };
-    let dirty = (0..shared.geometry.chunk_count())
-        .filter(|&c| cache::state_of(shared.cache.entry(c)) == DIRTY)
-        .count() as u64;
+    let dirty = shared.cache.chunks_in(DIRTY).len() as u64;
     Error::Fenced {
         parcel: shared.parcel.name().to_owned(),
         holder,

@@ -163,10 +163,7 @@ fn read_chunk(cache: &Cache, m: &Manifest, c: u64, buf: &mut Vec<u8>) -> Result<
 /// that do not match become dirty. Returns (chunks hashed, chunks made
 /// dirty).
 fn recover(parcel: &Parcel, cache: &Cache, base: &Manifest) -> Result<(u64, u64), Error> {
-    let candidates: Vec<u64> = (0..cache.len() as u64)
-        .filter(|&c| cache::state_of(cache.entry(c)) == PRESENT)
-        .collect();
-    let found = present_mismatches(parcel, cache, base, &candidates, &|_| {})?;
+    let found = present_mismatches(parcel, cache, base, &cache.chunks_in(PRESENT), &|_| {})?;
     for &c in &found.mismatched {
         cache.set(c, DIRTY)?;
     }
@@ -185,8 +182,8 @@ pub(crate) struct Mismatches {
 /// what `base` says. Holes are never read: a chunk that is all hole matches
 /// exactly when the manifest has zeros there (stored chunks are never all
 /// zero). The rest is read and hashed in parallel; `progress` gets the
-/// bytes hashed. Chunks are read under their stripe lock by the caller's
-/// contract: callers run before the device, or hold no writer.
+/// bytes hashed. No stripe lock is taken: callers run where nothing writes
+/// the cache (before the device starts, or in `hoard` and `check`).
 pub(crate) fn present_mismatches(
     parcel: &Parcel,
     cache: &Cache,
@@ -286,9 +283,7 @@ fn invalidate_changed(cache: &Cache, base: &Manifest, next: &Manifest) -> Result
 }
 
 fn dirty_count(cache: &Cache) -> usize {
-    (0..cache.len() as u64)
-        .filter(|&c| cache::state_of(cache.entry(c)) == DIRTY)
-        .count()
+    cache.chunks_in(DIRTY).len()
 }
 
 fn conflict(parcel: &Parcel, cache: &Cache, base: u64, version: u64, m: &Manifest) -> Error {
