@@ -81,27 +81,44 @@ fn read_answer(
     reader: &mut BufReader<UnixStream>,
     timeout: Duration,
 ) -> anyhow::Result<Value> {
+    read_answer_while(parcel, command, reader, timeout, || false)
+}
+
+/// Reads one JSON line, waiting `timeout` at a time for as long as
+/// `keep_waiting` says (a partial line read before a timeout is kept).
+fn read_answer_while(
+    parcel: &str,
+    command: &str,
+    reader: &mut BufReader<UnixStream>,
+    timeout: Duration,
+    keep_waiting: impl Fn() -> bool,
+) -> anyhow::Result<Value> {
     reader.get_ref().set_read_timeout(Some(timeout))?;
     let mut line = String::new();
-    match reader.read_line(&mut line) {
-        Ok(_) => {}
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            bail!(
-                "the daemon of parcel {parcel} did not answer {command:?} within {} s (pid {}); see {}",
-                timeout.as_secs(),
-                read_state(parcel).map_or("unknown".into(), |s| s["pid"].to_string()),
-                run_dir().join(format!("{parcel}.log")).display()
-            )
-        }
-        Err(e) => {
-            return Err(
-                anyhow::Error::new(e).context(format!("reading the daemon of parcel {parcel}"))
-            );
+    loop {
+        match reader.read_line(&mut line) {
+            Ok(_) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if keep_waiting() {
+                    continue;
+                }
+                bail!(
+                    "the daemon of parcel {parcel} did not answer {command:?} within {} s (pid {}); see {}",
+                    timeout.as_secs(),
+                    read_state(parcel).map_or("unknown".into(), |s| s["pid"].to_string()),
+                    run_dir().join(format!("{parcel}.log")).display()
+                )
+            }
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("reading the daemon of parcel {parcel}"))
+                );
+            }
         }
     }
     if line.is_empty() {
@@ -110,23 +127,6 @@ fn read_answer(
     serde_json::from_str(&line).with_context(|| {
         format!("the daemon of parcel {parcel} answered {command:?} with {line:?}")
     })
-}
-
-/// Waits for the outcome of a long command (suspend) after its
-/// acknowledgement: as long as the daemon lives.
-fn await_outcome(
-    parcel: &str,
-    command: &str,
-    reader: &mut BufReader<UnixStream>,
-    pid: i64,
-) -> anyhow::Result<Value> {
-    loop {
-        match read_answer(parcel, command, reader, Duration::from_secs(2)) {
-            Ok(v) => return Ok(v),
-            Err(e) if e.to_string().contains("did not answer") && pid_alive(pid) => continue,
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 fn answer(
@@ -220,11 +220,15 @@ pub fn suspend(a: NameArgs) -> anyhow::Result<ExitCode> {
     let (_stream, mut reader) = send(&a.parcel, "suspend")?;
     let ack = read_answer(&a.parcel, "suspend", &mut reader, ANSWER_TIMEOUT)?;
     let reply = if ack.get("accepted").is_some() {
-        await_outcome(
+        // The publish may take as long as the upload: wait while the
+        // daemon lives.
+        let pid = status["pid"].as_i64().unwrap_or(0);
+        read_answer_while(
             &a.parcel,
             "suspend",
             &mut reader,
-            status["pid"].as_i64().unwrap_or(0),
+            Duration::from_secs(2),
+            || pid_alive(pid),
         )?
     } else {
         ack
