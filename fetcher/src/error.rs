@@ -101,9 +101,10 @@ pub enum Error {
         source: format::Error,
     },
     /// A chunk named by a manifest is missing, unreadable or corrupt.
-    #[error("chunk {id} (disk chunk {index}) of parcel {parcel} version {version}: {fault}")]
+    #[error("chunk {id} ({image} chunk {index}) of parcel {parcel} version {version}: {fault}")]
     BadChunk {
         id: ChunkId,
+        image: crate::ops::Image,
         index: u64,
         parcel: String,
         version: u64,

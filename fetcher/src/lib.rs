@@ -24,7 +24,7 @@ pub mod private;
 pub mod sparse;
 mod store;
 
-pub use engine::{Engine, EngineOptions, EngineStats, OpenReport, PublishSummary};
+pub use engine::{Engine, EngineOptions, EngineStats, OpenReport, PublishSummary, SavedVm};
 pub use error::{ChunkFault, Error};
 pub use lease::{Lease, LeaseInfo};
 pub use notify::Notifier;

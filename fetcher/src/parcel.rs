@@ -4,6 +4,7 @@ use bytes::Bytes;
 use format::chunk::ChunkDecoder;
 use format::{ChunkKey, Manifest, Secret};
 
+use crate::ops::Image;
 use crate::store::validate_parcel_name;
 use crate::{ChunkFault, Error, Store};
 
@@ -181,9 +182,23 @@ impl Parcel {
         index: u64,
         version: u64,
     ) -> Result<Vec<u8>, Error> {
+        self.fetch_image_chunk(key, len, Image::Disk, index, version)
+            .await
+    }
+
+    /// [`fetch_chunk`](Self::fetch_chunk) of chunk `index` of `image`.
+    pub async fn fetch_image_chunk(
+        &self,
+        key: ChunkKey,
+        len: usize,
+        image: Image,
+        index: u64,
+        version: u64,
+    ) -> Result<Vec<u8>, Error> {
         let id = key.id();
         let bad = |fault| Error::BadChunk {
             id,
+            image,
             index,
             parcel: self.name.clone(),
             version,

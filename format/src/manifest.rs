@@ -22,6 +22,10 @@
 //!   access trace: varint count, then zigzag varint deltas of chunk indices
 //!   extensions: varint count, then (varint tag, varint length, bytes);
 //!     tag 2: the 16-byte id of the cache that published the version
+//!     tag 4: the VM's settings (see [`VmSettings`]): varint memory MiB,
+//!            varint vCPUs, varint save format (0 a QEMU migration stream,
+//!            1 QEMU mapped-ram), varint argument count, then each argument
+//!            as varint length + UTF-8
 //!
 //! a chunk table is a sequence of runs covering exactly ⌈size / chunk size⌉
 //! entries; a run is a varint h with n = h >> 1 ≥ 1 entries:
@@ -56,6 +60,12 @@ const TAG_LEN: usize = 16;
 const WHAT: &str = "manifest";
 /// Extension: the 16-byte id of the cache that wrote the version (optional).
 const EXT_WRITER: u64 = 2;
+/// Extension: the VM's settings (optional: an older reader still has the disk).
+const EXT_VM: u64 = 4;
+/// Most hypervisor arguments a manifest records, and the longest one.
+pub const MAX_VM_ARGS: usize = 512;
+/// Longest hypervisor argument a manifest records.
+pub const MAX_VM_ARG_LEN: usize = 4096;
 /// Longest host name a manifest records.
 pub const MAX_HOST_LEN: usize = 255;
 /// Largest manifest object a reader accepts: the largest chunk table
@@ -95,6 +105,35 @@ pub struct Manifest {
     /// The cache that published this version (extension 2, optional): lets
     /// that cache recognise its own publish after a crash.
     pub writer: Option<[u8; 16]>,
+    /// How to rebuild the VM on another host (extension 4, optional).
+    pub vm: Option<VmSettings>,
+}
+
+/// How the VM that uses the disk (and memory image) is run: enough for the
+/// next host to rebuild the same virtual hardware, which restoring a memory
+/// image needs. Host paths (the disk's device, sockets) are not recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VmSettings {
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Layout of the memory image.
+    pub save_format: SaveFormat,
+    /// The hypervisor's further arguments (QEMU's, beyond the disk, the
+    /// memory and the CPUs), as given.
+    pub args: Vec<String>,
+}
+
+/// Layout of a memory image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SaveFormat {
+    /// A QEMU migration stream (`migrate` to `exec:`/`file:`), or any
+    /// hypervisor's own state file.
+    #[default]
+    Stream,
+    /// QEMU's mapped-ram layout (QEMU 9+): each RAM page at a fixed offset.
+    MappedRam,
 }
 
 impl Manifest {
@@ -111,7 +150,13 @@ impl Manifest {
             host: String::new(),
             access_trace: Vec::new(),
             writer: None,
+            vm: None,
         }
+    }
+
+    /// The memory image's geometry (size 0: none).
+    pub fn memory_geometry(&self) -> Geometry {
+        Geometry::new(self.memory_size, self.chunk_size).expect("validated when built or decoded")
     }
 
     /// The disk's geometry.
@@ -226,14 +271,30 @@ impl Manifest {
             w.varint(((delta << 1) ^ (delta >> 63)) as u64);
             prev = chunk as i64;
         }
-        match &self.writer {
-            Some(id) => {
-                w.varint(1);
-                w.varint(EXT_WRITER);
-                w.varint(id.len() as u64);
-                w.bytes(id);
+        let mut extensions: Vec<(u64, Vec<u8>)> = Vec::new();
+        if let Some(id) = &self.writer {
+            extensions.push((EXT_WRITER, id.to_vec()));
+        }
+        if let Some(vm) = &self.vm {
+            let mut v = Writer(Vec::new());
+            v.varint(vm.memory_mib.into());
+            v.varint(vm.cpus.into());
+            v.varint(match vm.save_format {
+                SaveFormat::Stream => 0,
+                SaveFormat::MappedRam => 1,
+            });
+            v.varint(vm.args.len() as u64);
+            for a in &vm.args {
+                v.varint(a.len() as u64);
+                v.bytes(a.as_bytes());
             }
-            None => w.varint(0),
+            extensions.push((EXT_VM, v.0));
+        }
+        w.varint(extensions.len() as u64);
+        for (tag, value) in extensions {
+            w.varint(tag);
+            w.varint(value.len() as u64);
+            w.bytes(&value);
         }
         w.0
     }
@@ -279,6 +340,9 @@ impl Manifest {
         }
         if self.parent == Some(0) {
             return Err(Error::malformed(WHAT, "parent version 0 does not exist"));
+        }
+        if let Some(vm) = &self.vm {
+            check_vm_args(vm.args.len(), vm.args.iter().map(String::len))?;
         }
         Ok(())
     }
@@ -391,6 +455,7 @@ fn decode_body(body: &[u8]) -> Result<Manifest, Error> {
 
     let extensions = r.varint()?;
     let mut writer = None;
+    let mut vm = None;
     for _ in 0..extensions {
         let tag = r.varint()?;
         let len = r.varint()?;
@@ -403,6 +468,7 @@ fn decode_body(body: &[u8]) -> Result<Manifest, Error> {
                         Error::malformed(WHAT, format!("writer id of {len} bytes"))
                     })?);
             }
+            EXT_VM => vm = Some(decode_vm(value)?),
             t if t & 1 == 1 => {
                 return Err(Error::UnsupportedFeature {
                     what: WHAT,
@@ -429,6 +495,62 @@ fn decode_body(body: &[u8]) -> Result<Manifest, Error> {
         host,
         access_trace,
         writer,
+        vm,
+    })
+}
+
+fn check_vm_args(count: usize, mut lens: impl Iterator<Item = usize>) -> Result<(), Error> {
+    if count > MAX_VM_ARGS {
+        return Err(Error::TooLarge {
+            what: "VM argument list",
+            size: count as u64,
+            limit: MAX_VM_ARGS as u64,
+        });
+    }
+    if let Some(len) = lens.find(|&l| l > MAX_VM_ARG_LEN) {
+        return Err(Error::TooLarge {
+            what: "VM argument",
+            size: len as u64,
+            limit: MAX_VM_ARG_LEN as u64,
+        });
+    }
+    Ok(())
+}
+
+fn decode_vm(value: &[u8]) -> Result<VmSettings, Error> {
+    let mut r = Reader::new(value, WHAT);
+    let small = |v: u64, what: &str| {
+        u32::try_from(v).map_err(|_| Error::malformed(WHAT, format!("VM {what} {v}")))
+    };
+    let memory_mib = small(r.varint()?, "memory")?;
+    let cpus = small(r.varint()?, "CPU count")?;
+    let save_format = match r.varint()? {
+        0 => SaveFormat::Stream,
+        1 => SaveFormat::MappedRam,
+        f => return Err(Error::malformed(WHAT, format!("memory image format {f}"))),
+    };
+    let count = r.varint()?;
+    let count = usize::try_from(count).unwrap_or(usize::MAX);
+    check_vm_args(count, std::iter::empty())?;
+    let mut args = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
+        check_vm_args(0, std::iter::once(len))?;
+        let arg = std::str::from_utf8(r.take(len)?)
+            .map_err(|_| Error::malformed(WHAT, "VM argument is not UTF-8"))?;
+        args.push(arg.to_owned());
+    }
+    if r.remaining() != 0 {
+        return Err(Error::malformed(
+            WHAT,
+            "unexpected bytes after the VM settings",
+        ));
+    }
+    Ok(VmSettings {
+        memory_mib,
+        cpus,
+        save_format,
+        args,
     })
 }
 

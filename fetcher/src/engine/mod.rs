@@ -38,7 +38,7 @@ use crate::{Error, Parcel};
 pub use check::{CheckReport, check};
 pub use fetch::Slot;
 pub use fork::fork;
-pub use publish::PublishSummary;
+pub use publish::{PublishSummary, SavedVm};
 
 /// How an engine runs.
 #[derive(Debug, Clone)]

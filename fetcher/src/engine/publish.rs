@@ -10,18 +10,19 @@
 //! own and a rerun completes it.
 
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use format::ChunkEntry;
 use format::chunk::ChunkEncoder;
+use format::{ChunkEntry, VmSettings};
 use futures::{StreamExt, TryStreamExt, stream};
 
 use super::{Engine, Shared};
 use crate::cache::{DIRTY, PRESENT};
 use crate::lease::Lease;
-use crate::ops::DEFAULT_CONCURRENCY;
+use crate::ops::{DEFAULT_CONCURRENCY, MemoryUpload};
 use crate::{Error, Parcel, PutOutcome};
 
 /// What a publish did.
@@ -35,8 +36,23 @@ pub struct PublishSummary {
     pub uploaded_chunks: u64,
     /// Bytes uploaded.
     pub bytes_uploaded: u64,
+    /// The memory image published with the disk, if any (its chunk table
+    /// left out).
+    pub memory: Option<MemoryUpload>,
     /// Wall time.
     pub seconds: f64,
+}
+
+/// What a suspend publishes besides the disk's changes.
+#[derive(Debug, Clone, Default)]
+pub struct SavedVm {
+    /// The VM's saved memory and device state (a hypervisor's state file):
+    /// published with the disk as one version. Without it, the version has
+    /// no memory image (the disk changed: the base's would not match it).
+    pub memory: Option<PathBuf>,
+    /// The VM's settings, if they are new; without them the base version's
+    /// carry over.
+    pub vm: Option<VmSettings>,
 }
 
 impl Engine {
@@ -52,7 +68,7 @@ impl Engine {
             if to.head().await?.is_some() {
                 return Err(fork_target_exists(&to));
             }
-            publish(shared, None, Some(&to), created_unix).await
+            publish(shared, None, Some(&to), created_unix, &SavedVm::default()).await
         })
     }
 
@@ -63,6 +79,18 @@ impl Engine {
         lease: Option<&Lease>,
         created_unix: i64,
     ) -> Result<PublishSummary, Error> {
+        self.publish_with(lease, created_unix, &SavedVm::default())
+    }
+
+    /// [`publish`](Self::publish), with the VM's memory image and settings
+    /// in the same version: a version is published even when the disk did
+    /// not change, if there is a memory image or new settings.
+    pub fn publish_with(
+        &self,
+        lease: Option<&Lease>,
+        created_unix: i64,
+        saved: &SavedVm,
+    ) -> Result<PublishSummary, Error> {
         let shared = self.shared.clone();
         self.flush_and_run(async move {
             if let Some(l) = lease
@@ -70,7 +98,7 @@ impl Engine {
             {
                 return Err(fenced(&shared, e).await);
             }
-            publish(shared, lease, None, created_unix).await
+            publish(shared, lease, None, created_unix, saved).await
         })
     }
 
@@ -102,6 +130,7 @@ async fn publish(
     lease: Option<&Lease>,
     fork_to: Option<&Parcel>,
     created_unix: i64,
+    saved: &SavedVm,
 ) -> Result<PublishSummary, Error> {
     let base = shared.base();
     let (base_version, base_manifest) = (&base.version, &base.manifest);
@@ -111,7 +140,11 @@ async fn publish(
         dirty_chunks: dirty.len() as u64,
         ..Default::default()
     };
-    if dirty.is_empty() && fork_to.is_none() {
+    let new_vm = saved
+        .vm
+        .as_ref()
+        .filter(|&vm| base_manifest.vm.as_ref() != Some(vm));
+    if dirty.is_empty() && fork_to.is_none() && saved.memory.is_none() && new_vm.is_none() {
         return Ok(summary);
     }
     let uploaded: Vec<(u64, u64, ChunkEntry, Option<u64>)> = stream::iter(dirty)
@@ -169,6 +202,28 @@ async fn publish(
             summary.uploaded_chunks += 1;
             summary.bytes_uploaded += size;
         }
+    }
+    // The memory image: chunked and deduplicated like the disk, against
+    // the chunks of the base version and of the new disk.
+    manifest.memory_size = 0;
+    manifest.memory_chunks.clear();
+    if let Some(path) = &saved.memory {
+        let mut known = crate::ops::known_chunks(Some(&manifest));
+        known.extend(crate::ops::known_chunks(Some(base_manifest)));
+        let mut up = crate::ops::upload_memory(
+            &shared.parcel,
+            path,
+            manifest.chunk_size,
+            &mut known,
+            crate::no_progress(),
+        )
+        .await?;
+        manifest.memory_size = up.size;
+        manifest.memory_chunks = std::mem::take(&mut up.table);
+        summary.memory = Some(up);
+    }
+    if let Some(vm) = new_vm {
+        manifest.vm = Some(vm.clone());
     }
     manifest.parent = fork_to.is_none().then_some(*base_version);
     manifest.created_unix = created_unix;

@@ -11,7 +11,7 @@ use std::time::Instant;
 use format::{ChunkEntry, Geometry, Manifest};
 use futures::{StreamExt, TryStreamExt, stream};
 
-use super::{DEFAULT_CONCURRENCY, distinct_chunks};
+use super::{DEFAULT_CONCURRENCY, Image, distinct_chunks};
 use crate::disk_file::{block_device_size, kind_name};
 use crate::{Error, Parcel, Progress};
 
@@ -80,20 +80,45 @@ pub async fn export_with(
     options: &ExportOptions,
     progress: Progress,
 ) -> Result<ExportSummary, Error> {
+    export_image(
+        parcel,
+        version,
+        manifest,
+        Image::Disk,
+        out,
+        options,
+        progress,
+    )
+    .await
+}
+
+/// Writes `image` (the disk, or the memory image) of version `version` of
+/// `parcel` to `out`, as [`export_with`] does the disk: fetched in
+/// parallel, every chunk verified.
+pub async fn export_image(
+    parcel: &Parcel,
+    version: u64,
+    manifest: &Manifest,
+    image: Image,
+    out: &Path,
+    options: &ExportOptions,
+    progress: Progress,
+) -> Result<ExportSummary, Error> {
     let started = Instant::now();
-    let geometry = manifest.geometry();
+    let geometry = image.geometry(manifest);
+    let table = image.table(manifest);
     let target = Target::open(out, options.force, geometry.disk_size())?;
     let is_device = target.is_device();
     let file = target.file.clone();
 
-    let chunks = distinct_chunks(manifest);
+    let chunks = distinct_chunks(table);
     let data_bytes: u64 = chunks
         .iter()
         .flat_map(|(_, at)| at)
         .map(|&i| geometry.chunk_len(i) as u64)
         .sum();
     if is_device {
-        write_zero_chunks(&file, &target.path, &geometry, manifest).await?;
+        write_zero_chunks(&file, &target.path, &geometry, table).await?;
     }
     progress(geometry.disk_size() - data_bytes);
 
@@ -104,7 +129,9 @@ pub async fn export_with(
             let progress = progress.clone();
             async move {
                 let len = geometry.chunk_len(at[0]) as usize;
-                let data = parcel.fetch_chunk(key, len, at[0], version).await?;
+                let data = parcel
+                    .fetch_image_chunk(key, len, image, at[0], version)
+                    .await?;
                 tokio::task::spawn_blocking(move || {
                     for &index in &at {
                         write_sparse(&file, &data, geometry.chunk_offset(index), is_device)
@@ -146,7 +173,7 @@ pub struct VerifyReport {
 }
 
 /// Fetches and decodes every distinct chunk of `version`, whose manifest is
-/// `manifest`.
+/// `manifest`: the disk's, then the memory image's.
 /// A bad chunk does not stop the check: all of them are reported.
 pub async fn verify(
     parcel: &Parcel,
@@ -154,15 +181,24 @@ pub async fn verify(
     manifest: &Manifest,
     progress: Progress,
 ) -> Result<VerifyReport, Error> {
-    let geometry = manifest.geometry();
-    let chunks = distinct_chunks(manifest);
+    let chunks: Vec<_> = [Image::Disk, Image::Memory]
+        .into_iter()
+        .flat_map(|image| {
+            let geometry = image.geometry(manifest);
+            distinct_chunks(image.table(manifest))
+                .into_iter()
+                .map(move |(key, at)| (image, geometry, key, at))
+        })
+        .collect();
     let checked = chunks.len() as u64;
     let results: Vec<Result<(), Error>> = stream::iter(chunks)
-        .map(|(key, at)| {
+        .map(|(image, geometry, key, at)| {
             let progress = progress.clone();
             async move {
                 let len = geometry.chunk_len(at[0]);
-                let r = parcel.fetch_chunk(key, len as usize, at[0], version).await;
+                let r = parcel
+                    .fetch_image_chunk(key, len as usize, image, at[0], version)
+                    .await;
                 progress(len as u64 * at.len() as u64);
                 r.map(|_| ())
             }
@@ -468,12 +504,11 @@ async fn write_zero_chunks(
     file: &Arc<File>,
     path: &Path,
     geometry: &Geometry,
-    manifest: &Manifest,
+    table: &[ChunkEntry],
 ) -> Result<(), Error> {
     let file = file.clone();
     let geometry = *geometry;
-    let zeros: Vec<u64> = manifest
-        .chunks
+    let zeros: Vec<u64> = table
         .iter()
         .enumerate()
         .filter(|(_, e)| **e == ChunkEntry::Zero)

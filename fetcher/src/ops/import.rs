@@ -126,6 +126,114 @@ pub async fn import(
     }
     let geometry = Geometry::new(size, chunk_size).map_err(|e| Error::Invalid(e.to_string()))?;
 
+    let mut manifest = Manifest::empty(geometry);
+    manifest.parent = head;
+    manifest.host = options.host.clone();
+    manifest.created_unix = options.created_unix;
+    // The same VM runs on the new disk (its memory image does not carry over).
+    manifest.vm = parent.as_ref().and_then(|p| p.vm.clone());
+
+    // Chunks known to be in the store: those the parent version names.
+    let mut known = known_chunks(parent.as_ref());
+    let up = upload_file(parcel, file, path, geometry, &mut known, options, progress).await?;
+    manifest.chunks = up.table;
+    let mut summary = ImportSummary {
+        chunks: geometry.chunk_count(),
+        zero_chunks: up.zero_chunks,
+        dedup_chunks: up.dedup_chunks,
+        uploaded_chunks: up.uploaded_chunks,
+        bytes_in: size,
+        bytes_uploaded: up.bytes_uploaded,
+        ..Default::default()
+    };
+
+    let version = head.map_or(1, |h| h + 1);
+    parcel.publish(&manifest, version).await?;
+    summary.version = version;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Every stored chunk a version names (its disk and its memory image): a
+/// transfer never uploads these again.
+pub(crate) fn known_chunks(manifest: Option<&Manifest>) -> HashSet<ChunkKey> {
+    manifest
+        .iter()
+        .flat_map(|m| m.chunks.iter().chain(&m.memory_chunks))
+        .filter_map(|e| match e {
+            ChunkEntry::Data(k) => Some(*k),
+            ChunkEntry::Zero => None,
+        })
+        .collect()
+}
+
+/// What uploading a memory image did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MemoryUpload {
+    /// Size of the image.
+    pub size: u64,
+    /// Its chunk table, for the manifest.
+    pub table: Vec<ChunkEntry>,
+    /// All-zero chunks (not stored).
+    pub zero_chunks: u64,
+    /// Chunks the store already had: the disk's, an earlier image's, or a
+    /// repeat within the image.
+    pub dedup_chunks: u64,
+    /// Chunks uploaded.
+    pub uploaded_chunks: u64,
+    /// Bytes of chunk objects uploaded.
+    pub bytes_uploaded: u64,
+}
+
+/// Chunks the memory image at `path` as `parcel`'s disk is chunked, and
+/// uploads every chunk that is neither all zero nor in `known` (the chunks
+/// of the version it is published over, and of its disk) nor in the store.
+/// Nothing is published: the caller names the chunks in its manifest.
+pub async fn upload_memory(
+    parcel: &Parcel,
+    path: &Path,
+    chunk_size: u32,
+    known: &mut HashSet<ChunkKey>,
+    progress: Progress,
+) -> Result<MemoryUpload, Error> {
+    let file = File::open(path).map_err(|e| Error::io("open memory image", path, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io("stat memory image", path, e))?;
+    if !meta.is_file() || meta.len() == 0 {
+        return Err(Error::Refused {
+            path: path.display().to_string(),
+            why: "is not a non-empty regular file; a memory image is a VM's saved state file"
+                .into(),
+        });
+    }
+    let geometry =
+        Geometry::new(meta.len(), chunk_size).map_err(|e| Error::Invalid(e.to_string()))?;
+    upload_file(
+        parcel,
+        file,
+        path,
+        geometry,
+        known,
+        &ImportOptions::default(),
+        progress,
+    )
+    .await
+}
+
+/// Encodes the chunks of `file` (of `geometry`) on one thread per core and
+/// uploads those neither zero nor `known` with bounded concurrency; adds
+/// what it uploads to `known`.
+async fn upload_file(
+    parcel: &Parcel,
+    file: File,
+    path: &Path,
+    geometry: Geometry,
+    known: &mut HashSet<ChunkKey>,
+    options: &ImportOptions,
+    progress: Progress,
+) -> Result<MemoryUpload, Error> {
+    let size = geometry.disk_size();
     // Chunks that hold data per SEEK_DATA; the rest are holes, hence zero.
     let extents =
         sparse::data_extents(&file, size).map_err(|e| Error::io("scan image", path, e))?;
@@ -145,22 +253,13 @@ pub async fn import(
             .map(|&c| geometry.chunk_len(c) as u64)
             .sum::<u64>();
     progress(hole_bytes);
+    let mut summary = MemoryUpload {
+        size,
+        table: vec![ChunkEntry::Zero; geometry.chunk_count() as usize],
+        zero_chunks: geometry.chunk_count() - data_chunks.len() as u64,
+        ..Default::default()
+    };
     let data_chunks = Arc::new(data_chunks);
-
-    let mut manifest = Manifest::empty(geometry);
-    manifest.parent = head;
-    manifest.host = options.host.clone();
-    manifest.created_unix = options.created_unix;
-
-    // Chunks known to be in the store: those the parent version names.
-    let mut known: HashSet<ChunkKey> = parent
-        .iter()
-        .flat_map(|m| m.chunks.iter().chain(&m.memory_chunks))
-        .filter_map(|e| match e {
-            ChunkEntry::Data(k) => Some(*k),
-            ChunkEntry::Zero => None,
-        })
-        .collect();
 
     let threads = options.threads.max(1);
     let (tx, mut rx) = mpsc::channel::<Result<Encoded, Error>>(threads * 4);
@@ -177,12 +276,6 @@ pub async fn import(
         stop.clone(),
     );
 
-    let mut summary = ImportSummary {
-        chunks: geometry.chunk_count(),
-        zero_chunks: geometry.chunk_count() - data_chunks.len() as u64,
-        bytes_in: size,
-        ..Default::default()
-    };
     let uploads = Arc::new(Semaphore::new(options.concurrency.max(1)));
     let mut in_flight: JoinSet<Result<(PutOutcome, u64), Error>> = JoinSet::new();
     let result: Result<(), Error> = async {
@@ -193,7 +286,7 @@ pub async fn import(
                     progress(geometry.chunk_len(index) as u64);
                 }
                 Encoded::Data(index, chunk) => {
-                    manifest.chunks[index as usize] = ChunkEntry::Data(chunk.key);
+                    summary.table[index as usize] = ChunkEntry::Data(chunk.key);
                     let len = geometry.chunk_len(index) as u64;
                     if !known.insert(chunk.key) {
                         summary.dedup_chunks += 1;
@@ -234,16 +327,11 @@ pub async fn import(
         let _ = t.join();
     }
     result?;
-
-    let version = head.map_or(1, |h| h + 1);
-    parcel.publish(&manifest, version).await?;
-    summary.version = version;
-    summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
 
 fn count_upload(
-    summary: &mut ImportSummary,
+    summary: &mut MemoryUpload,
     done: Result<Result<(PutOutcome, u64), Error>, tokio::task::JoinError>,
 ) -> Result<(), Error> {
     match done.expect("upload tasks do not panic")? {

@@ -4,23 +4,62 @@
 mod export;
 mod import;
 
-pub use export::{ExportOptions, ExportSummary, VerifyReport, export, export_with, verify};
-pub use import::{ImportOptions, ImportSummary, import};
+pub use export::{
+    ExportOptions, ExportSummary, VerifyReport, export, export_image, export_with, verify,
+};
+pub(crate) use import::known_chunks;
+pub use import::{ImportOptions, ImportSummary, MemoryUpload, import, upload_memory};
 
 use std::collections::HashMap;
 
-use format::{ChunkEntry, ChunkKey, Manifest};
+use format::{ChunkEntry, ChunkKey, Geometry, Manifest};
+
+/// Which image of a version: the disk, or the VM's memory image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Image {
+    /// The disk.
+    Disk,
+    /// The VM's saved memory and device state.
+    Memory,
+}
+
+impl Image {
+    /// The image's chunk table in `manifest`.
+    pub fn table(self, manifest: &Manifest) -> &[ChunkEntry] {
+        match self {
+            Image::Disk => &manifest.chunks,
+            Image::Memory => &manifest.memory_chunks,
+        }
+    }
+
+    /// The image's geometry in `manifest` (a memory image of size 0: none).
+    pub fn geometry(self, manifest: &Manifest) -> Geometry {
+        match self {
+            Image::Disk => manifest.geometry(),
+            Image::Memory => manifest.memory_geometry(),
+        }
+    }
+}
+
+impl std::fmt::Display for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Image::Disk => "disk",
+            Image::Memory => "memory image",
+        })
+    }
+}
 
 /// Requests in flight to the store during a transfer: enough to hide the
 /// latency of a distant store without flooding a near one.
 pub const DEFAULT_CONCURRENCY: usize = 16;
 
-/// The manifest's distinct stored chunks, each with the disk chunks that hold
-/// it, in disk order: a transfer moves every distinct chunk once.
-pub(crate) fn distinct_chunks(manifest: &Manifest) -> Vec<(ChunkKey, Vec<u64>)> {
+/// A chunk table's distinct stored chunks, each with the indices that hold
+/// it, in order: a transfer moves every distinct chunk once.
+pub(crate) fn distinct_chunks(table: &[ChunkEntry]) -> Vec<(ChunkKey, Vec<u64>)> {
     let mut order = Vec::new();
     let mut at: HashMap<ChunkKey, usize> = HashMap::new();
-    for (index, entry) in manifest.chunks.iter().enumerate() {
+    for (index, entry) in table.iter().enumerate() {
         if let ChunkEntry::Data(key) = entry {
             let slot = *at.entry(*key).or_insert_with(|| {
                 order.push((*key, Vec::new()));

@@ -137,7 +137,7 @@ fn optional_extensions_are_skipped_and_required_ones_refused() {
         b.extend_from_slice(&[1, tag, 3, 0xaa, 0xbb, 0xcc]);
         b
     };
-    assert_eq!(decode_body(&with_ext(4)).unwrap(), m);
+    assert_eq!(decode_body(&with_ext(6)).unwrap(), m);
     assert!(matches!(
         decode_body(&with_ext(2)),
         Err(Error::Malformed { .. })
@@ -193,6 +193,8 @@ proptest! {
         host in "[a-z0-9.-]{0,40}",
         version in 1u64..1_000_000,
         writer in proptest::option::of(any::<[u8; 16]>()),
+        vm in proptest::option::of((any::<u32>(), any::<u32>(), any::<bool>(),
+            proptest::collection::vec(".{0,20}", 0..8))),
     ) {
         let cs = 65536u64;
         let disk_size = match chunks.len() as u64 {
@@ -221,6 +223,12 @@ proptest! {
             host,
             access_trace,
             writer,
+            vm: vm.map(|(memory_mib, cpus, mapped, args)| VmSettings {
+                memory_mib,
+                cpus,
+                save_format: if mapped { SaveFormat::MappedRam } else { SaveFormat::Stream },
+                args,
+            }),
         };
         let obj = m.encode(&secret(), "p", version).unwrap();
         prop_assert_eq!(Manifest::decode(&obj, &secret(), "p", version).unwrap(), m);
@@ -261,4 +269,41 @@ proptest! {
         obj.extend_from_slice(&tail);
         prop_assert!(Manifest::decode(&obj, &secret(), "vm1", 4).is_err());
     }
+}
+
+#[test]
+fn vm_settings_round_trip_and_are_bounded() {
+    let mut m = sample();
+    m.vm = Some(VmSettings {
+        memory_mib: 128,
+        cpus: 2,
+        save_format: SaveFormat::Stream,
+        args: vec![
+            "-machine".into(),
+            "pc".into(),
+            "-cpu".into(),
+            "qemu64".into(),
+        ],
+    });
+    let obj = m.encode(&secret(), "p", 3).unwrap();
+    assert_eq!(Manifest::decode(&obj, &secret(), "p", 3).unwrap(), m);
+
+    let mut long = m.clone();
+    long.vm.as_mut().unwrap().args = vec!["x".repeat(MAX_VM_ARG_LEN + 1)];
+    assert!(matches!(
+        long.encode(&secret(), "p", 3),
+        Err(Error::TooLarge {
+            what: "VM argument",
+            ..
+        })
+    ));
+    let mut many = m;
+    many.vm.as_mut().unwrap().args = vec![String::new(); MAX_VM_ARGS + 1];
+    assert!(matches!(
+        many.encode(&secret(), "p", 3),
+        Err(Error::TooLarge {
+            what: "VM argument list",
+            ..
+        })
+    ));
 }
