@@ -42,9 +42,13 @@ pub enum Command {
     Fork(ForkArgs),
     /// Present a parcel's disk as a block device (/dev/ublkbN) on this host.
     Resume(ResumeArgs),
+    /// Resume a parcel and start its VM in QEMU on the device, restoring the
+    /// version's memory image when it has one (else a cold boot).
+    Run(RunArgs),
     /// Drain, flush, publish the new version, release the parcel and remove
-    /// its block device.
-    Suspend(NameArgs),
+    /// its block device. A VM started by `isr run` is stopped, its memory
+    /// saved and published with the disk, and QEMU quit first.
+    Suspend(SuspendArgs),
     /// Show a resumed parcel's device, cache and lease.
     Status(NameArgs),
     /// Reattach a resumed parcel's device after its daemon died.
@@ -63,7 +67,9 @@ impl Command {
             Command::Hoard(a) | Command::Check(a) => a.json,
             Command::Fork(a) => a.cache.json,
             Command::Resume(a) => a.json,
-            Command::Suspend(a) | Command::Status(a) | Command::Recover(a) => a.json,
+            Command::Run(a) => a.json,
+            Command::Suspend(a) => a.json,
+            Command::Status(a) | Command::Recover(a) => a.json,
         }
     }
 }
@@ -89,12 +95,71 @@ pub struct ResumeArgs {
     /// Do not prefetch in the background (fetch on demand only).
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Also fetch the version's memory image (every chunk verified) into
+    /// this file before returning, for a hypervisor to restore; a version
+    /// without one is reported and no file is written.
+    #[arg(long, value_name = "FILE")]
+    pub memory_out: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
     /// (internal) report readiness on stdout for the launching process.
     #[arg(long, hide = true)]
     pub daemon: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub parcel: ParcelArgs,
+    /// Root of the local caches (default: /var/lib/isr as root, else
+    /// $XDG_CACHE_HOME/isr).
+    #[arg(long, env = "ISR_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Break another holder's lease on the parcel.
+    #[arg(long)]
+    pub steal: bool,
+    /// Seconds a read of a chunk not yet fetched waits for the store.
+    #[arg(long, default_value_t = 600)]
+    pub miss_timeout: u64,
+    /// Do not prefetch in the background (fetch on demand only).
+    #[arg(long)]
+    pub no_prefetch: bool,
+    /// Boot afresh even if the version has a memory image.
+    #[arg(long)]
+    pub cold: bool,
+    /// Guest RAM in MiB (default: the version's recorded setting, else 1024).
+    #[arg(long)]
+    pub memory_mib: Option<u32>,
+    /// Virtual CPUs (default: the version's recorded setting, else 1).
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// The QEMU binary.
+    #[arg(long, env = "ISR_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// QEMU's further arguments (the machine, devices; default: the
+    /// version's recorded ones, else `-machine pc`); isr adds the disk,
+    /// memory, CPUs, a QMP socket, and (unless given) the accelerator, no
+    /// display and the serial console to a file.
+    #[arg(last = true, value_name = "QEMU-ARGS")]
+    pub qemu_args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SuspendArgs {
+    /// The parcel's name.
+    pub parcel: String,
+    /// Publish this saved VM state file (from any hypervisor: QEMU's
+    /// `migrate` to a file, `virsh save`) as the version's memory image.
+    /// Without it, a VM started by `isr run` is saved through QMP.
+    #[arg(long, value_name = "FILE")]
+    pub memory: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -19,14 +19,14 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fetcher::{Engine, EngineOptions, Lease};
+use fetcher::{Engine, EngineOptions, Lease, SavedVm};
 use serde_json::{Value, json};
 
-use crate::cli::{NameArgs, ParcelArgs, ResumeArgs};
+use crate::cli::{NameArgs, ParcelArgs, ResumeArgs, SuspendArgs};
 use crate::commands::{explain, host_name, open_parcel};
 use crate::time::now_unix;
 
-fn run_dir() -> PathBuf {
+pub(crate) fn run_dir() -> PathBuf {
     std::env::var_os("ISR_RUN_DIR").map_or_else(|| "/run/isr".into(), PathBuf::from)
 }
 
@@ -43,9 +43,19 @@ fn read_state(parcel: &str) -> Option<Value> {
     serde_json::from_str(&text).ok()
 }
 
-fn pid_alive(pid: i64) -> bool {
+/// Whether process `pid` runs (a zombie, dead but not yet reaped, does not).
+pub(crate) fn pid_alive(pid: i64) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0
+    if pid <= 0 || unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
+        return false;
+    }
+    // "pid (comm) S ...": the state follows the last ')'.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|r| r.split_whitespace().next());
+    !matches!(state, Some("Z" | "X"))
 }
 
 /// How long a daemon may take to answer a command (for `suspend`: to
@@ -53,7 +63,7 @@ fn pid_alive(pid: i64) -> bool {
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends one command to a parcel's daemon; its one-line JSON answer.
-fn ask(parcel: &str, command: &str) -> anyhow::Result<Value> {
+pub(crate) fn ask(parcel: &str, command: &str) -> anyhow::Result<Value> {
     let (_stream, mut reader) = send(parcel, command)?;
     read_answer(parcel, command, &mut reader, ANSWER_TIMEOUT)
 }
@@ -150,10 +160,13 @@ fn answer(
 
 /// `isr status NAME`.
 pub fn status(a: NameArgs) -> anyhow::Result<ExitCode> {
-    let reply = ask(&a.parcel, "status")?;
+    let mut reply = ask(&a.parcel, "status")?;
+    if reply.get("error").is_none() {
+        reply["vm"] = crate::vm::describe(&a.parcel);
+    }
     answer(reply, a.json, |r| {
         format!(
-            "parcel {} on {} (daemon pid {}), based on version {}\ncache: {} of {} chunks cached, {} dirty; {} fetched ({} bytes), fetching at {} bytes/s, window {}\nlease: {}",
+            "parcel {} on {} (daemon pid {}), based on version {}\ncache: {} of {} chunks cached, {} dirty; {} fetched ({} bytes), fetching at {} bytes/s, window {}\nlease: {}\nvm: {}",
             r["parcel"].as_str().unwrap_or("?"),
             r["device"].as_str().unwrap_or("?"),
             r["pid"],
@@ -166,6 +179,7 @@ pub fn status(a: NameArgs) -> anyhow::Result<ExitCode> {
             r["fetch_rate"],
             r["window"],
             r["lease"].as_str().unwrap_or("?"),
+            crate::vm::describe_text(&r["vm"]),
         )
     })
 }
@@ -205,8 +219,21 @@ fn users_of(dev: &str) -> Vec<String> {
 }
 
 /// `isr suspend NAME`.
-pub fn suspend(a: NameArgs) -> anyhow::Result<ExitCode> {
+pub fn suspend(a: SuspendArgs) -> anyhow::Result<ExitCode> {
     let status = ask(&a.parcel, "status")?;
+    if let Some(e) = status.get("error") {
+        bail!("the daemon of parcel {}: {e}", a.parcel);
+    }
+    // The VM's memory: a state file given, or saved from the VM `isr run`
+    // started (stopped, saved, quit); either way QEMU is gone after this.
+    let saved = match &a.memory {
+        Some(path) => {
+            let path = std::fs::canonicalize(path)
+                .with_context(|| format!("memory image {}", path.display()))?;
+            json!({ "memory": path })
+        }
+        None => crate::vm::save(&a.parcel)?,
+    };
     if let Some(dev) = status["device"].as_str() {
         let users = users_of(dev);
         if !users.is_empty() {
@@ -217,7 +244,7 @@ pub fn suspend(a: NameArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let (_stream, mut reader) = send(&a.parcel, "suspend")?;
+    let (_stream, mut reader) = send(&a.parcel, &format!("suspend {saved}"))?;
     let ack = read_answer(&a.parcel, "suspend", &mut reader, ANSWER_TIMEOUT)?;
     let reply = if ack.get("accepted").is_some() {
         // The publish may take as long as the upload: wait while the
@@ -233,14 +260,29 @@ pub fn suspend(a: NameArgs) -> anyhow::Result<ExitCode> {
     } else {
         ack
     };
+    if reply.get("error").is_none() {
+        crate::vm::forget(&a.parcel);
+    }
     answer(reply, a.json, |r| {
+        let memory = match r.get("memory").filter(|m| !m.is_null()) {
+            Some(m) => format!(
+                "; memory image {} bytes: {} chunks uploaded ({} bytes), {} deduplicated, {} zero",
+                m["size"],
+                m["uploaded_chunks"],
+                m["bytes_uploaded"],
+                m["dedup_chunks"],
+                m["zero_chunks"]
+            ),
+            None => "; no memory image (the next run boots afresh)".into(),
+        };
         format!(
-            "suspended parcel {}: version {} published ({} dirty chunks, {} uploaded, {} bytes), device {} removed, lease released",
+            "suspended parcel {}: version {} published ({} dirty chunks, {} uploaded, {} bytes{memory}) in {:.1} s, device {} removed, lease released",
             r["parcel"].as_str().unwrap_or("?"),
             r["version"],
             r["dirty_chunks"],
             r["uploaded_chunks"],
             r["bytes_uploaded"],
+            r["seconds"].as_f64().unwrap_or(0.0),
             r["device"].as_str().unwrap_or("?"),
         )
     })
@@ -273,6 +315,7 @@ pub fn recover(a: NameArgs) -> anyhow::Result<ExitCode> {
         steal: false,
         miss_timeout: st["miss_timeout"].as_u64().unwrap_or(600),
         no_prefetch: st["no_prefetch"].as_bool().unwrap_or(false),
+        memory_out: None,
         json: a.json,
         daemon: false,
     };
@@ -282,6 +325,32 @@ pub fn recover(a: NameArgs) -> anyhow::Result<ExitCode> {
 /// `isr resume`: starts the daemon and reports its device, or (with
 /// `--foreground`) is the daemon.
 pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
+    if a.foreground {
+        ublk_target::check_ublk()?;
+        return serve(a);
+    }
+    let mut reply = start(&a)?;
+    if let (Some(out), None) = (&a.memory_out, reply.get("error")) {
+        let version = reply["base_version"].as_u64().unwrap_or(0);
+        reply["memory"] = crate::vm::fetch_memory(&a.parcel, version, out, a.json)?;
+    }
+    if !a.json
+        && let Some(m) = reply.get("memory")
+    {
+        // stdout keeps only the device, for `dev=$(isr resume …)`.
+        crate::output::note(crate::vm::memory_text(
+            m,
+            reply["base_version"].as_u64().unwrap_or(0),
+        ));
+    }
+    answer(reply, a.json, |r| {
+        r["device"].as_str().unwrap_or("?").to_owned()
+    })
+}
+
+/// Starts the daemon that serves parcel `a`; its reply (the device, or an
+/// error in an `error` field).
+pub(crate) fn start(a: &ResumeArgs) -> anyhow::Result<Value> {
     ublk_target::check_ublk()?;
     if let Ok(reply) = ask(&a.parcel.parcel, "status") {
         bail!(
@@ -290,16 +359,13 @@ pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
             reply["device"].as_str().unwrap_or("?")
         );
     }
-    if a.foreground {
-        return serve(a);
-    }
     fetcher::private::create_dir_all(&run_dir())
         .with_context(|| format!("cannot create {}", run_dir().display()))?;
     let log_path = run_dir().join(format!("{}.log", a.parcel.parcel));
     let log = fetcher::private::append(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(daemon_args(&a))
+    cmd.args(daemon_args(a))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
@@ -323,9 +389,7 @@ pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
             log_path.display()
         );
     };
-    answer(reply, a.json, |r| {
-        r["device"].as_str().unwrap_or("?").to_owned()
-    })
+    Ok(reply)
 }
 
 /// The command line of the daemon that serves `a`.
@@ -459,6 +523,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     });
     let device: Arc<OnceLock<ublk_target::DeviceInfo>> = Arc::new(OnceLock::new());
     let suspend_requests: Arc<Mutex<Vec<Reply>>> = Arc::new(Mutex::new(Vec::new()));
+    let saved_vm: Arc<Mutex<SavedVm>> = Arc::default();
     let sock = socket_path(&name);
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)
@@ -466,35 +531,28 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     fetcher::private::narrow(&sock, fetcher::private::FILE_MODE)
         .with_context(|| format!("cannot make {} private", sock.display()))?;
     {
-        let (engine, device, requests, lease) = (
-            engine.clone(),
-            device.clone(),
-            suspend_requests.clone(),
-            lease.info().describe(),
-        );
-        let name = name.clone();
-        let started = Instant::now();
-        let (lease, requests) = (Arc::new(lease), requests);
+        let ctl = Arc::new(Control {
+            name: name.clone(),
+            engine: engine.clone(),
+            device: device.clone(),
+            requests: suspend_requests.clone(),
+            saved: saved_vm.clone(),
+            lease: lease.info().describe(),
+            started: Instant::now(),
+        });
         std::thread::spawn(move || {
             // One thread per connection: a client that never writes, or a
             // suspend that publishes for minutes, holds up nobody else.
             for conn in listener.incoming().flatten() {
-                let (name, engine, device, requests, lease) = (
-                    name.clone(),
-                    engine.clone(),
-                    device.clone(),
-                    requests.clone(),
-                    lease.clone(),
-                );
-                std::thread::spawn(move || {
-                    control(conn, &name, &engine, &device, &requests, &lease, started)
-                });
+                let ctl = ctl.clone();
+                std::thread::spawn(move || ctl.serve(conn));
             }
         });
     }
 
     let (ready_device, ready_state) = (device.clone(), state.clone());
     let ready_name = name.clone();
+    let ready_base = engine.base_version();
     let report_ready = a.daemon;
     let dev_options = ublk_target::DeviceOptions {
         recover,
@@ -511,6 +569,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
             "device_id": info.id,
             "recovered": recover.is_some(),
             "pid": std::process::id(),
+            "base_version": ready_base,
         });
         if report_ready {
             println!("{reply}");
@@ -529,8 +588,9 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         return Err(e.into());
     }
     // The queues have drained and exited: flush, publish, release.
+    let saved = saved_vm.lock().expect("saved").clone();
     let summary = engine
-        .publish(Some(&lease), now_unix())
+        .publish_with(Some(&lease), now_unix(), &saved)
         .map_err(|e| explain(e, &a.parcel));
     let reply = match &summary {
         Ok(s) => {
@@ -542,6 +602,13 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
                 "dirty_chunks": s.dirty_chunks,
                 "uploaded_chunks": s.uploaded_chunks,
                 "bytes_uploaded": s.bytes_uploaded,
+                "memory": s.memory.as_ref().map(|m| json!({
+                    "size": m.size,
+                    "zero_chunks": m.zero_chunks,
+                    "dedup_chunks": m.dedup_chunks,
+                    "uploaded_chunks": m.uploaded_chunks,
+                    "bytes_uploaded": m.bytes_uploaded,
+                })),
                 "seconds": s.seconds,
                 "device": device.get().map(|d| d.path.clone()),
                 "lease_released": released.is_ok(),
@@ -567,68 +634,87 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn control(
-    conn: UnixStream,
-    name: &str,
-    engine: &Arc<Engine>,
-    device: &OnceLock<ublk_target::DeviceInfo>,
-    requests: &Mutex<Vec<Reply>>,
-    lease: &str,
+/// What the control socket's threads share.
+struct Control {
+    name: String,
+    engine: Arc<Engine>,
+    device: Arc<OnceLock<ublk_target::DeviceInfo>>,
+    requests: Arc<Mutex<Vec<Reply>>>,
+    /// The VM's memory image and settings a suspend brought, for the publish.
+    saved: Arc<Mutex<SavedVm>>,
+    lease: String,
     started: Instant,
-) {
-    let mut line = String::new();
-    let Ok(mut writer) = conn.try_clone() else {
-        return;
-    };
-    let _ = conn.set_read_timeout(Some(ANSWER_TIMEOUT));
-    if BufReader::new(conn).read_line(&mut line).is_err() {
-        return;
+}
+
+impl Control {
+    /// Answers one command on `conn`: `status`, or `suspend [JSON]` (the
+    /// JSON: `{"memory": PATH, "vm": SETTINGS}`, both optional).
+    fn serve(&self, conn: UnixStream) {
+        let mut line = String::new();
+        let Ok(mut writer) = conn.try_clone() else {
+            return;
+        };
+        let _ = conn.set_read_timeout(Some(ANSWER_TIMEOUT));
+        if BufReader::new(conn).read_line(&mut line).is_err() {
+            return;
+        }
+        let (command, rest) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
+        let reply = match command {
+            "status" => self.status(),
+            "suspend" => {
+                let Some(info) = self.device.get() else {
+                    let _ = writeln!(writer, "{}", json!({"error": "the device is not up yet"}));
+                    return;
+                };
+                match crate::vm::saved_from_json(rest) {
+                    Ok(saved) => *self.saved.lock().expect("saved") = saved,
+                    Err(e) => {
+                        let _ = writeln!(writer, "{}", json!({ "error": e.to_string() }));
+                        return;
+                    }
+                }
+                let (tx, rx) = mpsc::channel();
+                self.requests.lock().expect("requests").push(tx);
+                if writeln!(writer, "{}", json!({ "accepted": true })).is_err() {
+                    return;
+                }
+                // Stopping the device drains in-flight I/O; the main thread
+                // then publishes and answers.
+                if let Err(e) = ublk_target::stop(info.id) {
+                    json!({ "error": e.to_string() })
+                } else {
+                    rx.recv().unwrap_or_else(
+                        |_| json!({"error": "the daemon stopped without an answer"}),
+                    )
+                }
+            }
+            other => json!({ "error": format!("unknown command {other:?}") }),
+        };
+        let _ = writeln!(writer, "{reply}");
     }
-    let reply = match line.trim() {
-        "status" => {
-            let s = engine.stats();
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
-            json!({
-                "parcel": name,
-                "device": device.get().map(|d| d.path.clone()),
-                "pid": std::process::id(),
-                "base_version": engine.base_version(),
-                "chunks": s.chunks,
-                "cached_chunks": s.cached_chunks,
-                "dirty_chunks": s.dirty_chunks,
-                "fetched_chunks": s.fetched_chunks,
-                "fetched_bytes": s.fetched_bytes,
-                "fetch_rate": (s.fetched_bytes as f64 / secs) as u64,
-                "window": s.window,
-                "lease": lease,
-                "cache": engine.cache_dir(),
-                "unclean_stop": engine.open_report().recovered,
-                "scanned_chunks": engine.open_report().scanned_chunks,
-                "recovered_dirty": engine.open_report().recovered_dirty,
-            })
-        }
-        "suspend" => {
-            let Some(info) = device.get() else {
-                let _ = writeln!(writer, "{}", json!({"error": "the device is not up yet"}));
-                return;
-            };
-            let (tx, rx) = mpsc::channel();
-            requests.lock().expect("requests").push(tx);
-            if writeln!(writer, "{}", json!({ "accepted": true })).is_err() {
-                return;
-            }
-            // Stopping the device drains in-flight I/O; the main thread then
-            // publishes and answers.
-            if let Err(e) = ublk_target::stop(info.id) {
-                json!({ "error": e.to_string() })
-            } else {
-                rx.recv()
-                    .unwrap_or_else(|_| json!({"error": "the daemon stopped without an answer"}))
-            }
-        }
-        other => json!({ "error": format!("unknown command {other:?}") }),
-    };
-    let _ = writeln!(writer, "{reply}");
+
+    fn status(&self) -> Value {
+        let (engine, s) = (&self.engine, self.engine.stats());
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        json!({
+            "parcel": self.name,
+            "device": self.device.get().map(|d| d.path.clone()),
+            "pid": std::process::id(),
+            "base_version": engine.base_version(),
+            "chunks": s.chunks,
+            "cached_chunks": s.cached_chunks,
+            "dirty_chunks": s.dirty_chunks,
+            "fetched_chunks": s.fetched_chunks,
+            "fetched_bytes": s.fetched_bytes,
+            "fetch_rate": (s.fetched_bytes as f64 / secs) as u64,
+            "window": s.window,
+            "lease": self.lease,
+            "cache": engine.cache_dir(),
+            "unclean_stop": engine.open_report().recovered,
+            "scanned_chunks": engine.open_report().scanned_chunks,
+            "recovered_dirty": engine.open_report().recovered_dirty,
+        })
+    }
 }
 
 /// The daemon must not share a mount namespace with users of its own device

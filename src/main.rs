@@ -11,7 +11,9 @@ mod daemon;
 mod image;
 mod output;
 mod progress;
+mod qmp;
 mod time;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -24,6 +26,7 @@ fn main() -> ExitCode {
     // daemon's): keep them out of the CLI's.
     let result = match cli.command {
         cli::Command::Resume(a) => daemon::resume(a),
+        cli::Command::Run(a) => vm::run(a),
         cli::Command::Suspend(a) => daemon::suspend(a),
         cli::Command::Status(a) => daemon::status(a),
         cli::Command::Recover(a) => daemon::recover(a),

@@ -69,9 +69,25 @@ impl Vm {
         s3: Option<support::S3Server>,
         mib: u64,
     ) -> Vm {
-        require_ublk();
         let image = dir.path().join("image");
         support::write_mixed_image(&image, mib << 20, 31);
+        Vm::with_image(dir, store, s3, image)
+    }
+
+    /// A parcel made from `image` in a `file://` store.
+    fn from_image(image: &Path) -> Vm {
+        let dir = tempfile::tempdir().unwrap();
+        let store = format!("file://{}/store", dir.path().display());
+        Vm::with_image(dir, store, None, image.to_owned())
+    }
+
+    fn with_image(
+        dir: tempfile::TempDir,
+        store: String,
+        s3: Option<support::S3Server>,
+        image: PathBuf,
+    ) -> Vm {
+        require_ublk();
         let vm = Vm {
             store,
             image,
@@ -745,3 +761,6 @@ fn ublk_flush_fails_for_good_once_the_cache_cannot_sync() {
     assert!(err.contains("sync"), "{err}");
     vm.device = None;
 }
+
+#[path = "kernel/qemu.rs"]
+mod qemu;

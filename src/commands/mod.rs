@@ -28,7 +28,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Hoard(a) => hoard(a).await.map(|()| ExitCode::SUCCESS),
         Command::Check(a) => crate::check::check(a).await,
         Command::Fork(a) => crate::check::fork(a).await,
-        Command::Resume(_) | Command::Suspend(_) | Command::Status(_) | Command::Recover(_) => {
+        Command::Resume(_)
+        | Command::Run(_)
+        | Command::Suspend(_)
+        | Command::Status(_)
+        | Command::Recover(_) => {
             unreachable!("run outside the async runtime by main")
         }
     }

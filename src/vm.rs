@@ -1,0 +1,820 @@
+//! The VM itself: `isr run` starts QEMU on the parcel's device (restoring
+//! the version's memory image when it has one), and `isr suspend` saves it
+//! through QMP before the disk is published.
+//!
+//! ```text
+//! isr run ── resume (daemon, /dev/ublkbN) ── fetch memory image ── QEMU -incoming defer
+//!                                                                   │ QMP: migrate-incoming,
+//!                                                                   │      wait, cont
+//! <run>/NAME.vm.json: QEMU's pid, QMP socket, console, settings ◄───┘
+//! isr suspend ── QMP: stop, migrate to <run>/NAME.save, wait, quit ── daemon publishes
+//!                disk delta + memory image + settings as one version
+//! ```
+//!
+//! Only the VM's virtual hardware is recorded in a version (memory, CPUs,
+//! QEMU's further arguments, the machine type resolved to its versioned
+//! name); host-specific arguments (the device, sockets, accelerator,
+//! display, console file) are added on each host.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use fetcher::SavedVm;
+use fetcher::ops::{ExportOptions, Image, export_image};
+use format::{SaveFormat, VmSettings};
+use serde_json::{Value, json};
+
+use crate::cli::{ParcelArgs, ResumeArgs, RunArgs};
+use crate::commands::{explain, mib, open_parcel};
+use crate::daemon::{ask, pid_alive, run_dir};
+use crate::qmp::Qmp;
+use crate::time::now_unix;
+
+/// Guest RAM of a VM with no recorded settings, in MiB.
+const DEFAULT_MEMORY_MIB: u32 = 1024;
+/// How long QEMU may take to open its QMP socket.
+const QMP_START: Duration = Duration::from_secs(30);
+/// Longest a save or a restore of the memory image may take.
+const MIGRATION_LIMIT: Duration = Duration::from_secs(3600);
+/// How long QEMU may take to exit after `quit`.
+const QUIT_WAIT: Duration = Duration::from_secs(30);
+
+fn record_path(parcel: &str) -> PathBuf {
+    run_dir().join(format!("{parcel}.vm.json"))
+}
+
+fn read_record(parcel: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(record_path(parcel)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn write_record(parcel: &str, record: &Value) -> anyhow::Result<()> {
+    let path = record_path(parcel);
+    fetcher::private::write(&path, record.to_string())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Forgets the VM of `parcel` after a successful suspend (its record and
+/// saved state file).
+pub fn forget(parcel: &str) {
+    if let Some(r) = read_record(parcel)
+        && let Some(saved) = r["saved"].as_str()
+    {
+        let _ = std::fs::remove_file(saved);
+    }
+    let _ = std::fs::remove_file(record_path(parcel));
+}
+
+pub fn settings_to_json(s: &VmSettings) -> Value {
+    json!({
+        "memory_mib": s.memory_mib,
+        "cpus": s.cpus,
+        "save_format": match s.save_format {
+            SaveFormat::Stream => "stream",
+            SaveFormat::MappedRam => "mapped-ram",
+        },
+        "args": s.args,
+    })
+}
+
+fn settings_from_json(v: &Value) -> anyhow::Result<VmSettings> {
+    let num = |k: &str| {
+        v[k].as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .with_context(|| format!("VM settings lack {k}"))
+    };
+    Ok(VmSettings {
+        memory_mib: num("memory_mib")?,
+        cpus: num("cpus")?,
+        save_format: match v["save_format"].as_str() {
+            Some("mapped-ram") => SaveFormat::MappedRam,
+            _ => SaveFormat::Stream,
+        },
+        args: v["args"]
+            .as_array()
+            .context("VM settings lack args")?
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .map(str::to_owned)
+                    .context("a VM argument is not text")
+            })
+            .collect::<anyhow::Result<_>>()?,
+    })
+}
+
+/// The daemon's side of `suspend JSON`: what to publish with the disk.
+pub fn saved_from_json(text: &str) -> anyhow::Result<SavedVm> {
+    if text.trim().is_empty() {
+        return Ok(SavedVm::default());
+    }
+    let v: Value = serde_json::from_str(text).context("a malformed suspend request")?;
+    Ok(SavedVm {
+        memory: v["memory"].as_str().map(PathBuf::from),
+        vm: match v.get("vm").filter(|s| !s.is_null()) {
+            Some(s) => Some(settings_from_json(s)?),
+            None => None,
+        },
+    })
+}
+
+/// `isr status`'s view of the VM: none, running or paused (with pid, QMP
+/// socket, console), or exited.
+pub fn describe(parcel: &str) -> Value {
+    let Some(r) = read_record(parcel) else {
+        return Value::Null;
+    };
+    let pid = r["pid"].as_i64().unwrap_or(0);
+    let mut v = json!({
+        "pid": pid,
+        "qmp": r["qmp"],
+        "console": r["console"],
+        "log": r["log"],
+        "restored_from": r["restored_from"],
+    });
+    v["state"] = if !pid_alive(pid) {
+        json!(if r["saved"].is_string() {
+            "saved"
+        } else {
+            "exited"
+        })
+    } else {
+        let socket = PathBuf::from(r["qmp"].as_str().unwrap_or_default());
+        let state =
+            Qmp::connect(&socket, "QEMU", Duration::from_secs(2), || true).and_then(|mut q| {
+                q.set_timeout(Duration::from_secs(2))?;
+                q.execute("query-status", None)
+            });
+        match state {
+            Ok(s) => s["status"].clone(),
+            Err(_) => json!("unknown (QMP busy)"),
+        }
+    };
+    v
+}
+
+pub fn describe_text(v: &Value) -> String {
+    if v.is_null() {
+        return "none started by isr".into();
+    }
+    match v["state"].as_str() {
+        Some("exited") => format!(
+            "QEMU pid {} exited (its memory is lost; suspend publishes the disk alone); log {}",
+            v["pid"],
+            v["log"].as_str().unwrap_or("?")
+        ),
+        Some("saved") => "saved, waiting for the suspend to publish it".into(),
+        Some(state) => format!(
+            "{state}, QEMU pid {}, QMP {}, console {}",
+            v["pid"],
+            v["qmp"].as_str().unwrap_or("?"),
+            v["console"].as_str().unwrap_or("?")
+        ),
+        None => "unknown".into(),
+    }
+}
+
+/// Fetches version `version`'s memory image of parcel `p` into `out`
+/// (verified, in parallel, with a progress bar); `null` when the version
+/// has none.
+pub fn fetch_memory(p: &ParcelArgs, version: u64, out: &Path, json: bool) -> anyhow::Result<Value> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let parcel = open_parcel(p)?;
+        let manifest = parcel.manifest(version).await.map_err(|e| explain(e, p))?;
+        if manifest.memory_size == 0 {
+            return Ok(Value::Null);
+        }
+        let (bar, progress) = crate::progress::bytes_bar(manifest.memory_size, "memory", json);
+        let s = export_image(
+            &parcel,
+            version,
+            &manifest,
+            Image::Memory,
+            out,
+            &ExportOptions { force: true },
+            progress,
+        )
+        .await
+        .map_err(|e| explain(e, p))?;
+        bar.finish_and_clear();
+        Ok(json!({
+            "file": out,
+            "size": manifest.memory_size,
+            "fetched_chunks": s.fetched_chunks,
+            "fetched_bytes": s.bytes_fetched,
+            "seconds": s.seconds,
+        }))
+    })
+}
+
+pub fn memory_text(m: &Value, version: u64) -> String {
+    if m.is_null() {
+        return format!("version {version} has no memory image (a cold boot)");
+    }
+    format!(
+        "memory image of version {version}: {:.1} MiB in {} ({:.1} s)",
+        mib(m["size"].as_u64().unwrap_or(0)),
+        m["file"].as_str().unwrap_or("?"),
+        m["seconds"].as_f64().unwrap_or(0.0)
+    )
+}
+
+/// Whether `args` set option `names` (`-name` or `-name=…`).
+fn has_option(args: &[String], names: &[&str]) -> bool {
+    args.iter().any(|a| {
+        let key = a.split('=').next().unwrap_or(a);
+        let key = key
+            .strip_prefix("--")
+            .map_or(key.to_owned(), |k| format!("-{k}"));
+        names.contains(&key.as_str())
+    })
+}
+
+/// The settings a run uses: flags, else the version's recorded ones, else
+/// defaults. Restoring a memory image needs the hardware it was saved on.
+fn choose_settings(
+    a: &RunArgs,
+    recorded: Option<&VmSettings>,
+    restore: Option<u64>,
+) -> anyhow::Result<VmSettings> {
+    let mut s = recorded.cloned().unwrap_or(VmSettings {
+        memory_mib: DEFAULT_MEMORY_MIB,
+        cpus: 1,
+        save_format: SaveFormat::Stream,
+        args: Vec::new(),
+    });
+    let given = VmSettings {
+        memory_mib: a.memory_mib.unwrap_or(s.memory_mib),
+        cpus: a.cpus.unwrap_or(s.cpus),
+        save_format: s.save_format,
+        args: if a.qemu_args.is_empty() {
+            s.args.clone()
+        } else {
+            a.qemu_args.clone()
+        },
+    };
+    if let Some(version) = restore
+        && let Some(rec) = recorded
+        && (given.memory_mib != rec.memory_mib || given.cpus != rec.cpus || given.args != rec.args)
+    {
+        bail!(
+            "version {version}'s memory image was saved from a VM with {} MiB, {} CPUs and QEMU arguments {:?}; a VM with {} MiB, {} CPUs and {:?} cannot restore it (leave those out, or pass --cold to boot afresh)",
+            rec.memory_mib,
+            rec.cpus,
+            rec.args,
+            given.memory_mib,
+            given.cpus,
+            given.args
+        );
+    }
+    s = given;
+    if !has_option(&s.args, &["-machine", "-M"]) {
+        s.args
+            .splice(0..0, ["-machine".to_owned(), "pc".to_owned()]);
+    }
+    if s.memory_mib == 0 || s.cpus == 0 {
+        bail!("a VM needs at least 1 MiB of memory and 1 CPU");
+    }
+    Ok(s)
+}
+
+/// Finds the QEMU binary (a name on PATH, or a path).
+fn find_qemu(qemu: &Path) -> anyhow::Result<PathBuf> {
+    let found = if qemu.components().count() > 1 {
+        qemu.is_file().then(|| qemu.to_owned())
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(qemu))
+                .find(|p| p.is_file())
+        })
+    };
+    found.with_context(|| {
+        format!(
+            "QEMU ({}) is not installed on this host: install it (Debian: apt-get install qemu-system-x86) or pass --qemu PATH; the device itself works without it (isr resume)",
+            qemu.display()
+        )
+    })
+}
+
+/// The last lines of QEMU's log, for an error message.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    if lines.is_empty() {
+        return format!("(nothing in {})", log.display());
+    }
+    format!(
+        "QEMU said: {} (log {})",
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | "),
+        log.display()
+    )
+}
+
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+/// `isr run`.
+pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let name = a.parcel.parcel.clone();
+    let qemu = find_qemu(&a.qemu)?;
+    if let Some(r) = read_record(&name)
+        && pid_alive(r["pid"].as_i64().unwrap_or(0))
+    {
+        bail!(
+            "the VM of parcel {name} is running already (QEMU pid {}, QMP {})",
+            r["pid"],
+            r["qmp"].as_str().unwrap_or("?")
+        );
+    }
+    if read_record(&name).is_some_and(|r| r["saved"].is_string()) {
+        bail!(
+            "the VM of parcel {name} was saved by a suspend that did not finish; run `isr suspend {name}` again to publish it"
+        );
+    }
+    // The device: resumed now, or already.
+    let status = match ask(&name, "status") {
+        Ok(s) if s.get("error").is_none() => s,
+        _ => {
+            let reply = crate::daemon::start(&ResumeArgs {
+                parcel: clone_parcel_args(&a.parcel),
+                cache_dir: a.cache_dir.clone(),
+                foreground: false,
+                steal: a.steal,
+                miss_timeout: a.miss_timeout,
+                no_prefetch: a.no_prefetch,
+                memory_out: None,
+                json: a.json,
+                daemon: false,
+            })?;
+            if let Some(e) = reply["error"].as_str() {
+                bail!("{e}");
+            }
+            ask(&name, "status")?
+        }
+    };
+    let device = status["device"]
+        .as_str()
+        .context("the daemon reports no device")?
+        .to_owned();
+    let version = status["base_version"].as_u64().unwrap_or(0);
+    let device_secs = started.elapsed().as_secs_f64();
+
+    // The version's VM: settings and memory image.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let manifest = rt
+        .block_on(open_parcel(&a.parcel)?.manifest(version))
+        .map_err(|e| explain(e, &a.parcel))?;
+    drop(rt);
+    let restore = (manifest.memory_size > 0 && !a.cold).then_some(version);
+    let settings = choose_settings(&a, manifest.vm.as_ref(), restore)?;
+    let memory_file = run_dir().join(format!("{name}.memory"));
+    let memory = match restore {
+        Some(v) => fetch_memory(&a.parcel, v, &memory_file, a.json)?,
+        None => Value::Null,
+    };
+    let memory_secs = started.elapsed().as_secs_f64() - device_secs;
+
+    let vm = start_qemu(&name, &qemu, &device, &settings, restore.is_some())?;
+    let restored = (|| {
+        let alive = || pid_alive(vm.pid);
+        let mut qmp = Qmp::connect(&vm.qmp, &vm.who(), QMP_START, alive)?;
+        let mut settings = settings.clone();
+        match restore {
+            Some(_) => restore_memory(&mut qmp, &settings, &memory_file, alive)?,
+            None => resolve_machine(&mut qmp, &mut settings)?,
+        }
+        Ok::<_, anyhow::Error>(settings)
+    })();
+    let _ = std::fs::remove_file(&memory_file);
+    let settings = match restored {
+        Ok(s) => s,
+        Err(e) => {
+            // SAFETY: kill sends a signal to the QEMU we started; no memory.
+            unsafe { libc::kill(vm.pid as libc::pid_t, libc::SIGKILL) };
+            let _ = std::fs::remove_file(record_path(&name));
+            return Err(e.context(format!(
+                "{}; the device {device} stays resumed (isr run again, or isr suspend {name})",
+                log_tail(&vm.log)
+            )));
+        }
+    };
+    let record = json!({
+        "pid": vm.pid,
+        "qemu": qemu,
+        "qmp": vm.qmp,
+        "console": vm.console,
+        "log": vm.log,
+        "settings": settings_to_json(&settings),
+        "restored_from": restore,
+        "started_unix": now_unix(),
+    });
+    write_record(&name, &record)?;
+    let total_secs = started.elapsed().as_secs_f64();
+    let after = ask(&name, "status").unwrap_or_default();
+    let reply = json!({
+        "parcel": name,
+        "device": device,
+        "version": version,
+        "vm_pid": vm.pid,
+        "qmp": vm.qmp,
+        "console": vm.console,
+        "restored": restore.is_some(),
+        "memory": memory,
+        "disk_fetched_bytes": after["fetched_bytes"],
+        "seconds_device": device_secs,
+        "seconds_memory": memory_secs,
+        "seconds_total": total_secs,
+    });
+    if a.json {
+        crate::output::line(&reply)?;
+    } else {
+        crate::output::line(format_args!(
+            "parcel {name} version {version} running on {device}: QEMU pid {}, QMP {}, console {}\n{} in {total_secs:.1} s (device {device_secs:.1} s, memory image {memory_secs:.1} s); {} bytes of disk fetched so far",
+            vm.pid,
+            vm.qmp.display(),
+            vm.console.display(),
+            if restore.is_some() {
+                format!("restored from version {version}'s memory image")
+            } else if manifest.memory_size > 0 {
+                "booted afresh (--cold)".into()
+            } else {
+                format!("version {version} has no memory image: booted afresh")
+            },
+            after["fetched_bytes"],
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn clone_parcel_args(p: &ParcelArgs) -> ParcelArgs {
+    ParcelArgs {
+        store: p.store.clone(),
+        endpoint: p.endpoint.clone(),
+        parcel: p.parcel.clone(),
+        key_file: p.key_file.clone(),
+        retry_timeout: p.retry_timeout,
+    }
+}
+
+/// A QEMU that `isr run` started.
+struct Started {
+    pid: i64,
+    qmp: PathBuf,
+    console: PathBuf,
+    log: PathBuf,
+}
+
+impl Started {
+    fn who(&self) -> String {
+        format!("QEMU (pid {})", self.pid)
+    }
+}
+
+/// Starts QEMU on `device`, detached (its own session; output to a log),
+/// paused for an incoming migration when `incoming`.
+fn start_qemu(
+    name: &str,
+    qemu: &Path,
+    device: &str,
+    s: &VmSettings,
+    incoming: bool,
+) -> anyhow::Result<Started> {
+    let dir = run_dir();
+    let (qmp, console, log) = (
+        dir.join(format!("{name}.qmp")),
+        dir.join(format!("{name}.console")),
+        dir.join(format!("{name}.qemu.log")),
+    );
+    let _ = std::fs::remove_file(&qmp);
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        format!("isr-{name}"),
+        "-m".into(),
+        s.memory_mib.to_string(),
+        "-smp".into(),
+        s.cpus.to_string(),
+    ];
+    args.extend(s.args.iter().cloned());
+    args.extend([
+        "-drive".into(),
+        format!("file={device},format=raw,if=virtio,cache=none,aio=io_uring"),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+    ]);
+    // The accelerator is the host's business, not the VM's: KVM when this
+    // host offers it (QEMU falls back to the next -accel), else TCG.
+    if !has_option(&s.args, &["-accel", "-enable-kvm"])
+        && !s.args.iter().any(|a| a.contains("accel="))
+    {
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok();
+        if kvm {
+            args.extend(["-accel".into(), "kvm".into()]);
+        }
+        args.extend(["-accel".into(), "tcg".into()]);
+    }
+    if !has_option(&s.args, &["-display", "-nographic", "-vnc", "-spice"]) {
+        args.extend(["-display".into(), "none".into()]);
+    }
+    if !has_option(&s.args, &["-serial", "-nographic", "-chardev"]) {
+        args.extend(["-serial".into(), format!("file:{}", console.display())]);
+    }
+    if incoming {
+        args.extend(["-incoming".into(), "defer".into()]);
+    }
+    let log_file =
+        fetcher::private::append(&log).with_context(|| format!("cannot open {}", log.display()))?;
+    let mut cmd = std::process::Command::new(qemu);
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe and touches no memory: QEMU
+    // leaves our session, so it outlives this command and its terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", qemu.display()))?;
+    Ok(Started {
+        pid: child.id() as i64,
+        qmp,
+        console,
+        log,
+    })
+}
+
+/// Loads the memory image into a QEMU started with `-incoming defer`, then
+/// lets the VM run.
+fn restore_memory(
+    qmp: &mut Qmp,
+    s: &VmSettings,
+    file: &Path,
+    alive: impl Fn() -> bool + Copy,
+) -> anyhow::Result<()> {
+    let uri = match s.save_format {
+        SaveFormat::Stream => format!("exec:cat {}", shell_quote(file)),
+        SaveFormat::MappedRam => {
+            set_mapped_ram(qmp)?;
+            format!("file:{}", file.display())
+        }
+    };
+    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
+    qmp.wait_for_migration(MIGRATION_LIMIT, alive, |_| {})?;
+    // `cont` during "inmigrate" would be ignored: wait until it is paused.
+    qmp.wait_for_state("paused", Duration::from_secs(60))?;
+    qmp.execute("cont", None)?;
+    qmp.wait_for_state("running", Duration::from_secs(30))
+}
+
+fn set_mapped_ram(qmp: &mut Qmp) -> anyhow::Result<()> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "mapped-ram", "state": true}]})),
+    )
+    .context("the memory image uses QEMU's mapped-ram layout, which this QEMU lacks")?;
+    Ok(())
+}
+
+/// Records the machine type by its versioned name (`pc` →
+/// `pc-i440fx-7.2`), so the next host builds the same hardware, and the
+/// save format this QEMU offers (mapped-ram from QEMU 9 on).
+fn resolve_machine(qmp: &mut Qmp, s: &mut VmSettings) -> anyhow::Result<()> {
+    let machines = qmp.execute("query-machines", None)?;
+    if let Some(i) = s.args.iter().position(|a| a == "-machine" || a == "-M")
+        && let Some(spec) = s.args.get(i + 1).cloned()
+    {
+        let (ty, rest) = spec.split_once(',').unwrap_or((&spec, ""));
+        let ty = ty.strip_prefix("type=").unwrap_or(ty);
+        if let Some(m) = machines
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["alias"].as_str() == Some(ty))
+            && let Some(full) = m["name"].as_str()
+        {
+            s.args[i + 1] = if rest.is_empty() {
+                full.to_owned()
+            } else {
+                format!("{full},{rest}")
+            };
+        }
+    }
+    let caps = qmp.execute("query-migrate-capabilities", None)?;
+    let mapped = caps
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["capability"] == "mapped-ram");
+    s.save_format = if mapped {
+        SaveFormat::MappedRam
+    } else {
+        SaveFormat::Stream
+    };
+    Ok(())
+}
+
+/// `isr suspend`'s first half for a VM that `isr run` started: stops it,
+/// saves its memory and devices to a file under the run directory, and
+/// quits QEMU. Returns what the daemon publishes with the disk
+/// (`{"memory": FILE, "vm": SETTINGS}`; `{}` with no VM). A QEMU that
+/// exited is reported and its disk published alone; a save that fails lets
+/// the VM run on and fails the suspend (nothing is lost).
+pub fn save(parcel: &str) -> anyhow::Result<Value> {
+    let Some(mut r) = read_record(parcel) else {
+        return Ok(json!({}));
+    };
+    let settings = settings_from_json(&r["settings"])?;
+    if let Some(saved) = r["saved"].as_str()
+        && Path::new(saved).is_file()
+    {
+        // A suspend that saved the VM and then failed: publish that state.
+        return Ok(json!({ "memory": saved, "vm": settings_to_json(&settings) }));
+    }
+    let pid = r["pid"].as_i64().unwrap_or(0);
+    let who = format!("QEMU (pid {pid}) of parcel {parcel}");
+    if !pid_alive(pid) {
+        crate::output::warn(format_args!(
+            "{who} is not running (it exited or crashed): its memory is lost; publishing the disk alone, and the next run boots afresh. {}",
+            log_tail(Path::new(r["log"].as_str().unwrap_or_default()))
+        ));
+        return Ok(json!({ "vm": settings_to_json(&settings) }));
+    }
+    let alive = || pid_alive(pid);
+    let socket = PathBuf::from(r["qmp"].as_str().unwrap_or_default());
+    let mut qmp = Qmp::connect(&socket, &who, Duration::from_secs(10), alive)?;
+    let file = run_dir().join(format!("{parcel}.save"));
+    let _ = std::fs::remove_file(&file);
+    let started = Instant::now();
+    let status = qmp.execute("query-status", None)?;
+    let was_running = status["status"] == "running";
+    qmp.execute("stop", None)?;
+    let saving = (|| {
+        let uri = match settings.save_format {
+            SaveFormat::Stream => format!("exec:cat > {}", shell_quote(&file)),
+            SaveFormat::MappedRam => {
+                set_mapped_ram(&mut qmp)?;
+                format!("file:{}", file.display())
+            }
+        };
+        qmp.execute("migrate", Some(json!({ "uri": uri })))?;
+        qmp.wait_for_migration(MIGRATION_LIMIT, alive, |_| {})
+    })();
+    if let Err(e) = saving {
+        if alive() && was_running {
+            let _ = qmp.execute("cont", None);
+        }
+        let _ = std::fs::remove_file(&file);
+        return Err(e.context(format!(
+            "saving the VM of parcel {parcel} failed; nothing was published{}",
+            if alive() { " and the VM runs on" } else { "" }
+        )));
+    }
+    let saved_secs = started.elapsed().as_secs_f64();
+    // The state is on disk: from here on a failed suspend publishes it.
+    r["saved"] = json!(file);
+    r["saved_seconds"] = json!(saved_secs);
+    write_record(parcel, &r)?;
+    let _ = qmp.execute("quit", None);
+    let deadline = Instant::now() + QUIT_WAIT;
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if alive() {
+        crate::output::warn(format_args!(
+            "{who} did not exit within {} s of quit; killing it (its state is saved)",
+            QUIT_WAIT.as_secs()
+        ));
+        // SAFETY: kill sends a signal to the QEMU we started; no memory.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        while alive() && started.elapsed() < QUIT_WAIT * 2 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    crate::output::note(format_args!(
+        "isr: saved the VM of parcel {parcel} ({:.1} MiB) in {saved_secs:.1} s",
+        mib(std::fs::metadata(&file).map_or(0, |m| m.len()))
+    ));
+    Ok(json!({ "memory": file, "vm": settings_to_json(&settings) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec![
+            "isr",
+            "run",
+            "--store",
+            "file:///s",
+            "--parcel",
+            "p",
+            "--key-file",
+            "k",
+        ];
+        argv.extend(extra);
+        match crate::cli::Cli::parse_from(argv).command {
+            crate::cli::Command::Run(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn options_are_found_in_either_spelling() {
+        let args: Vec<String> = ["-M", "q35", "--display=none", "-serial", "stdio"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert!(has_option(&args, &["-machine", "-M"]));
+        assert!(has_option(&args, &["-display"]));
+        assert!(has_option(&args, &["-serial"]));
+        assert!(!has_option(&args, &["-accel"]));
+        assert!(!has_option(&args, &["-m"]), "values are not options");
+    }
+
+    #[test]
+    fn settings_come_from_flags_then_the_version_then_defaults() {
+        let s = choose_settings(&run_args(&[]), None, None).unwrap();
+        assert_eq!((s.memory_mib, s.cpus), (DEFAULT_MEMORY_MIB, 1));
+        assert_eq!(s.args, ["-machine", "pc"]);
+
+        let recorded = VmSettings {
+            memory_mib: 128,
+            cpus: 2,
+            save_format: SaveFormat::Stream,
+            args: vec!["-machine".into(), "pc-i440fx-7.2".into()],
+        };
+        let s = choose_settings(&run_args(&[]), Some(&recorded), Some(3)).unwrap();
+        assert_eq!(s, recorded, "a restore rebuilds the recorded hardware");
+        let s = choose_settings(
+            &run_args(&["--cpus", "4", "--", "-M", "q35"]),
+            Some(&recorded),
+            None,
+        )
+        .unwrap();
+        assert_eq!((s.memory_mib, s.cpus), (128, 4));
+        assert_eq!(s.args, ["-M", "q35"]);
+
+        let err = choose_settings(
+            &run_args(&["--memory-mib", "256"]),
+            Some(&recorded),
+            Some(3),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("version 3's memory image") && err.contains("--cold"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn settings_and_suspend_requests_survive_json() {
+        let s = VmSettings {
+            memory_mib: 64,
+            cpus: 1,
+            save_format: SaveFormat::MappedRam,
+            args: vec!["-device".into(), "virtio-rng-pci".into()],
+        };
+        assert_eq!(settings_from_json(&settings_to_json(&s)).unwrap(), s);
+        let req = json!({ "memory": "/run/isr/p.save", "vm": settings_to_json(&s) });
+        let saved = saved_from_json(&req.to_string()).unwrap();
+        assert_eq!(saved.memory.as_deref(), Some(Path::new("/run/isr/p.save")));
+        assert_eq!(saved.vm, Some(s));
+        let none = saved_from_json("").unwrap();
+        assert!(none.memory.is_none() && none.vm.is_none());
+        assert!(saved_from_json("{not json").is_err());
+    }
+
+    #[test]
+    fn a_missing_qemu_is_named() {
+        let err = find_qemu(Path::new("no-such-qemu-here"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no-such-qemu-here") && err.contains("not installed"),
+            "{err}"
+        );
+        assert!(find_qemu(Path::new("/bin/sh")).is_ok());
+    }
+}

@@ -1,0 +1,259 @@
+//! The VM itself travels: `isr run` boots a small VM (scripts/make-tiny-vm:
+//! a bootable disk whose guest keeps a counter in RAM and re-reads a file
+//! from its disk every second) in a real QEMU on /dev/ublkbN, `isr suspend`
+//! saves its memory through QMP and publishes it with the disk, and
+//! `isr run` on "another host" (a fresh cache and run directory) restores
+//! it: the counter goes on, the file is intact, and the disk chunks fetched
+//! before it ran are only those it touched.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{Vm, ok, run};
+
+/// The tiny VM's disk image, built on the host by scripts/vm-test.
+fn tiny_vm() -> PathBuf {
+    let path = std::env::var_os("ISR_TINY_VM")
+        .map(PathBuf::from)
+        .expect("ISR_TINY_VM names the tiny VM image (scripts/vm-test builds it)");
+    assert!(path.is_file(), "{} does not exist", path.display());
+    assert!(
+        Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "qemu-system-x86_64 does not run in this guest"
+    );
+    path
+}
+
+/// `TICK n sha` lines the guest printed (a line cut by a save is skipped).
+fn ticks(console: &Path) -> Vec<(u64, String)> {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.trim().split(' ');
+            match (f.next(), f.next(), f.next(), f.next()) {
+                (Some("TICK"), Some(n), Some(sha), None) if sha.len() == 16 => {
+                    Some((n.parse().ok()?, sha.to_owned()))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Waits until the console shows at least `n` ticks.
+fn wait_ticks(console: &Path, n: usize, limit: Duration) -> Vec<(u64, String)> {
+    let start = Instant::now();
+    loop {
+        let t = ticks(console);
+        if t.len() >= n {
+            return t;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{} ticks after {limit:?}; console:\n{}",
+            t.len(),
+            std::fs::read_to_string(console).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Kills the QEMU pids it holds when dropped (a failed test leaves none).
+struct Reaper(Vec<i64>);
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: kill sends a signal; no memory involved.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
+fn run_vm(vm: &Vm, host: Option<&Path>, extra: &[&str]) -> Value {
+    let mut cmd = vm.isr();
+    if let Some(h) = host {
+        cmd.env("ISR_RUN_DIR", h.join("run"))
+            .env("ISR_CACHE_DIR", h.join("cache"));
+    }
+    let out = ok(cmd
+        .arg("run")
+        .args(vm.parcel_args())
+        .args(["--memory-mib", "128", "--json"])
+        .args(extra));
+    serde_json::from_str(&out).unwrap()
+}
+
+fn suspend_vm(vm: &Vm, host: Option<&Path>) -> Value {
+    let mut cmd = vm.isr();
+    if let Some(h) = host {
+        cmd.env("ISR_RUN_DIR", h.join("run"))
+            .env("ISR_CACHE_DIR", h.join("cache"));
+    }
+    let start = Instant::now();
+    let mut v: Value = serde_json::from_str(&ok(cmd.args(["suspend", "vm", "--json"]))).unwrap();
+    v["wall_seconds"] = start.elapsed().as_secs_f64().into();
+    v
+}
+
+#[test]
+#[ignore = "kernel tier: needs /dev/ublk-control and QEMU; run by scripts/vm-test"]
+fn ublk_qemu_vm_suspends_with_its_memory_and_resumes_on_another_host() {
+    let image = tiny_vm();
+    let mut vm = Vm::from_image(&image);
+    let disk_size = std::fs::metadata(&image).unwrap().len();
+    let mut reaper = Reaper(Vec::new());
+
+    // Host A: a cold boot from the disk.
+    let a = run_vm(&vm, None, &[]);
+    vm.device = a["device"].as_str().map(str::to_owned);
+    reaper.0.push(a["vm_pid"].as_i64().unwrap());
+    assert_eq!(a["restored"], false);
+    let console_a = PathBuf::from(a["console"].as_str().unwrap());
+    let before = wait_ticks(&console_a, 3, Duration::from_secs(300));
+    let hello = before[0].1.clone();
+    let st = vm.status();
+    assert_eq!(st["vm"]["state"], "running", "{st}");
+
+    let s1 = suspend_vm(&vm, None);
+    vm.device = None;
+    let last = ticks(&console_a).last().unwrap().0;
+    let mem1 = &s1["memory"];
+    assert_eq!(s1["version"], 2, "{s1}");
+    assert!(mem1["size"].as_u64().unwrap() > 1 << 20, "{s1}");
+    assert!(mem1["uploaded_chunks"].as_u64().unwrap() > 0, "{s1}");
+    println!(
+        "suspend 1: {:.1} s; disk delta {} chunks, {} bytes uploaded; memory image {} bytes, {} bytes uploaded ({} chunks: {} uploaded, {} deduplicated, {} zero)",
+        s1["wall_seconds"].as_f64().unwrap(),
+        s1["dirty_chunks"],
+        s1["bytes_uploaded"],
+        mem1["size"],
+        mem1["bytes_uploaded"],
+        mem1["uploaded_chunks"].as_u64().unwrap()
+            + mem1["dedup_chunks"].as_u64().unwrap()
+            + mem1["zero_chunks"].as_u64().unwrap(),
+        mem1["uploaded_chunks"],
+        mem1["dedup_chunks"],
+        mem1["zero_chunks"],
+    );
+
+    // Host B: a fresh cache and run directory; demand fetches only.
+    let host_b = tempfile::tempdir().unwrap();
+    let b = run_vm(&vm, Some(host_b.path()), &["--no-prefetch"]);
+    reaper.0.push(b["vm_pid"].as_i64().unwrap());
+    assert_eq!(b["restored"], true, "{b}");
+    assert_eq!(b["version"], 2);
+    let fetched_before_run = b["disk_fetched_bytes"].as_u64().unwrap();
+    println!(
+        "resume on host B: running in {:.1} s (device {:.1} s, memory image {:.1} s, {} bytes); {} bytes of the {} byte disk fetched before it ran",
+        b["seconds_total"].as_f64().unwrap(),
+        b["seconds_device"].as_f64().unwrap(),
+        b["seconds_memory"].as_f64().unwrap(),
+        b["memory"]["size"],
+        fetched_before_run,
+        disk_size
+    );
+    let console_b = PathBuf::from(b["console"].as_str().unwrap());
+    let after = wait_ticks(&console_b, 3, Duration::from_secs(300));
+    let text_b = std::fs::read_to_string(&console_b).unwrap();
+    assert!(
+        !text_b.contains("HELLO"),
+        "the guest booted again instead of going on:\n{text_b}"
+    );
+    assert!(
+        after[0].0 > last && after[0].0 <= last + 2,
+        "the counter stopped at {last} and went on at {}",
+        after[0].0
+    );
+    for (n, sha) in &after {
+        assert_eq!(sha, &hello, "tick {n}: the file read back differs");
+    }
+    // The file and the counter's file were re-read through isr: the chunks
+    // they touched, a small part of the disk.
+    let st_b: Value = serde_json::from_str(&ok(vm
+        .isr()
+        .env("ISR_RUN_DIR", host_b.path().join("run"))
+        .args(["status", "vm", "--json"])))
+    .unwrap();
+    let fetched = st_b["fetched_bytes"].as_u64().unwrap();
+    println!(
+        "host B fetched {fetched} bytes of disk after {} ticks",
+        after.len()
+    );
+    assert!(fetched > 0 && fetched < disk_size / 4, "{st_b}");
+
+    // Suspend again: the second memory image shares most chunks with the
+    // first.
+    let s2 = suspend_vm(&vm, Some(host_b.path()));
+    let mem2 = &s2["memory"];
+    assert_eq!(s2["version"], 3, "{s2}");
+    println!(
+        "suspend 2: {:.1} s; disk delta {} bytes uploaded; memory image {} bytes: {} bytes uploaded, {} chunks deduplicated against the disk and the previous image, {} uploaded, {} zero",
+        s2["wall_seconds"].as_f64().unwrap(),
+        s2["bytes_uploaded"],
+        mem2["size"],
+        mem2["bytes_uploaded"],
+        mem2["dedup_chunks"],
+        mem2["uploaded_chunks"],
+        mem2["zero_chunks"],
+    );
+    assert!(mem2["dedup_chunks"].as_u64().unwrap() > 0, "{s2}");
+    drop(reaper);
+}
+
+#[test]
+#[ignore = "kernel tier: needs /dev/ublk-control and QEMU; run by scripts/vm-test"]
+fn ublk_qemu_that_dies_is_reported_and_suspend_publishes_the_disk_alone() {
+    let image = tiny_vm();
+    let mut vm = Vm::from_image(&image);
+    let a = run_vm(&vm, None, &[]);
+    vm.device = a["device"].as_str().map(str::to_owned);
+    let pid = a["vm_pid"].as_i64().unwrap();
+    // SAFETY: kill sends a signal to the QEMU the test started.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let start = Instant::now();
+    while vm.status()["vm"]["state"] != "exited" {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", vm.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = ok(vm.isr().args(["status", "vm"]));
+    assert!(text.contains("exited"), "{text}");
+
+    let out = run(vm.isr().args(["suspend", "vm", "--json"]));
+    vm.device = None;
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not running") && err.contains(&pid.to_string()),
+        "{err}"
+    );
+    let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(s["memory"].is_null(), "{s}");
+
+    // Without QEMU, `isr run` says so before touching the device.
+    let out = run(vm
+        .isr()
+        .arg("run")
+        .args(vm.parcel_args())
+        .args(["--qemu", "/nonexistent/qemu"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/qemu") && err.contains("not installed"),
+        "{err}"
+    );
+    assert!(
+        vm.isr()
+            .args(["status", "vm"])
+            .output()
+            .unwrap()
+            .status
+            .code()
+            == Some(1)
+    );
+}
