@@ -376,6 +376,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| explain(e, &a.parcel))?;
     drop(rt);
     let restore = (manifest.memory_size > 0 && !a.cold).then_some(version);
+    let dirty = status["dirty_chunks"].as_u64().unwrap_or(0);
+    if restore.is_some() && dirty > 0 {
+        bail!(
+            "the disk of parcel {name} changed since version {version} was resumed ({dirty} chunks written on {device}); restoring that version's memory image over it would corrupt the guest: pass --cold to boot afresh, or suspend and resume first"
+        );
+    }
     let settings = choose_settings(&a, manifest.vm.as_ref(), restore)?;
     let memory_file = run_dir().join(format!("{name}.memory"));
     let memory = match restore {

@@ -204,6 +204,31 @@ fn ublk_qemu_vm_suspends_with_its_memory_and_resumes_on_another_host() {
     );
     assert!(mem2["dedup_chunks"].as_u64().unwrap() > 0, "{s2}");
     drop(reaper);
+
+    // A disk written since the resume no longer matches the memory image:
+    // `isr run` refuses to restore it over that disk.
+    let dev = vm.resume(&[]);
+    ok(Command::new("dd").args([
+        "if=/dev/zero",
+        &format!("of={dev}"),
+        "bs=4096",
+        "count=1",
+        "seek=100",
+        "oflag=direct",
+        "conv=notrunc",
+    ]));
+    let out = run(vm
+        .isr()
+        .arg("run")
+        .args(vm.parcel_args())
+        .args(["--memory-mib", "128"]));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("changed since version 3") && err.contains("--cold"),
+        "{err}"
+    );
+    assert!(vm.status()["vm"].is_null(), "no QEMU was started");
 }
 
 #[test]
