@@ -158,19 +158,25 @@ impl Qmp {
         }
     }
 
-    /// Polls `query-status` until the VM's run state is `want`.
-    pub fn wait_for_state(&mut self, want: &str, limit: Duration) -> anyhow::Result<()> {
+    /// Polls `query-status` until the VM's run state is one that `done`
+    /// accepts; that state.
+    pub fn wait_for_state(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
         let deadline = Instant::now() + limit;
         loop {
             let s = self.execute("query-status", None)?;
-            if s["status"].as_str() == Some(want) {
-                return Ok(());
+            let state = s["status"].as_str().unwrap_or("?");
+            if done(state) {
+                return Ok(state.to_owned());
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "{} stayed {} instead of becoming {want} within {} s",
+                    "{} stayed {state} instead of becoming {what} within {} s",
                     self.who,
-                    s["status"],
                     limit.as_secs()
                 );
             }

@@ -585,10 +585,16 @@ fn restore_memory(
     };
     qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
     qmp.wait_for_migration(MIGRATION_LIMIT, alive, |_| {})?;
-    // `cont` during "inmigrate" would be ignored: wait until it is paused.
-    qmp.wait_for_state("paused", Duration::from_secs(60))?;
-    qmp.execute("cont", None)?;
-    qmp.wait_for_state("running", Duration::from_secs(30))
+    // `cont` during "inmigrate" would be ignored: wait until the load has
+    // ended (paused, as the VM was when saved).
+    let state = qmp.wait_for_state("loaded", Duration::from_secs(60), |s| {
+        !matches!(s, "inmigrate" | "prelaunch" | "restore-vm")
+    })?;
+    if state != "running" {
+        qmp.execute("cont", None)?;
+    }
+    qmp.wait_for_state("running", Duration::from_secs(30), |s| s == "running")
+        .map(drop)
 }
 
 fn set_mapped_ram(qmp: &mut Qmp) -> anyhow::Result<()> {
