@@ -78,23 +78,12 @@ impl Command {
 pub struct ResumeArgs {
     #[command(flatten)]
     pub parcel: ParcelArgs,
-    /// Root of the local caches (default: /var/lib/isr as root, else
-    /// $XDG_CACHE_HOME/isr).
-    #[arg(long, env = "ISR_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Stay attached (serve the device from this process) instead of
     /// returning once the device is up.
     #[arg(long)]
     pub foreground: bool,
-    /// Break another holder's lease on the parcel.
-    #[arg(long)]
-    pub steal: bool,
-    /// Seconds a read of a chunk not yet fetched waits for the store.
-    #[arg(long, default_value_t = 600)]
-    pub miss_timeout: u64,
-    /// Do not prefetch in the background (fetch on demand only).
-    #[arg(long)]
-    pub no_prefetch: bool,
     /// Also fetch the version's memory image (every chunk verified) into
     /// this file before returning, for a hypervisor to restore; a version
     /// without one is reported and no file is written.
@@ -112,19 +101,8 @@ pub struct ResumeArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub parcel: ParcelArgs,
-    /// Root of the local caches (default: /var/lib/isr as root, else
-    /// $XDG_CACHE_HOME/isr).
-    #[arg(long, env = "ISR_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
-    /// Break another holder's lease on the parcel.
-    #[arg(long)]
-    pub steal: bool,
-    /// Seconds a read of a chunk not yet fetched waits for the store.
-    #[arg(long, default_value_t = 600)]
-    pub miss_timeout: u64,
-    /// Do not prefetch in the background (fetch on demand only).
-    #[arg(long)]
-    pub no_prefetch: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Boot afresh even if the version has a memory image.
     #[arg(long)]
     pub cold: bool,
@@ -146,6 +124,24 @@ pub struct RunArgs {
     /// display and the serial console to a file.
     #[arg(last = true, value_name = "QEMU-ARGS")]
     pub qemu_args: Vec<String>,
+}
+
+/// How a resumed parcel's device and cache behave.
+#[derive(Debug, Args, Clone)]
+pub struct DeviceArgs {
+    /// Root of the local caches (default: /var/lib/isr as root, else
+    /// $XDG_CACHE_HOME/isr).
+    #[arg(long, env = "ISR_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Break another holder's lease on the parcel.
+    #[arg(long)]
+    pub steal: bool,
+    /// Seconds a read of a chunk not yet fetched waits for the store.
+    #[arg(long, default_value_t = 600)]
+    pub miss_timeout: u64,
+    /// Do not prefetch in the background (fetch on demand only).
+    #[arg(long)]
+    pub no_prefetch: bool,
 }
 
 #[derive(Debug, Args)]

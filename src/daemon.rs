@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 use fetcher::{Engine, EngineOptions, Lease, SavedVm};
 use serde_json::{Value, json};
 
-use crate::cli::{NameArgs, ParcelArgs, ResumeArgs, SuspendArgs};
+use crate::cli::{DeviceArgs, NameArgs, ParcelArgs, ResumeArgs, SuspendArgs};
 use crate::commands::{explain, host_name, open_parcel};
 use crate::time::now_unix;
 
@@ -310,11 +310,13 @@ pub fn recover(a: NameArgs) -> anyhow::Result<ExitCode> {
                 .into(),
             retry_timeout: st["retry_timeout"].as_u64().unwrap_or(60),
         },
-        cache_dir: s("cache_root").map(PathBuf::from),
+        device: DeviceArgs {
+            cache_dir: s("cache_root").map(PathBuf::from),
+            steal: false,
+            miss_timeout: st["miss_timeout"].as_u64().unwrap_or(600),
+            no_prefetch: st["no_prefetch"].as_bool().unwrap_or(false),
+        },
         foreground: false,
-        steal: false,
-        miss_timeout: st["miss_timeout"].as_u64().unwrap_or(600),
-        no_prefetch: st["no_prefetch"].as_bool().unwrap_or(false),
         memory_out: None,
         json: a.json,
         daemon: false,
@@ -406,20 +408,20 @@ fn daemon_args(a: &ResumeArgs) -> Vec<std::ffi::OsString> {
         "--retry-timeout".into(),
         p.retry_timeout.to_string().into(),
         "--miss-timeout".into(),
-        a.miss_timeout.to_string().into(),
+        a.device.miss_timeout.to_string().into(),
         "--foreground".into(),
         "--daemon".into(),
     ];
     if let Some(e) = &p.endpoint {
         args.extend(["--endpoint".into(), e.into()]);
     }
-    if let Some(d) = &a.cache_dir {
+    if let Some(d) = &a.device.cache_dir {
         args.extend(["--cache-dir".into(), d.clone().into()]);
     }
-    if a.steal {
+    if a.device.steal {
         args.push("--steal".into());
     }
-    if a.no_prefetch {
+    if a.device.no_prefetch {
         args.push("--no-prefetch".into());
     }
     args
@@ -451,11 +453,11 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     let parcel = open_parcel(&a.parcel)?;
     let mut options = EngineOptions {
         host: host_name(),
-        miss_timeout: Duration::from_secs(a.miss_timeout),
-        prefetch: !a.no_prefetch,
+        miss_timeout: Duration::from_secs(a.device.miss_timeout),
+        prefetch: !a.device.no_prefetch,
         ..Default::default()
     };
-    if let Some(dir) = &a.cache_dir {
+    if let Some(dir) = &a.device.cache_dir {
         options.cache_root = dir.clone();
     }
     let cache_dir = fetcher::cache::cache_dir(&options.cache_root, parcel.store().url(), &name);
@@ -482,7 +484,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
             &host_name(),
             now_unix(),
             reuse.as_deref().map(str::trim),
-            a.steal,
+            a.device.steal,
         ))
         .map_err(|e| explain(e, &a.parcel))?;
     fetcher::private::write(&nonce_path, &lease.info().nonce)
@@ -517,9 +519,9 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         "endpoint": a.parcel.endpoint,
         "key_file": std::fs::canonicalize(&a.parcel.key_file).unwrap_or(a.parcel.key_file.clone()),
         "retry_timeout": a.parcel.retry_timeout,
-        "cache_root": a.cache_dir,
-        "miss_timeout": a.miss_timeout,
-        "no_prefetch": a.no_prefetch,
+        "cache_root": a.device.cache_dir,
+        "miss_timeout": a.device.miss_timeout,
+        "no_prefetch": a.device.no_prefetch,
     });
     let device: Arc<OnceLock<ublk_target::DeviceInfo>> = Arc::new(OnceLock::new());
     let suspend_requests: Arc<Mutex<Vec<Reply>>> = Arc::new(Mutex::new(Vec::new()));

@@ -345,11 +345,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         _ => {
             let reply = crate::daemon::start(&ResumeArgs {
                 parcel: clone_parcel_args(&a.parcel),
-                cache_dir: a.cache_dir.clone(),
+                device: a.device.clone(),
                 foreground: false,
-                steal: a.steal,
-                miss_timeout: a.miss_timeout,
-                no_prefetch: a.no_prefetch,
                 memory_out: None,
                 json: a.json,
                 daemon: false,
