@@ -21,7 +21,6 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fetcher::SavedVm;
 use fetcher::ops::{ExportOptions, Image, export_image};
 use format::{SaveFormat, VmSettings};
 use serde_json::{Value, json};
@@ -32,8 +31,11 @@ use crate::daemon::{ask, pid_alive, run_dir};
 use crate::qmp::Qmp;
 use crate::time::now_unix;
 
-/// Guest RAM of a VM with no recorded settings, in MiB.
-const DEFAULT_MEMORY_MIB: u32 = 1024;
+mod settings;
+
+pub use settings::saved_from_json;
+use settings::{choose_settings, has_option, settings_from_json, settings_to_json};
+
 /// How long QEMU may take to open its QMP socket.
 const QMP_START: Duration = Duration::from_secs(30);
 /// Longest a save or a restore of the memory image may take.
@@ -65,59 +67,6 @@ pub fn forget(parcel: &str) {
         let _ = std::fs::remove_file(saved);
     }
     let _ = std::fs::remove_file(record_path(parcel));
-}
-
-pub fn settings_to_json(s: &VmSettings) -> Value {
-    json!({
-        "memory_mib": s.memory_mib,
-        "cpus": s.cpus,
-        "save_format": match s.save_format {
-            SaveFormat::Stream => "stream",
-            SaveFormat::MappedRam => "mapped-ram",
-        },
-        "args": s.args,
-    })
-}
-
-fn settings_from_json(v: &Value) -> anyhow::Result<VmSettings> {
-    let num = |k: &str| {
-        v[k].as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .with_context(|| format!("VM settings lack {k}"))
-    };
-    Ok(VmSettings {
-        memory_mib: num("memory_mib")?,
-        cpus: num("cpus")?,
-        save_format: match v["save_format"].as_str() {
-            Some("mapped-ram") => SaveFormat::MappedRam,
-            _ => SaveFormat::Stream,
-        },
-        args: v["args"]
-            .as_array()
-            .context("VM settings lack args")?
-            .iter()
-            .map(|a| {
-                a.as_str()
-                    .map(str::to_owned)
-                    .context("a VM argument is not text")
-            })
-            .collect::<anyhow::Result<_>>()?,
-    })
-}
-
-/// The daemon's side of `suspend JSON`: what to publish with the disk.
-pub fn saved_from_json(text: &str) -> anyhow::Result<SavedVm> {
-    if text.trim().is_empty() {
-        return Ok(SavedVm::default());
-    }
-    let v: Value = serde_json::from_str(text).context("a malformed suspend request")?;
-    Ok(SavedVm {
-        memory: v["memory"].as_str().map(PathBuf::from),
-        vm: match v.get("vm").filter(|s| !s.is_null()) {
-            Some(s) => Some(settings_from_json(s)?),
-            None => None,
-        },
-    })
 }
 
 /// `isr status`'s view of the VM: none, running or paused (with pid, QMP
@@ -222,65 +171,6 @@ pub fn memory_text(m: &Value, version: u64) -> String {
         m["file"].as_str().unwrap_or("?"),
         m["seconds"].as_f64().unwrap_or(0.0)
     )
-}
-
-/// Whether `args` set option `names` (`-name` or `-name=…`).
-fn has_option(args: &[String], names: &[&str]) -> bool {
-    args.iter().any(|a| {
-        let key = a.split('=').next().unwrap_or(a);
-        let key = key
-            .strip_prefix("--")
-            .map_or(key.to_owned(), |k| format!("-{k}"));
-        names.contains(&key.as_str())
-    })
-}
-
-/// The settings a run uses: flags, else the version's recorded ones, else
-/// defaults. Restoring a memory image needs the hardware it was saved on.
-fn choose_settings(
-    a: &RunArgs,
-    recorded: Option<&VmSettings>,
-    restore: Option<u64>,
-) -> anyhow::Result<VmSettings> {
-    let mut s = recorded.cloned().unwrap_or(VmSettings {
-        memory_mib: DEFAULT_MEMORY_MIB,
-        cpus: 1,
-        save_format: SaveFormat::Stream,
-        args: Vec::new(),
-    });
-    let given = VmSettings {
-        memory_mib: a.memory_mib.unwrap_or(s.memory_mib),
-        cpus: a.cpus.unwrap_or(s.cpus),
-        save_format: s.save_format,
-        args: if a.qemu_args.is_empty() {
-            s.args.clone()
-        } else {
-            a.qemu_args.clone()
-        },
-    };
-    if let Some(version) = restore
-        && let Some(rec) = recorded
-        && (given.memory_mib != rec.memory_mib || given.cpus != rec.cpus || given.args != rec.args)
-    {
-        bail!(
-            "version {version}'s memory image was saved from a VM with {} MiB, {} CPUs and QEMU arguments {:?}; a VM with {} MiB, {} CPUs and {:?} cannot restore it (leave those out, or pass --cold to boot afresh)",
-            rec.memory_mib,
-            rec.cpus,
-            rec.args,
-            given.memory_mib,
-            given.cpus,
-            given.args
-        );
-    }
-    s = given;
-    if !has_option(&s.args, &["-machine", "-M"]) {
-        s.args
-            .splice(0..0, ["-machine".to_owned(), "pc".to_owned()]);
-    }
-    if s.memory_mib == 0 || s.cpus == 0 {
-        bail!("a VM needs at least 1 MiB of memory and 1 CPU");
-    }
-    Ok(s)
 }
 
 /// Finds the QEMU binary (a name on PATH, or a path).
@@ -728,92 +618,6 @@ pub fn save(parcel: &str) -> anyhow::Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    fn run_args(extra: &[&str]) -> RunArgs {
-        let mut argv = vec![
-            "isr",
-            "run",
-            "--store",
-            "file:///s",
-            "--parcel",
-            "p",
-            "--key-file",
-            "k",
-        ];
-        argv.extend(extra);
-        match crate::cli::Cli::parse_from(argv).command {
-            crate::cli::Command::Run(a) => a,
-            _ => unreachable!(),
-        }
-    }
-
-    #[test]
-    fn options_are_found_in_either_spelling() {
-        let args: Vec<String> = ["-M", "q35", "--display=none", "-serial", "stdio"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        assert!(has_option(&args, &["-machine", "-M"]));
-        assert!(has_option(&args, &["-display"]));
-        assert!(has_option(&args, &["-serial"]));
-        assert!(!has_option(&args, &["-accel"]));
-        assert!(!has_option(&args, &["-m"]), "values are not options");
-    }
-
-    #[test]
-    fn settings_come_from_flags_then_the_version_then_defaults() {
-        let s = choose_settings(&run_args(&[]), None, None).unwrap();
-        assert_eq!((s.memory_mib, s.cpus), (DEFAULT_MEMORY_MIB, 1));
-        assert_eq!(s.args, ["-machine", "pc"]);
-
-        let recorded = VmSettings {
-            memory_mib: 128,
-            cpus: 2,
-            save_format: SaveFormat::Stream,
-            args: vec!["-machine".into(), "pc-i440fx-7.2".into()],
-        };
-        let s = choose_settings(&run_args(&[]), Some(&recorded), Some(3)).unwrap();
-        assert_eq!(s, recorded, "a restore rebuilds the recorded hardware");
-        let s = choose_settings(
-            &run_args(&["--cpus", "4", "--", "-M", "q35"]),
-            Some(&recorded),
-            None,
-        )
-        .unwrap();
-        assert_eq!((s.memory_mib, s.cpus), (128, 4));
-        assert_eq!(s.args, ["-M", "q35"]);
-
-        let err = choose_settings(
-            &run_args(&["--memory-mib", "256"]),
-            Some(&recorded),
-            Some(3),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.contains("version 3's memory image") && err.contains("--cold"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn settings_and_suspend_requests_survive_json() {
-        let s = VmSettings {
-            memory_mib: 64,
-            cpus: 1,
-            save_format: SaveFormat::MappedRam,
-            args: vec!["-device".into(), "virtio-rng-pci".into()],
-        };
-        assert_eq!(settings_from_json(&settings_to_json(&s)).unwrap(), s);
-        let req = json!({ "memory": "/run/isr/p.save", "vm": settings_to_json(&s) });
-        let saved = saved_from_json(&req.to_string()).unwrap();
-        assert_eq!(saved.memory.as_deref(), Some(Path::new("/run/isr/p.save")));
-        assert_eq!(saved.vm, Some(s));
-        let none = saved_from_json("").unwrap();
-        assert!(none.memory.is_none() && none.vm.is_none());
-        assert!(saved_from_json("{not json").is_err());
-    }
 
     #[test]
     fn a_missing_qemu_is_named() {
