@@ -30,13 +30,7 @@ fn make_parcel(store: Store, mib: u64, seed: u64) -> (Parcel, Vec<u8>) {
 }
 
 fn options(root: &Path) -> EngineOptions {
-    EngineOptions {
-        cache_root: root.to_owned(),
-        miss_timeout: Duration::from_secs(60),
-        prefetch: false,
-        host: "test-host".into(),
-        ..Default::default()
-    }
+    common::engine_options(root, "test-host")
 }
 
 fn memory_store() -> Store {
@@ -123,7 +117,7 @@ fn crash_sigkill_rounds_lose_no_flushed_write() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     for round in 1..=rounds {
         let _ = std::fs::remove_file(dir.path().join("journal"));
-        let (mut child, _) = spawn_ready_child(
+        let (mut child, _, _) = spawn_ready_child(
             "crash_child",
             dir.path(),
             &[
@@ -220,7 +214,7 @@ fn crash_recovery_reverifies_present_chunks() {
         .unwrap() as u64;
     // The child runs in an "earlier boot": reopening here is after a host
     // crash, when data may be on disk without its dirty mark.
-    let (mut child, cache) = spawn_ready_child(
+    let (mut child, _, cache) = spawn_ready_child(
         "crash_child_reads_a_chunk",
         dir.path(),
         &[
@@ -276,7 +270,7 @@ fn crash_child_writes_unflushed() {
 fn crash_of_the_process_alone_rehashes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (parcel, _) = make_parcel(file_store(dir.path()), 8, 23);
-    let (mut child, _) = spawn_ready_child(
+    let (mut child, _, _) = spawn_ready_child(
         "crash_child_writes_unflushed",
         dir.path(),
         &[("ISR_CRASH_WRITE_CHILD", dir.path().display().to_string())],

@@ -139,13 +139,7 @@ fn make_parcel(store: Store, mib: u64, seed: u64) -> (Parcel, Vec<u8>) {
 }
 
 fn options(root: &Path) -> EngineOptions {
-    EngineOptions {
-        cache_root: root.to_owned(),
-        miss_timeout: Duration::from_secs(60),
-        prefetch: false,
-        host: "test-host".into(),
-        ..Default::default()
-    }
+    common::engine_options(root, "test-host")
 }
 
 fn memory_store() -> (Store, Arc<Counting>) {

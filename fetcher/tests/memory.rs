@@ -11,7 +11,7 @@ mod common;
 use common::{CHUNK, Rng, file_store, import_parcel};
 
 use fetcher::ops::{ExportOptions, Image, export_image, upload_memory, verify};
-use fetcher::{Engine, EngineOptions, Error, SavedVm, no_progress};
+use fetcher::{Engine, Error, SavedVm, no_progress};
 use format::{ChunkEntry, SaveFormat, Secret, VmSettings};
 
 fn secret() -> Secret {
@@ -34,11 +34,7 @@ fn memory_image_round_trips_deduplicated_against_disk_and_previous_image() {
     let cache = tempfile::tempdir().unwrap();
     let engine = Engine::open(
         parcel.clone(),
-        EngineOptions {
-            cache_root: cache.path().into(),
-            prefetch: false,
-            ..Default::default()
-        },
+        common::engine_options(cache.path(), "memory"),
     )
     .unwrap();
 

@@ -17,9 +17,8 @@ mod common;
 
 use common::{CHUNK, Rng, file_store, read_all};
 
-use std::io::{BufRead, BufReader};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,13 +35,7 @@ fn secret() -> Secret {
 }
 
 fn options(root: &Path) -> EngineOptions {
-    EngineOptions {
-        cache_root: root.to_owned(),
-        miss_timeout: Duration::from_secs(60),
-        prefetch: false,
-        host: "reliability".into(),
-        ..Default::default()
-    }
+    common::engine_options(root, "reliability")
 }
 
 /// Imports a generated image of `mib` MiB as version 1 of parcel "vm".
@@ -369,30 +362,6 @@ fn r6_child_publishes() {
     std::thread::sleep(Duration::from_secs(60));
 }
 
-/// Runs `r6_child_publishes` with `env` and waits for its "ready" line.
-fn spawn_ready_child(dir: &Path, env: &[(&str, String)]) -> (Child, BufReader<ChildStdout>) {
-    let err = dir.join("child.err");
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "r6_child_publishes", "--nocapture"])
-        .args(["--test-threads=1"])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("ready") {
-        line.clear();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "the child died before ready: {}",
-            std::fs::read_to_string(&err).unwrap_or_default()
-        );
-    }
-    (child, out)
-}
-
 #[derive(Debug, Default)]
 struct R6Tally {
     rounds: u32,
@@ -434,7 +403,7 @@ fn r6_rounds(
         let mut env = child_env.to_vec();
         env.push(("ISR_R6_CHILD", dir.display().to_string()));
         env.push(("ISR_R6_ROUND", round.to_string()));
-        let (mut child, mut out) = spawn_ready_child(dir, &env);
+        let (mut child, mut out, _) = common::spawn_ready_child("r6_child_publishes", dir, &env);
         if round == first_round {
             let mut line = String::new();
             while !line.contains("published") {

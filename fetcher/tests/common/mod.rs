@@ -6,10 +6,10 @@ use std::ops::Range;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 
 use fetcher::ops::{ImportOptions, import};
-use fetcher::{Engine, Parcel, Store, no_progress};
+use fetcher::{Engine, EngineOptions, Parcel, Store, no_progress};
 use format::Secret;
 use object_store::aws::AmazonS3Builder;
 
@@ -91,9 +91,14 @@ pub fn file_store(dir: &Path) -> Store {
 }
 
 /// Runs test `name` of this binary as a child process with `env`, and waits
-/// for its line saying "ready"; returns the child and the rest of that line.
-/// (The harness may print "test NAME ... " before the child's words.)
-pub fn spawn_ready_child(name: &str, dir: &Path, env: &[(&str, String)]) -> (Child, String) {
+/// for its line saying "ready"; returns the child, its stdout (to read on),
+/// and the rest of that line. (The harness may print "test NAME ... "
+/// before the child's words.)
+pub fn spawn_ready_child(
+    name: &str,
+    dir: &Path,
+    env: &[(&str, String)],
+) -> (Child, BufReader<ChildStdout>, String) {
     let err = dir.join("child.err");
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
@@ -113,5 +118,17 @@ pub fn spawn_ready_child(name: &str, dir: &Path, env: &[(&str, String)]) -> (Chi
         );
     }
     let rest = line.split("ready").nth(1).unwrap_or("").trim().to_owned();
-    (child, rest)
+    (child, out, rest)
+}
+
+/// Engine options of the tests: caches under `root`, no prefetch, misses
+/// that wait up to a minute, and `host` as the host name.
+pub fn engine_options(root: &Path, host: &str) -> EngineOptions {
+    EngineOptions {
+        cache_root: root.to_owned(),
+        miss_timeout: std::time::Duration::from_secs(60),
+        prefetch: false,
+        host: host.into(),
+        ..Default::default()
+    }
 }
