@@ -22,7 +22,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use super::{Engine, Shared};
 use crate::cache::{DIRTY, PRESENT};
 use crate::lease::Lease;
-use crate::ops::{DEFAULT_CONCURRENCY, MemoryUpload};
+use crate::ops::{DEFAULT_CONCURRENCY, ImageUpload};
 use crate::{Error, Parcel, PutOutcome};
 
 /// What a publish did.
@@ -38,7 +38,7 @@ pub struct PublishSummary {
     pub bytes_uploaded: u64,
     /// The memory image published with the disk, if any (its chunk table
     /// left out).
-    pub memory: Option<MemoryUpload>,
+    pub memory: Option<ImageUpload>,
     /// Wall time.
     pub seconds: f64,
 }

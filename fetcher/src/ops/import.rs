@@ -167,17 +167,17 @@ pub(crate) fn known_chunks(manifest: Option<&Manifest>) -> HashSet<ChunkKey> {
         .collect()
 }
 
-/// What uploading a memory image did.
+/// What uploading an image did (the disk at import, or a memory image).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct MemoryUpload {
+pub struct ImageUpload {
     /// Size of the image.
     pub size: u64,
     /// Its chunk table, for the manifest.
     pub table: Vec<ChunkEntry>,
     /// All-zero chunks (not stored).
     pub zero_chunks: u64,
-    /// Chunks the store already had: the disk's, an earlier image's, or a
-    /// repeat within the image.
+    /// Chunks the store already had: those of the version it is published
+    /// over (disk and memory image), or a repeat within the image.
     pub dedup_chunks: u64,
     /// Chunks uploaded.
     pub uploaded_chunks: u64,
@@ -195,7 +195,7 @@ pub async fn upload_memory(
     chunk_size: u32,
     known: &mut HashSet<ChunkKey>,
     progress: Progress,
-) -> Result<MemoryUpload, Error> {
+) -> Result<ImageUpload, Error> {
     let file = File::open(path).map_err(|e| Error::io("open memory image", path, e))?;
     let meta = file
         .metadata()
@@ -232,7 +232,7 @@ async fn upload_file(
     known: &mut HashSet<ChunkKey>,
     options: &ImportOptions,
     progress: Progress,
-) -> Result<MemoryUpload, Error> {
+) -> Result<ImageUpload, Error> {
     let size = geometry.disk_size();
     // Chunks that hold data per SEEK_DATA; the rest are holes, hence zero.
     let extents =
@@ -253,7 +253,7 @@ async fn upload_file(
             .map(|&c| geometry.chunk_len(c) as u64)
             .sum::<u64>();
     progress(hole_bytes);
-    let mut summary = MemoryUpload {
+    let mut summary = ImageUpload {
         size,
         table: vec![ChunkEntry::Zero; geometry.chunk_count() as usize],
         zero_chunks: geometry.chunk_count() - data_chunks.len() as u64,
@@ -331,7 +331,7 @@ async fn upload_file(
 }
 
 fn count_upload(
-    summary: &mut MemoryUpload,
+    summary: &mut ImageUpload,
     done: Result<Result<(PutOutcome, u64), Error>, tokio::task::JoinError>,
 ) -> Result<(), Error> {
     match done.expect("upload tasks do not panic")? {

@@ -8,7 +8,7 @@ pub use export::{
     ExportOptions, ExportSummary, VerifyReport, export, export_image, export_with, verify,
 };
 pub(crate) use import::known_chunks;
-pub use import::{ImportOptions, ImportSummary, MemoryUpload, import, upload_memory};
+pub use import::{ImageUpload, ImportOptions, ImportSummary, import, upload_memory};
 
 use std::collections::HashMap;
 
