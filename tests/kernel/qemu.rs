@@ -89,6 +89,13 @@ fn run_vm(vm: &Vm, host: Option<&Path>, extra: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// `isr run` with `extra`, which must fail; its stderr.
+fn run_refused(vm: &Vm, extra: &[&str]) -> String {
+    let out = run(vm.isr().arg("run").args(vm.parcel_args()).args(extra));
+    assert!(!out.status.success(), "isr run {extra:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn suspend_vm(vm: &Vm, host: Option<&Path>) -> Value {
     let mut cmd = vm.isr();
     if let Some(h) = host {
@@ -225,13 +232,7 @@ fn ublk_qemu_vm_suspends_with_its_memory_and_resumes_on_another_host() {
         "oflag=direct",
         "conv=notrunc",
     ]));
-    let out = run(vm
-        .isr()
-        .arg("run")
-        .args(vm.parcel_args())
-        .args(["--memory-mib", "128"]));
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_refused(&vm, &["--memory-mib", "128"]);
     assert!(
         err.contains("changed since version 3") && err.contains("--cold"),
         "{err}"
@@ -269,13 +270,7 @@ fn ublk_qemu_that_dies_is_reported_and_suspend_publishes_the_disk_alone() {
     assert!(s["memory"].is_null(), "{s}");
 
     // Without QEMU, `isr run` says so before touching the device.
-    let out = run(vm
-        .isr()
-        .arg("run")
-        .args(vm.parcel_args())
-        .args(["--qemu", "/nonexistent/qemu"]));
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_refused(&vm, &["--qemu", "/nonexistent/qemu"]);
     assert!(
         err.contains("/nonexistent/qemu") && err.contains("not installed"),
         "{err}"
