@@ -371,14 +371,7 @@ pub(crate) fn start(a: &ResumeArgs) -> anyhow::Result<Value> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
-    // SAFETY: setsid is async-signal-safe and touches no memory; the child
-    // runs it between fork and exec to leave our session and terminal.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    in_own_session(&mut cmd);
     let mut child = cmd.spawn().context("cannot start the isr daemon")?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("piped"))
@@ -392,6 +385,19 @@ pub(crate) fn start(a: &ResumeArgs) -> anyhow::Result<Value> {
         );
     };
     Ok(reply)
+}
+
+/// Makes `cmd`'s process leave our session and terminal when it starts, so
+/// that it outlives this command (the daemon, a VM's QEMU).
+pub(crate) fn in_own_session(cmd: &mut std::process::Command) {
+    // SAFETY: setsid is async-signal-safe and touches no memory; the child
+    // runs it between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
 }
 
 /// The command line of the daemon that serves `a`.

@@ -122,17 +122,15 @@ impl Qmp {
 
     /// Polls `query-migrate` until the migration (outgoing or incoming)
     /// completes; fails when it fails, when QEMU exits (`alive`), or after
-    /// `limit`. `tick` sees each answer (for progress).
+    /// `limit`.
     pub fn wait_for_migration(
         &mut self,
         limit: Duration,
         alive: impl Fn() -> bool,
-        mut tick: impl FnMut(&Value),
     ) -> anyhow::Result<Value> {
         let deadline = Instant::now() + limit;
         loop {
             let r = self.execute("query-migrate", None)?;
-            tick(&r);
             match r["status"].as_str() {
                 Some("completed") => return Ok(r),
                 Some("failed" | "cancelled") => bail!(

@@ -21,15 +21,15 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use fetcher::Parcel;
 use fetcher::ops::{ExportOptions, Image, export_image};
-use format::{SaveFormat, VmSettings};
+use format::{Manifest, SaveFormat, VmSettings};
 use serde_json::{Value, json};
 
 use crate::cli::{ParcelArgs, ResumeArgs, RunArgs};
 use crate::commands::{explain, mib, open_parcel};
 use crate::daemon::{ask, pid_alive, run_dir};
 use crate::qmp::Qmp;
-use crate::time::now_unix;
 
 mod settings;
 
@@ -132,33 +132,44 @@ pub fn fetch_memory(p: &ParcelArgs, version: u64, out: &Path, json: bool) -> any
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let parcel = open_parcel(p)?;
     rt.block_on(async {
-        let parcel = open_parcel(p)?;
-        let manifest = parcel.manifest(version).await.map_err(|e| explain(e, p))?;
-        if manifest.memory_size == 0 {
-            return Ok(Value::Null);
-        }
-        let (bar, progress) = crate::progress::bytes_bar(manifest.memory_size, "memory", json);
-        let s = export_image(
-            &parcel,
-            version,
-            &manifest,
-            Image::Memory,
-            out,
-            &ExportOptions { force: true },
-            progress,
-        )
-        .await
-        .map_err(|e| explain(e, p))?;
-        bar.finish_and_clear();
-        Ok(json!({
-            "file": out,
-            "size": manifest.memory_size,
-            "fetched_chunks": s.fetched_chunks,
-            "fetched_bytes": s.bytes_fetched,
-            "seconds": s.seconds,
-        }))
+        let manifest = parcel.manifest(version).await?;
+        fetch_memory_of(&parcel, version, &manifest, out, json).await
     })
+    .map_err(|e| explain(e, p))
+}
+
+/// [`fetch_memory`] of `manifest`, the manifest of version `version`.
+async fn fetch_memory_of(
+    parcel: &Parcel,
+    version: u64,
+    manifest: &Manifest,
+    out: &Path,
+    json: bool,
+) -> Result<Value, fetcher::Error> {
+    if manifest.memory_size == 0 {
+        return Ok(Value::Null);
+    }
+    let (bar, progress) = crate::progress::bytes_bar(manifest.memory_size, "memory", json);
+    let s = export_image(
+        parcel,
+        version,
+        manifest,
+        Image::Memory,
+        out,
+        &ExportOptions { force: true },
+        progress,
+    )
+    .await?;
+    bar.finish_and_clear();
+    Ok(json!({
+        "file": out,
+        "size": manifest.memory_size,
+        "fetched_chunks": s.fetched_chunks,
+        "fetched_bytes": s.bytes_fetched,
+        "seconds": s.seconds,
+    }))
 }
 
 pub fn memory_text(m: &Value, version: u64) -> String {
@@ -255,13 +266,13 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let device_secs = started.elapsed().as_secs_f64();
 
     // The version's VM: settings and memory image.
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let parcel = open_parcel(&a.parcel)?;
     let manifest = rt
-        .block_on(open_parcel(&a.parcel)?.manifest(version))
+        .block_on(parcel.manifest(version))
         .map_err(|e| explain(e, &a.parcel))?;
-    drop(rt);
     let restore = (manifest.memory_size > 0 && !a.cold).then_some(version);
     let dirty = status["dirty_chunks"].as_u64().unwrap_or(0);
     if restore.is_some() && dirty > 0 {
@@ -272,9 +283,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = choose_settings(&a, manifest.vm.as_ref(), restore)?;
     let memory_file = run_dir().join(format!("{name}.memory"));
     let memory = match restore {
-        Some(v) => fetch_memory(&a.parcel, v, &memory_file, a.json)?,
+        Some(v) => rt
+            .block_on(fetch_memory_of(&parcel, v, &manifest, &memory_file, a.json))
+            .map_err(|e| explain(e, &a.parcel))?,
         None => Value::Null,
     };
+    drop(rt);
     let memory_secs = started.elapsed().as_secs_f64() - device_secs;
 
     let vm = start_qemu(&name, &qemu, &device, &settings, restore.is_some())?;
@@ -303,13 +317,11 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let record = json!({
         "pid": vm.pid,
-        "qemu": qemu,
         "qmp": vm.qmp,
         "console": vm.console,
         "log": vm.log,
         "settings": settings_to_json(&settings),
         "restored_from": restore,
-        "started_unix": now_unix(),
     });
     write_record(&name, &record)?;
     let total_secs = started.elapsed().as_secs_f64();
@@ -435,15 +447,7 @@ fn start_qemu(
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file);
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setsid is async-signal-safe and touches no memory: QEMU
-    // leaves our session, so it outlives this command and its terminal.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    crate::daemon::in_own_session(&mut cmd);
     let child = cmd
         .spawn()
         .with_context(|| format!("cannot start {}", qemu.display()))?;
@@ -471,7 +475,7 @@ fn restore_memory(
         }
     };
     qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
-    qmp.wait_for_migration(MIGRATION_LIMIT, alive, |_| {})?;
+    qmp.wait_for_migration(MIGRATION_LIMIT, alive)?;
     // `cont` during "inmigrate" would be ignored: wait until the load has
     // ended (paused, as the VM was when saved).
     let state = qmp.wait_for_state("loaded", Duration::from_secs(60), |s| {
@@ -575,7 +579,7 @@ pub fn save(parcel: &str) -> anyhow::Result<Value> {
             }
         };
         qmp.execute("migrate", Some(json!({ "uri": uri })))?;
-        qmp.wait_for_migration(MIGRATION_LIMIT, alive, |_| {})
+        qmp.wait_for_migration(MIGRATION_LIMIT, alive)
     })();
     if let Err(e) = saving {
         if alive() && was_running {
@@ -590,7 +594,6 @@ pub fn save(parcel: &str) -> anyhow::Result<Value> {
     let saved_secs = started.elapsed().as_secs_f64();
     // The state is on disk: from here on a failed suspend publishes it.
     r["saved"] = json!(file);
-    r["saved_seconds"] = json!(saved_secs);
     write_record(parcel, &r)?;
     let _ = qmp.execute("quit", None);
     let deadline = Instant::now() + QUIT_WAIT;

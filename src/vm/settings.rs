@@ -84,37 +84,36 @@ pub fn choose_settings(
     recorded: Option<&VmSettings>,
     restore: Option<u64>,
 ) -> anyhow::Result<VmSettings> {
-    let mut s = recorded.cloned().unwrap_or(VmSettings {
+    let base = recorded.cloned().unwrap_or(VmSettings {
         memory_mib: DEFAULT_MEMORY_MIB,
         cpus: 1,
         save_format: SaveFormat::Stream,
         args: Vec::new(),
     });
-    let given = VmSettings {
-        memory_mib: a.memory_mib.unwrap_or(s.memory_mib),
-        cpus: a.cpus.unwrap_or(s.cpus),
-        save_format: s.save_format,
+    let mut s = VmSettings {
+        memory_mib: a.memory_mib.unwrap_or(base.memory_mib),
+        cpus: a.cpus.unwrap_or(base.cpus),
+        save_format: base.save_format,
         args: if a.qemu_args.is_empty() {
-            s.args.clone()
+            base.args
         } else {
             a.qemu_args.clone()
         },
     };
     if let Some(version) = restore
         && let Some(rec) = recorded
-        && (given.memory_mib != rec.memory_mib || given.cpus != rec.cpus || given.args != rec.args)
+        && s != *rec
     {
         bail!(
             "version {version}'s memory image was saved from a VM with {} MiB, {} CPUs and QEMU arguments {:?}; a VM with {} MiB, {} CPUs and {:?} cannot restore it (leave those out, or pass --cold to boot afresh)",
             rec.memory_mib,
             rec.cpus,
             rec.args,
-            given.memory_mib,
-            given.cpus,
-            given.args
+            s.memory_mib,
+            s.cpus,
+            s.args
         );
     }
-    s = given;
     if !has_option(&s.args, &["-machine", "-M"]) {
         s.args
             .splice(0..0, ["-machine".to_owned(), "pc".to_owned()]);
