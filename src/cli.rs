@@ -49,6 +49,14 @@ pub enum Command {
     /// its block device. A VM started by `isr run` is stopped, its memory
     /// saved and published with the disk, and QEMU quit first.
     Suspend(SuspendArgs),
+    /// Upload a resumed parcel's dirty chunks while its device keeps
+    /// serving, without publishing a version: the next suspend then uploads
+    /// only what changed since.
+    Sync(SyncArgs),
+    /// Publish the work of a parcel suspended with `--offline` (or whose
+    /// suspend could not reach the store): its local changes become the
+    /// next version, and its lease is released.
+    Checkin(CheckinArgs),
     /// Show a resumed parcel's device, cache and lease.
     Status(NameArgs),
     /// Reattach a resumed parcel's device after its daemon died.
@@ -69,6 +77,8 @@ impl Command {
             Command::Resume(a) => a.json,
             Command::Run(a) => a.json,
             Command::Suspend(a) => a.json,
+            Command::Sync(a) => a.json,
+            Command::Checkin(a) => a.json,
             Command::Status(a) | Command::Recover(a) => a.json,
         }
     }
@@ -142,6 +152,21 @@ pub struct DeviceArgs {
     /// Do not prefetch in the background (fetch on demand only).
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Work from the local cache without contacting the store (after `isr
+    /// hoard`, or a suspend with --offline). Without it, a store that cannot
+    /// be reached while a cache exists also means working offline; the
+    /// daemon reconnects by itself when the store is back.
+    #[arg(long)]
+    pub offline: bool,
+    /// Upload dirty chunks in the background (as `isr sync` does) whenever
+    /// the device has been idle for this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub trickle: Option<u64>,
+    /// Cap the daemon's chunk transfers (fetch, prefetch, trickle,
+    /// suspend), each way: 10M = 10 MB/s; K, M, G (powers of 1000) or
+    /// KiB, MiB, GiB.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -153,9 +178,78 @@ pub struct SuspendArgs {
     /// Without it, a VM started by `isr run` is saved through QMP.
     #[arg(long, value_name = "FILE")]
     pub memory: Option<PathBuf>,
+    /// Flush and remove the device but publish nothing and keep the lease
+    /// and every local change, without the network (`isr checkin` publishes
+    /// later; `isr resume` works on from the cache).
+    #[arg(long)]
+    pub offline: bool,
+    /// Cap the upload at this rate (see `resume --bwlimit`).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<u64>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// The parcel's name.
+    pub parcel: String,
+    /// Cap the upload at this rate (see `resume --bwlimit`).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<u64>,
+    /// Print one JSON object instead of text, and no progress bar.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckinArgs {
+    /// The parcel's name.
+    pub parcel: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Root of the local caches (default: /var/lib/isr as root, else
+    /// $XDG_CACHE_HOME/isr).
+    #[arg(long, env = "ISR_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Cap the upload at this rate (see `resume --bwlimit`).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<u64>,
+    /// Print one JSON object instead of text, and no progress bar.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where a store is and how to open it, for commands that name the parcel
+/// as their argument.
+#[derive(Debug, Args, Clone)]
+pub struct StoreArgs {
+    /// Store URL: file:///path, s3://bucket/prefix, http(s)://mirror, memory://.
+    #[arg(long, env = "ISR_STORE")]
+    pub store: String,
+    /// S3 endpoint (default: AWS_ENDPOINT_URL, else AWS).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub endpoint: Option<String>,
+    /// The secret key file (see `isr keygen`).
+    #[arg(long, env = "ISR_KEY_FILE")]
+    pub key_file: PathBuf,
+    /// Seconds to keep retrying a store that fails transiently.
+    #[arg(long, env = "ISR_RETRY_TIMEOUT", default_value_t = 60)]
+    pub retry_timeout: u64,
+}
+
+impl StoreArgs {
+    /// These store arguments for parcel `name`.
+    pub fn with_parcel(&self, name: &str) -> ParcelArgs {
+        ParcelArgs {
+            store: self.store.clone(),
+            endpoint: self.endpoint.clone(),
+            parcel: name.to_owned(),
+            key_file: self.key_file.clone(),
+            retry_timeout: self.retry_timeout,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -186,6 +280,10 @@ pub struct ParcelArgs {
     /// 5xx, refused connections), with exponential backoff.
     #[arg(long, env = "ISR_RETRY_TIMEOUT", default_value_t = 60)]
     pub retry_timeout: u64,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    fetcher::parse_rate(s)
 }
 
 #[derive(Debug, Args)]
@@ -221,6 +319,9 @@ pub struct ExportArgs {
     /// new file.
     #[arg(long)]
     pub force: bool,
+    /// Cap the transfer at this rate (see `resume --bwlimit`).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<u64>,
     /// Print one JSON object instead of text, and no progress bar.
     #[arg(long)]
     pub json: bool,
@@ -255,6 +356,9 @@ pub struct HoardArgs {
     /// $XDG_CACHE_HOME/isr).
     #[arg(long, env = "ISR_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Cap the transfer at this rate (see `resume --bwlimit`).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<u64>,
     /// Print one JSON object instead of text, and no progress bar.
     #[arg(long)]
     pub json: bool,

@@ -19,11 +19,12 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fetcher::{Engine, EngineOptions, Lease, SavedVm};
+use fetcher::{Engine, EngineOptions, SavedVm};
 use serde_json::{Value, json};
 
 use crate::cli::{DeviceArgs, NameArgs, ParcelArgs, ResumeArgs, SuspendArgs};
 use crate::commands::{explain, host_name, open_parcel};
+use crate::session::{Session, nonce_path};
 use crate::time::now_unix;
 
 pub(crate) fn run_dir() -> PathBuf {
@@ -139,7 +140,63 @@ fn read_answer_while(
     })
 }
 
-fn answer(
+/// Sends `command JSON` to a parcel's daemon and waits for its answer for
+/// as long as the daemon lives, showing the progress lines it sends before
+/// it (`{"progress": DONE, "total": BYTES}`) on a bar labelled `what`.
+pub(crate) fn ask_with_progress(
+    parcel: &str,
+    command: &str,
+    request: &Value,
+    what: &str,
+    json: bool,
+) -> anyhow::Result<Value> {
+    let pid = read_state(parcel)
+        .and_then(|s| s["pid"].as_i64())
+        .unwrap_or(0);
+    let (_stream, mut reader) = send(parcel, &format!("{command} {request}"))?;
+    let (bar, _) = crate::progress::bytes_bar(0, what, json);
+    let result = loop {
+        let v = read_answer_while(parcel, command, &mut reader, Duration::from_secs(2), || {
+            pid_alive(pid)
+        })?;
+        if v.get("accepted").is_some() {
+            continue;
+        }
+        match (v.get("progress"), v.get("total")) {
+            (Some(done), Some(total)) => {
+                bar.set_length(total.as_u64().unwrap_or(0));
+                bar.set_position(done.as_u64().unwrap_or(0));
+            }
+            _ => break v,
+        }
+    };
+    bar.finish_and_clear();
+    Ok(result)
+}
+
+/// Writes `{"progress": DONE, "total": BYTES}` lines to `writer` every half
+/// second until `rx` delivers the answer.
+fn answer_with_progress(
+    writer: &mut UnixStream,
+    engine: &Engine,
+    rx: &mpsc::Receiver<Value>,
+) -> Value {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(v) => return v,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let (done, total) = engine.upload_progress();
+                // A client that went away only misses the bar.
+                let _ = writeln!(writer, "{}", json!({ "progress": done, "total": total }));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return json!({"error": "the daemon stopped without an answer"});
+            }
+        }
+    }
+}
+
+pub(crate) fn answer(
     reply: Value,
     json: bool,
     text: impl FnOnce(&Value) -> String,
@@ -178,7 +235,13 @@ pub fn status(a: NameArgs) -> anyhow::Result<ExitCode> {
             r["fetched_bytes"],
             r["fetch_rate"],
             r["window"],
-            r["lease"].as_str().unwrap_or("?"),
+            r["lease"].as_str().map_or_else(
+                || format!(
+                    "none: offline ({})",
+                    r["offline_reason"].as_str().unwrap_or("?")
+                ),
+                str::to_owned
+            ),
             crate::vm::describe_text(&r["vm"]),
         )
     })
@@ -244,26 +307,31 @@ pub fn suspend(a: SuspendArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let (_stream, mut reader) = send(&a.parcel, &format!("suspend {saved}"))?;
-    let ack = read_answer(&a.parcel, "suspend", &mut reader, ANSWER_TIMEOUT)?;
-    let reply = if ack.get("accepted").is_some() {
-        // The publish may take as long as the upload: wait while the
-        // daemon lives.
-        let pid = status["pid"].as_i64().unwrap_or(0);
-        read_answer_while(
-            &a.parcel,
-            "suspend",
-            &mut reader,
-            Duration::from_secs(2),
-            || pid_alive(pid),
-        )?
-    } else {
-        ack
-    };
+    let mut request = saved;
+    request["offline"] = json!(a.offline);
+    request["bwlimit"] = json!(a.bwlimit);
+    // The publish may take as long as the upload: wait while the daemon
+    // lives, showing how far it is.
+    let reply = ask_with_progress(&a.parcel, "suspend", &request, "suspend", a.json)?;
     if reply.get("error").is_none() {
         crate::vm::forget(&a.parcel);
     }
     answer(reply, a.json, |r| {
+        if r["offline"] == true {
+            return format!(
+                "suspended parcel {} offline: device {} removed, nothing published; {} dirty chunks ({} not yet uploaded) kept in the cache, {}; `isr checkin {}` publishes them",
+                r["parcel"].as_str().unwrap_or("?"),
+                r["device"].as_str().unwrap_or("?"),
+                r["dirty_chunks"],
+                r["unsynced_chunks"],
+                if r["lease_kept"] == true {
+                    "lease kept"
+                } else {
+                    "no lease held (the store was not reached)"
+                },
+                r["parcel"].as_str().unwrap_or("?"),
+            );
+        }
         let memory = match r.get("memory").filter(|m| !m.is_null()) {
             Some(m) => format!(
                 "; memory image {} bytes: {} chunks uploaded ({} bytes), {} deduplicated, {} zero",
@@ -276,12 +344,13 @@ pub fn suspend(a: SuspendArgs) -> anyhow::Result<ExitCode> {
             None => "; no memory image (the next run boots afresh)".into(),
         };
         format!(
-            "suspended parcel {}: version {} published ({} dirty chunks, {} uploaded, {} bytes{memory}) in {:.1} s, device {} removed, lease released",
+            "suspended parcel {}: version {} published ({} dirty chunks, {} uploaded, {} bytes, {} synced before{memory}) in {:.1} s, device {} removed, lease released",
             r["parcel"].as_str().unwrap_or("?"),
             r["version"],
             r["dirty_chunks"],
             r["uploaded_chunks"],
             r["bytes_uploaded"],
+            r["synced_chunks"],
             r["seconds"].as_f64().unwrap_or(0.0),
             r["device"].as_str().unwrap_or("?"),
         )
@@ -315,6 +384,9 @@ pub fn recover(a: NameArgs) -> anyhow::Result<ExitCode> {
             steal: false,
             miss_timeout: st["miss_timeout"].as_u64().unwrap_or(600),
             no_prefetch: st["no_prefetch"].as_bool().unwrap_or(false),
+            offline: false,
+            trickle: st["trickle"].as_u64(),
+            bwlimit: st["bwlimit"].as_u64(),
         },
         foreground: false,
         memory_out: None,
@@ -335,6 +407,14 @@ pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     if let (Some(out), None) = (&a.memory_out, reply.get("error")) {
         let version = reply["base_version"].as_u64().unwrap_or(0);
         reply["memory"] = crate::vm::fetch_memory(&a.parcel, version, out, a.json)?;
+    }
+    if !a.json
+        && let Some(why) = reply.get("offline").and_then(Value::as_str)
+    {
+        crate::output::warn(format_args!(
+            "parcel {} works offline: {why}; reads of chunks not cached wait for the store, and the daemon reconnects by itself",
+            a.parcel.parcel
+        ));
     }
     if !a.json
         && let Some(m) = reply.get("memory")
@@ -430,6 +510,15 @@ fn daemon_args(a: &ResumeArgs) -> Vec<std::ffi::OsString> {
     if a.device.no_prefetch {
         args.push("--no-prefetch".into());
     }
+    if a.device.offline {
+        args.push("--offline".into());
+    }
+    if let Some(t) = a.device.trickle {
+        args.extend(["--trickle".into(), t.to_string().into()]);
+    }
+    if let Some(r) = a.device.bwlimit {
+        args.extend(["--bwlimit".into(), r.to_string().into()]);
+    }
     args
 }
 
@@ -457,6 +546,9 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     fetcher::private::create_dir_all(&run_dir())
         .with_context(|| format!("cannot create {}", run_dir().display()))?;
     let parcel = open_parcel(&a.parcel)?;
+    parcel
+        .store()
+        .set_bwlimit(a.device.bwlimit, a.device.bwlimit);
     let mut options = EngineOptions {
         host: host_name(),
         miss_timeout: Duration::from_secs(a.device.miss_timeout),
@@ -481,34 +573,35 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let nonce_path = cache_dir.join("lease");
-    let reuse = std::fs::read_to_string(&nonce_path).ok();
-    let lease = rt
-        .block_on(Lease::acquire(
-            parcel.store(),
-            &name,
-            &host_name(),
-            now_unix(),
-            reuse.as_deref().map(str::trim),
-            a.device.steal,
-        ))
-        .map_err(|e| explain(e, &a.parcel))?;
-    fetcher::private::write(&nonce_path, &lease.info().nonce)
-        .with_context(|| format!("cannot write {}", nonce_path.display()))?;
-    if let Some(old) = lease.stolen_from() {
-        // Fence the old holder: its commit of the next version now fails.
-        let fence = rt
-            .block_on(parcel.publish_fence(&host_name(), now_unix()))
-            .map_err(|e| explain(e, &a.parcel))?;
-        eprintln!(
-            "isr: took the lease on parcel {name} from {}; published version {fence} to fence that session",
-            old.describe()
-        );
+    let nonce_path = nonce_path(&cache_dir);
+    let reuse = crate::session::read_nonce(&cache_dir);
+    let (lease, offline) = crate::session::take_lease(&rt, &parcel, a, &cache_dir)?;
+    if let Some(lease) = &lease {
+        fetcher::private::write(&nonce_path, &lease.info().nonce)
+            .with_context(|| format!("cannot write {}", nonce_path.display()))?;
+        if let Some(old) = lease.stolen_from() {
+            // Fence the old holder: its commit of the next version now fails.
+            let fence = rt
+                .block_on(parcel.publish_fence(&host_name(), now_unix()))
+                .map_err(|e| explain(e, &a.parcel))?;
+            eprintln!(
+                "isr: took the lease on parcel {name} from {}; published version {fence} to fence that session",
+                old.describe()
+            );
+        }
+    }
+    if let Some(why) = &offline {
+        eprintln!("isr: parcel {name} works offline from its cache: {why}");
+        // Offline, the cache is taken as it is: the store cannot say what
+        // moved on.
+        options.reconcile = false;
     }
     let engine = match Engine::open(parcel, options) {
         Ok(e) => Arc::new(e),
         Err(e) => {
-            if reuse.as_deref().map(str::trim) != Some(lease.info().nonce.as_str()) {
+            if let Some(lease) = &lease
+                && reuse.as_deref() != Some(lease.info().nonce.as_str())
+            {
                 let _ = rt.block_on(lease.clone().release());
                 let _ = std::fs::remove_file(&nonce_path);
             }
@@ -517,6 +610,23 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     };
     for w in &engine.open_report().warnings {
         eprintln!("isr: warning: {w}");
+    }
+    if offline.is_some() {
+        let s = engine.stats();
+        if s.cached_chunks < s.chunks {
+            eprintln!(
+                "isr: warning: {} of {} chunks of parcel {name} are not cached: reads of them wait for the store (up to --miss-timeout); `isr hoard` while online makes a cache that works offline",
+                s.chunks - s.cached_chunks,
+                s.chunks
+            );
+        }
+    }
+    let session = Arc::new(Session::new(lease, offline.clone()));
+    if offline.is_some() {
+        crate::session::spawn_reconnect(session.clone(), engine.clone(), a);
+    }
+    if let Some(secs) = a.device.trickle {
+        crate::session::spawn_trickle(session.clone(), engine.clone(), Duration::from_secs(secs));
     }
 
     let state = json!({
@@ -528,10 +638,12 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         "cache_root": a.device.cache_dir,
         "miss_timeout": a.device.miss_timeout,
         "no_prefetch": a.device.no_prefetch,
+        "trickle": a.device.trickle,
+        "bwlimit": a.device.bwlimit,
     });
     let device: Arc<OnceLock<ublk_target::DeviceInfo>> = Arc::new(OnceLock::new());
     let suspend_requests: Arc<Mutex<Vec<Reply>>> = Arc::new(Mutex::new(Vec::new()));
-    let saved_vm: Arc<Mutex<SavedVm>> = Arc::default();
+    let request: Arc<Mutex<SuspendRequest>> = Arc::default();
     let sock = socket_path(&name);
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)
@@ -544,8 +656,8 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
             engine: engine.clone(),
             device: device.clone(),
             requests: suspend_requests.clone(),
-            saved: saved_vm.clone(),
-            lease: lease.info().describe(),
+            request: request.clone(),
+            session: session.clone(),
             started: Instant::now(),
         });
         std::thread::spawn(move || {
@@ -578,6 +690,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
             "recovered": recover.is_some(),
             "pid": std::process::id(),
             "base_version": ready_base,
+            "offline": offline,
         });
         if report_ready {
             println!("{reply}");
@@ -587,6 +700,9 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         }
         let _ = ready_device.set(info);
     });
+    session
+        .stopping
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let requests: Vec<Reply> = std::mem::take(&mut *suspend_requests.lock().expect("requests"));
     if let Err(e) = served {
         let msg = e.to_string();
@@ -595,34 +711,32 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         }
         return Err(e.into());
     }
-    // The queues have drained and exited: flush, publish, release.
-    let saved = saved_vm.lock().expect("saved").clone();
-    let summary = engine
-        .publish_with(Some(&lease), now_unix(), &saved)
-        .map_err(|e| explain(e, &a.parcel));
-    let reply = match &summary {
-        Ok(s) => {
-            let released = rt.block_on(lease.clone().release());
-            let _ = std::fs::remove_file(&nonce_path);
-            json!({
-                "parcel": name,
-                "version": s.version,
-                "dirty_chunks": s.dirty_chunks,
-                "uploaded_chunks": s.uploaded_chunks,
-                "bytes_uploaded": s.bytes_uploaded,
-                "memory": s.memory.as_ref().map(|m| json!({
-                    "size": m.size,
-                    "zero_chunks": m.zero_chunks,
-                    "dedup_chunks": m.dedup_chunks,
-                    "uploaded_chunks": m.uploaded_chunks,
-                    "bytes_uploaded": m.bytes_uploaded,
-                })),
-                "seconds": s.seconds,
-                "device": device.get().map(|d| d.path.clone()),
-                "lease_released": released.is_ok(),
-            })
+    // The queues have drained and exited: flush, publish, release (or,
+    // offline, keep it all for later).
+    let request = request.lock().expect("request").clone();
+    let device_path = device.get().map(|d| d.path.clone());
+    let (reply, result) = if request.offline {
+        let flushed = engine.flush().map_err(|e| explain(e, &a.parcel));
+        let reply = match &flushed {
+            Ok(()) => {
+                let (unsynced, _) = engine.unsynced();
+                json!({
+                    "parcel": name,
+                    "offline": true,
+                    "dirty_chunks": engine.stats().dirty_chunks,
+                    "unsynced_chunks": unsynced,
+                    "lease_kept": session.lease().is_some(),
+                    "device": device_path,
+                })
+            }
+            Err(e) => json!({ "error": crate::commands::describe(e) }),
+        };
+        (reply, flushed.map(|()| ExitCode::SUCCESS))
+    } else {
+        if let Some(r) = request.bwlimit {
+            engine.parcel().store().set_bwlimit(Some(r), None);
         }
-        Err(e) => json!({ "error": crate::commands::describe(e) }),
+        publish_and_release(&rt, &engine, &session, &request.saved, a, device_path)
     };
     // Close cleanly even though the control thread still holds the engine:
     // the next resume on this host then trusts the cache as it is.
@@ -636,10 +750,95 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     }
     // Let the repliers write before the process ends.
     std::thread::sleep(Duration::from_millis(100));
+    result
+}
+
+/// Publishes the session's work with the lease (taking it now if the
+/// daemon was offline) and releases the lease; the reply for the suspend.
+fn publish_and_release(
+    rt: &tokio::runtime::Runtime,
+    engine: &Engine,
+    session: &Session,
+    saved: &SavedVm,
+    a: &ResumeArgs,
+    device: Option<String>,
+) -> (Value, anyhow::Result<ExitCode>) {
+    let name = &a.parcel.parcel;
+    let nonce_path = nonce_path(&engine.cache_dir());
+    let lease = match session.lease() {
+        Some(l) => Ok(l),
+        // Offline until now: the store may be back.
+        None => rt
+            .block_on(fetcher::Lease::acquire(
+                engine.parcel().store(),
+                name,
+                &host_name(),
+                now_unix(),
+                crate::session::read_nonce(&engine.cache_dir()).as_deref(),
+                false,
+            ))
+            .inspect(|l| {
+                let _ = fetcher::private::write(&nonce_path, &l.info().nonce);
+            }),
+    };
+    let summary = lease
+        .and_then(|l| {
+            engine
+                .publish_with(Some(&l), now_unix(), saved)
+                .map(|s| (s, l))
+        })
+        .map_err(|e| {
+            let unreachable = e.is_unreachable();
+            let e = explain(e, &a.parcel);
+            if unreachable {
+                let dirty = engine.stats().dirty_chunks;
+                anyhow::anyhow!(crate::session::unpublished(name, &e, dirty))
+            } else {
+                e
+            }
+        });
     match summary {
-        Ok(_) => Ok(ExitCode::SUCCESS),
-        Err(e) => Err(e),
+        Ok((s, lease)) => {
+            let released = rt.block_on(lease.release());
+            let _ = std::fs::remove_file(&nonce_path);
+            let mut reply = publish_json(name, &s, released.is_ok());
+            reply["device"] = json!(device);
+            (reply, Ok(ExitCode::SUCCESS))
+        }
+        Err(e) => (json!({ "error": crate::commands::describe(&e) }), Err(e)),
     }
+}
+
+/// The JSON of a publish's summary.
+pub(crate) fn publish_json(name: &str, s: &fetcher::PublishSummary, released: bool) -> Value {
+    json!({
+        "parcel": name,
+        "version": s.version,
+        "dirty_chunks": s.dirty_chunks,
+        "uploaded_chunks": s.uploaded_chunks,
+        "bytes_uploaded": s.bytes_uploaded,
+        "synced_chunks": s.synced_chunks,
+        "memory": s.memory.as_ref().map(|m| json!({
+            "size": m.size,
+            "zero_chunks": m.zero_chunks,
+            "dedup_chunks": m.dedup_chunks,
+            "uploaded_chunks": m.uploaded_chunks,
+            "bytes_uploaded": m.bytes_uploaded,
+        })),
+        "seconds": s.seconds,
+        "lease_released": released,
+    })
+}
+
+/// What a suspend asked for.
+#[derive(Debug, Clone, Default)]
+struct SuspendRequest {
+    /// The VM's memory image and settings, for the publish.
+    saved: SavedVm,
+    /// Publish nothing; keep the lease and the changes (`--offline`).
+    offline: bool,
+    /// Cap on the upload.
+    bwlimit: Option<u64>,
 }
 
 /// What the control socket's threads share.
@@ -648,15 +847,16 @@ struct Control {
     engine: Arc<Engine>,
     device: Arc<OnceLock<ublk_target::DeviceInfo>>,
     requests: Arc<Mutex<Vec<Reply>>>,
-    /// The VM's memory image and settings a suspend brought, for the publish.
-    saved: Arc<Mutex<SavedVm>>,
-    lease: String,
+    request: Arc<Mutex<SuspendRequest>>,
+    session: Arc<Session>,
     started: Instant,
 }
 
 impl Control {
-    /// Answers one command on `conn`: `status`, or `suspend [JSON]` (the
-    /// JSON: `{"memory": PATH, "vm": SETTINGS}`, both optional).
+    /// Answers one command on `conn`: `status`, `sync [JSON]` (`{"bwlimit":
+    /// RATE}`), or `suspend [JSON]` (`{"memory": PATH, "vm": SETTINGS,
+    /// "offline": BOOL, "bwlimit": RATE}`, all optional). Long commands send
+    /// progress lines before their answer.
     fn serve(&self, conn: UnixStream) {
         let mut line = String::new();
         let Ok(mut writer) = conn.try_clone() else {
@@ -667,15 +867,23 @@ impl Control {
             return;
         }
         let (command, rest) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
+        let options: Value = serde_json::from_str(rest).unwrap_or(Value::Null);
         let reply = match command {
             "status" => self.status(),
+            "sync" => self.sync(&mut writer, options["bwlimit"].as_u64()),
             "suspend" => {
                 let Some(info) = self.device.get() else {
                     let _ = writeln!(writer, "{}", json!({"error": "the device is not up yet"}));
                     return;
                 };
                 match crate::vm::saved_from_json(rest) {
-                    Ok(saved) => *self.saved.lock().expect("saved") = saved,
+                    Ok(saved) => {
+                        *self.request.lock().expect("request") = SuspendRequest {
+                            saved,
+                            offline: options["offline"].as_bool().unwrap_or(false),
+                            bwlimit: options["bwlimit"].as_u64(),
+                        }
+                    }
                     Err(e) => {
                         let _ = writeln!(writer, "{}", json!({ "error": e.to_string() }));
                         return;
@@ -686,14 +894,15 @@ impl Control {
                 if writeln!(writer, "{}", json!({ "accepted": true })).is_err() {
                     return;
                 }
-                // Stopping the device drains in-flight I/O; the main thread
-                // then publishes and answers.
+                // Background uploads give way; stopping the device drains
+                // in-flight I/O; the main thread then publishes and answers.
+                self.session
+                    .stopping
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 if let Err(e) = ublk_target::stop(info.id) {
                     json!({ "error": e.to_string() })
                 } else {
-                    rx.recv().unwrap_or_else(
-                        |_| json!({"error": "the daemon stopped without an answer"}),
-                    )
+                    answer_with_progress(&mut writer, &self.engine, &rx)
                 }
             }
             other => json!({ "error": format!("unknown command {other:?}") }),
@@ -701,9 +910,41 @@ impl Control {
         let _ = writeln!(writer, "{reply}");
     }
 
+    /// `isr sync`: uploads while the device serves, sending progress.
+    fn sync(&self, writer: &mut UnixStream, bwlimit: Option<u64>) -> Value {
+        let store = self.engine.parcel().store();
+        let before = store.bwlimit();
+        if bwlimit.is_some() {
+            store.set_bwlimit(bwlimit, before.1);
+        }
+        let (tx, rx) = mpsc::channel();
+        let engine = self.engine.clone();
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            let reply = match engine.sync(fetcher::no_progress(), &stop) {
+                Ok(s) => crate::session::sync_json(&name, &s, &engine),
+                Err(e) => {
+                    let (left, _) = engine.unsynced();
+                    json!({ "error": format!(
+                        "{e}; nothing is lost: the {left} chunks not uploaded stay dirty in the cache and the next sync or suspend uploads them"
+                    ) })
+                }
+            };
+            let _ = tx.send(reply);
+        });
+        let reply = answer_with_progress(writer, &self.engine, &rx);
+        if bwlimit.is_some() {
+            store.set_bwlimit(before.0, before.1);
+        }
+        reply
+    }
+
     fn status(&self) -> Value {
         let (engine, s) = (&self.engine, self.engine.stats());
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let (unsynced, unsynced_bytes) = engine.unsynced();
+        let offline = self.session.offline();
         json!({
             "parcel": self.name,
             "device": self.device.get().map(|d| d.path.clone()),
@@ -712,11 +953,17 @@ impl Control {
             "chunks": s.chunks,
             "cached_chunks": s.cached_chunks,
             "dirty_chunks": s.dirty_chunks,
+            "synced_chunks": engine.synced_chunks(),
+            "unsynced_chunks": unsynced,
+            "unsynced_bytes": unsynced_bytes,
             "fetched_chunks": s.fetched_chunks,
             "fetched_bytes": s.fetched_bytes,
             "fetch_rate": (s.fetched_bytes as f64 / secs) as u64,
             "window": s.window,
-            "lease": self.lease,
+            "lease": self.session.lease().map(|l| l.info().describe()),
+            "online": offline.is_none(),
+            "offline_reason": offline,
+            "idle_seconds": engine.idle_for().as_secs(),
             "cache": engine.cache_dir(),
             "unclean_stop": engine.open_report().recovered,
             "scanned_chunks": engine.open_report().scanned_chunks,

@@ -12,6 +12,7 @@ mod image;
 mod output;
 mod progress;
 mod qmp;
+mod session;
 mod time;
 mod vm;
 
@@ -30,6 +31,8 @@ fn main() -> ExitCode {
         cli::Command::Suspend(a) => daemon::suspend(a),
         cli::Command::Status(a) => daemon::status(a),
         cli::Command::Recover(a) => daemon::recover(a),
+        cli::Command::Sync(a) => session::sync(a),
+        cli::Command::Checkin(a) => session::checkin(a),
         command => run_async(cli::Cli { command }),
     };
     result.unwrap_or_else(|e| output::fail(&e, json))

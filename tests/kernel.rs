@@ -764,3 +764,6 @@ fn ublk_flush_fails_for_good_once_the_cache_cannot_sync() {
 
 #[path = "kernel/qemu.rs"]
 mod qemu;
+
+#[path = "kernel/sync.rs"]
+mod sync;

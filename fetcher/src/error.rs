@@ -199,6 +199,21 @@ fn retried(attempts: u32, seconds: f64) -> String {
 }
 
 impl Error {
+    /// Whether this is the store being out of reach (after the retries): a
+    /// transient failure (refused or reset connections, timeouts, 5xx) that
+    /// working offline rides out, unlike a refusal or a missing object.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Error::Store { source, .. } => crate::store::is_transient(source),
+            Error::Shared(e) => e.is_unreachable(),
+            Error::BadChunk {
+                fault: ChunkFault::Store(e),
+                ..
+            } => e.is_unreachable(),
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
         Error::Io {
             op,

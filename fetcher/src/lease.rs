@@ -142,6 +142,14 @@ impl Lease {
         )))
     }
 
+    /// The same lease, checked and released through `store` (the same
+    /// store, e.g. with another retry timeout than the one it was taken
+    /// with).
+    pub fn with_store(mut self, store: &Store) -> Lease {
+        self.store = store.clone();
+        self
+    }
+
     /// This lease's identity.
     pub fn info(&self) -> &LeaseInfo {
         &self.info

@@ -24,12 +24,14 @@ pub mod private;
 pub mod sparse;
 mod store;
 
-pub use engine::{Engine, EngineOptions, EngineStats, OpenReport, PublishSummary, SavedVm};
+pub use engine::{
+    Engine, EngineOptions, EngineStats, OpenReport, PublishSummary, SavedVm, SyncSummary,
+};
 pub use error::{ChunkFault, Error};
 pub use lease::{Lease, LeaseInfo};
 pub use notify::Notifier;
 pub use parcel::{Parcel, Published};
-pub use store::{PutOutcome, Store, StoreOptions, validate_parcel_name};
+pub use store::{PutOutcome, Store, StoreOptions, parse_rate, validate_parcel_name};
 
 /// A progress sink: called with the number of bytes just processed.
 pub type Progress = std::sync::Arc<dyn Fn(u64) + Send + Sync>;

@@ -11,7 +11,7 @@ mod support;
 
 mod common;
 
-use common::{CHUNK, Rng, read_all};
+use common::{CHUNK, Rng, read_all, s3_store};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -271,23 +271,6 @@ fn corrupt_chunk_is_named_and_others_are_served() {
         engine.read(c * CHUNK, &mut buf).unwrap();
         assert_eq!(buf, image[(c * CHUNK) as usize..][..CHUNK as usize]);
     }
-}
-
-fn s3_store(server: &support::S3Server, retry: Duration) -> Store {
-    let s3 = common::s3_builder(server)
-        .with_retry(object_store::RetryConfig {
-            max_retries: 2,
-            retry_timeout: retry,
-            ..Default::default()
-        })
-        .with_client_options(
-            object_store::ClientOptions::new()
-                .with_allow_http(true)
-                .with_connect_timeout(Duration::from_millis(500)),
-        )
-        .build()
-        .unwrap();
-    Store::from_object_store(Arc::new(s3), "s3://isr-test/", true).with_retry_timeout(retry)
 }
 
 /// The S3 server stops for several seconds: cached chunks are still

@@ -27,6 +27,7 @@ fn an_s3_store_answers_from_every_runtime_it_is_used_from() {
         // a new connection.
         retry_timeout: Duration::ZERO,
         request_timeout: Duration::from_secs(5),
+        bwlimit: None,
     };
     let url = format!("s3://{}/runtimes", support::BUCKET);
     let store = Store::open(&url, &options).unwrap();

@@ -8,6 +8,7 @@ use crate::{output, progress};
 
 pub(super) async fn export(a: ExportArgs) -> anyhow::Result<()> {
     let parcel = open_parcel(&a.parcel)?;
+    parcel.store().set_bwlimit(None, a.bwlimit);
     let (version, manifest) = parcel
         .resolve(a.version)
         .await

@@ -32,6 +32,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Run(_)
         | Command::Suspend(_)
         | Command::Status(_)
+        | Command::Sync(_)
+        | Command::Checkin(_)
         | Command::Recover(_) => {
             unreachable!("run outside the async runtime by main")
         }
@@ -202,6 +204,7 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
 
 async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
     let parcel = open_parcel(&a.parcel)?;
+    parcel.store().set_bwlimit(a.bwlimit, a.bwlimit);
     let mut options = fetcher::EngineOptions {
         host: host_name(),
         ..Default::default()

@@ -20,6 +20,7 @@ mod fetch;
 mod fork;
 mod publish;
 mod reconcile;
+mod sync;
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -39,6 +40,8 @@ pub use check::{CheckReport, check};
 pub use fetch::Slot;
 pub use fork::fork;
 pub use publish::{PublishSummary, SavedVm};
+use sync::SyncRecord;
+pub use sync::SyncSummary;
 
 /// How an engine runs.
 #[derive(Debug, Clone)]
@@ -159,6 +162,18 @@ pub(crate) struct Shared {
     failed: Mutex<HashMap<ChunkKey, Arc<Error>>>,
     /// Signalled on every completed fetch (hoard waits on it).
     progress: (Mutex<u64>, Condvar),
+    /// Which generations of dirty chunks the store holds (see `sync`).
+    synced: Mutex<SyncRecord>,
+    /// Held by a sync or publish while it uploads: one at a time.
+    upload_pass: tokio::sync::Mutex<()>,
+    /// When the device last did I/O (milliseconds since the engine opened),
+    /// for `idle_for`.
+    last_io: AtomicU64,
+    opened: std::time::Instant,
+    /// The upload pass running (sync or publish): plaintext bytes of dirty
+    /// chunks done, and to do.
+    pass_done: AtomicU64,
+    pass_total: AtomicU64,
     options: EngineOptions,
     shutdown: AtomicBool,
     runtime: tokio::runtime::Handle,
@@ -231,6 +246,12 @@ impl Engine {
             window: AtomicU64::new(4),
             failed: Mutex::new(HashMap::new()),
             progress: (Mutex::new(0), Condvar::new()),
+            synced: Mutex::new(SyncRecord::load(&dir, base.0)),
+            upload_pass: tokio::sync::Mutex::new(()),
+            last_io: AtomicU64::new(0),
+            opened: std::time::Instant::now(),
+            pass_done: AtomicU64::new(0),
+            pass_total: AtomicU64::new(0),
             options,
             shutdown: AtomicBool::new(false),
             runtime: runtime.handle().clone(),
@@ -290,6 +311,7 @@ impl Engine {
     /// the data is in the image.
     pub fn prepare_io(&self, offset: u64, len: usize, write: bool) -> Result<Vec<u64>, Error> {
         let s = &self.shared;
+        s.note_io();
         let mut need = Vec::new();
         for span in s.spans(offset, len)? {
             s.touch(span.chunk);
@@ -326,6 +348,7 @@ impl Engine {
     /// Reads `buf.len()` bytes at `offset`, waiting for missing chunks.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         let s = &self.shared;
+        s.note_io();
         for span in s.spans(offset, buf.len())? {
             s.touch(span.chunk);
             s.ensure_cached(span.chunk)?;
@@ -343,6 +366,7 @@ impl Engine {
     /// is not cached fetches it first; one covering whole chunks does not.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
         let s = &self.shared;
+        s.note_io();
         for span in s.spans(offset, data.len())? {
             s.touch(span.chunk);
             if !span.covers(&s.geometry) {
@@ -399,6 +423,7 @@ impl Engine {
     /// written with zeros.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {
         let s = &self.shared;
+        s.note_io();
         let len = usize::try_from(len).map_err(|_| Error::Invalid("discard too long".into()))?;
         for span in s.spans(offset, len)? {
             let at = s.geometry.chunk_offset(span.chunk) + span.offset_in_chunk as u64;
@@ -413,6 +438,24 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// How long the device has done no I/O (since the engine opened, if
+    /// it never did).
+    pub fn idle_for(&self) -> Duration {
+        let s = &self.shared;
+        let now = s.opened.elapsed();
+        now.saturating_sub(Duration::from_millis(s.last_io.load(Ordering::Relaxed)))
+    }
+
+    /// How far the running upload pass (a sync, or a publish) is: plaintext
+    /// bytes of dirty chunks done, and in all; (0, 0) before the first.
+    pub fn upload_progress(&self) -> (u64, u64) {
+        let s = &self.shared;
+        (
+            s.pass_done.load(Ordering::Relaxed),
+            s.pass_total.load(Ordering::Relaxed),
+        )
     }
 
     /// Pauses or resumes background prefetch (demand fetches always run).
@@ -591,6 +634,28 @@ impl Shared {
         self.stripes[c as usize % STRIPES]
             .lock()
             .expect("stripe lock")
+    }
+
+    /// Starts counting an upload pass over `chunks`.
+    fn start_pass(&self, chunks: &[u64]) {
+        let total = chunks
+            .iter()
+            .map(|&c| self.geometry.chunk_len(c) as u64)
+            .sum();
+        self.pass_done.store(0, Ordering::Relaxed);
+        self.pass_total.store(total, Ordering::Relaxed);
+    }
+
+    /// Counts chunk `c` of the upload pass as done.
+    fn pass_did(&self, c: u64) {
+        self.pass_done
+            .fetch_add(self.geometry.chunk_len(c) as u64, Ordering::Relaxed);
+    }
+
+    /// Records that the device does I/O now.
+    fn note_io(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last_io.fetch_max(ms, Ordering::Relaxed);
     }
 
     /// Records the first touch of chunk `c` in the access trace.

@@ -36,6 +36,8 @@ pub struct PublishSummary {
     pub uploaded_chunks: u64,
     /// Bytes uploaded.
     pub bytes_uploaded: u64,
+    /// Dirty chunks not uploaded again because a sync had (`isr sync`).
+    pub synced_chunks: u64,
     /// The memory image published with the disk, if any (its chunk table
     /// left out).
     pub memory: Option<ImageUpload>,
@@ -147,48 +149,39 @@ async fn publish(
     if dirty.is_empty() && fork_to.is_none() && saved.memory.is_none() && new_vm.is_none() {
         return Ok(summary);
     }
-    let uploaded: Vec<(u64, u64, ChunkEntry, Option<u64>)> = stream::iter(dirty)
+    // One upload pass at a time (see `sync`); then the chunks a sync
+    // uploaded in their current generation are not read again, only checked
+    // (a chunk gc may have removed since is uploaded afresh).
+    let _pass = shared.upload_pass.lock().await;
+    let record = shared.synced.lock().expect("synced lock").clone();
+    shared.start_pass(&dirty);
+    let uploaded: Vec<Uploaded> = stream::iter(dirty)
         .map(|c| {
             let shared = shared.clone();
+            let entry = shared.cache.entry(c);
+            let synced = (record.base_version == *base_version)
+                .then(|| record.current(c, entry))
+                .flatten();
             async move {
-                // Read and encode under the chunk's stripe lock: the snapshot
-                // and its generation belong together.
-                let s = shared.clone();
-                let (entry, encoded) = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; s.geometry.chunk_len(c) as usize];
-                    let _g = s.stripe(c);
-                    let entry = s.cache.entry(c);
-                    s.cache
-                        .image
-                        .read_exact_at(&mut buf, s.geometry.chunk_offset(c))
-                        .map_err(|e| Error::io("read", &s.cache.dir().join("image"), e))?;
-                    if format::is_zero(&buf) {
-                        return Ok::<_, Error>((entry, None));
-                    }
-                    let chunk = ChunkEncoder::new(s.parcel.secret().clone(), 1)
-                        .encode(&buf)
-                        .map_err(|e| Error::Invalid(e.to_string()))?;
-                    Ok((entry, Some(chunk)))
-                })
-                .await
-                .expect("encoding does not panic")?;
-                let Some(chunk) = encoded else {
-                    return Ok((c, entry, ChunkEntry::Zero, None));
+                let done = shared.clone();
+                let reused = match synced {
+                    Some(ChunkEntry::Zero) => true,
+                    Some(ChunkEntry::Data(k)) => shared.parcel.store().has_chunk(&k.id()).await?,
+                    None => false,
                 };
-                let store = shared.parcel.store();
-                let size = chunk.object.len() as u64;
-                let sent = if store.has_chunk(&chunk.id).await? {
-                    None
+                let u = if reused {
+                    Uploaded {
+                        chunk: c,
+                        map_entry: entry,
+                        table_entry: synced.expect("reused"),
+                        sent: None,
+                        synced: true,
+                    }
                 } else {
-                    match store
-                        .put_chunk(&chunk.id, Bytes::from(chunk.object))
-                        .await?
-                    {
-                        PutOutcome::Created => Some(size),
-                        PutOutcome::AlreadyPresent => None,
-                    }
+                    upload_chunk(shared, c).await?
                 };
-                Ok::<_, Error>((c, entry, ChunkEntry::Data(chunk.key), sent))
+                done.pass_did(c);
+                Ok::<_, Error>(u)
             }
         })
         .buffer_unordered(DEFAULT_CONCURRENCY)
@@ -196,12 +189,13 @@ async fn publish(
         .await?;
 
     let mut manifest = base_manifest.clone();
-    for (c, _, e, sent) in &uploaded {
-        manifest.chunks[*c as usize] = *e;
-        if let Some(size) = sent {
+    for u in &uploaded {
+        manifest.chunks[u.chunk as usize] = u.table_entry;
+        if let Some(size) = u.sent {
             summary.uploaded_chunks += 1;
             summary.bytes_uploaded += size;
         }
+        summary.synced_chunks += u64::from(u.synced);
     }
     // The memory image: chunked and deduplicated like the disk, against
     // the chunks of the base version and of the new disk.
@@ -259,13 +253,21 @@ async fn publish(
     // Committed. Record it locally; a crash from here on is recognised at
     // the next open (the manifest names this cache as its writer).
     shared.cache.save_manifest(version, &published.object)?;
-    for (c, entry, _, _) in &uploaded {
-        let _g = shared.stripe(*c);
-        if shared.cache.entry(*c) == *entry {
-            shared.cache.set(*c, PRESENT)?;
+    for u in &uploaded {
+        let _g = shared.stripe(u.chunk);
+        if shared.cache.entry(u.chunk) == u.map_entry {
+            shared.cache.set(u.chunk, PRESENT)?;
         }
     }
     shared.cache.sync_state()?;
+    // The records belonged to the old base.
+    {
+        let mut record = shared.synced.lock().expect("synced lock");
+        record.base_version = version;
+        record.chunks.clear();
+        // Only a hint: a stale file is ignored at the next open (other base).
+        let _ = record.save(shared.cache.dir());
+    }
     shared.cache.update_header(|h| h.base_version = version)?;
     *shared.base.write().expect("base lock") = Arc::new(super::Base::new(version, manifest));
     shared.cache.clear_trace()?;
@@ -276,6 +278,67 @@ async fn publish(
     shared.cache.prune_manifests(version);
     summary.version = version;
     Ok(summary)
+}
+
+/// One dirty chunk, held by the store in the generation read.
+pub(super) struct Uploaded {
+    pub(super) chunk: u64,
+    /// The chunk's map entry (state and generation) when it was read.
+    pub(super) map_entry: u64,
+    /// Its entry in the new chunk table.
+    pub(super) table_entry: ChunkEntry,
+    /// Bytes sent, if this created the object.
+    pub(super) sent: Option<u64>,
+    /// An earlier sync had uploaded it (nothing was read or sent now).
+    pub(super) synced: bool,
+}
+
+/// Reads dirty chunk `c` with its map entry, encodes it and uploads it
+/// unless the store holds it (an all-zero chunk is never stored).
+pub(super) async fn upload_chunk(shared: Arc<Shared>, c: u64) -> Result<Uploaded, Error> {
+    // Read and encode under the chunk's stripe lock: the snapshot and its
+    // generation belong together.
+    let s = shared.clone();
+    let (map_entry, encoded) = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; s.geometry.chunk_len(c) as usize];
+        let _g = s.stripe(c);
+        let entry = s.cache.entry(c);
+        s.cache
+            .image
+            .read_exact_at(&mut buf, s.geometry.chunk_offset(c))
+            .map_err(|e| Error::io("read", &s.cache.dir().join("image"), e))?;
+        if format::is_zero(&buf) {
+            return Ok::<_, Error>((entry, None));
+        }
+        let chunk = ChunkEncoder::new(s.parcel.secret().clone(), 1)
+            .encode(&buf)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        Ok((entry, Some(chunk)))
+    })
+    .await
+    .expect("encoding does not panic")?;
+    let mut done = Uploaded {
+        chunk: c,
+        map_entry,
+        table_entry: ChunkEntry::Zero,
+        sent: None,
+        synced: false,
+    };
+    let Some(chunk) = encoded else {
+        return Ok(done);
+    };
+    done.table_entry = ChunkEntry::Data(chunk.key);
+    let store = shared.parcel.store();
+    let size = chunk.object.len() as u64;
+    if !store.has_chunk(&chunk.id).await?
+        && store
+            .put_chunk(&chunk.id, Bytes::from(chunk.object))
+            .await?
+            == PutOutcome::Created
+    {
+        done.sent = Some(size);
+    }
+    Ok(done)
 }
 
 /// The error of a session whose lease is gone (`lost`, from

@@ -25,6 +25,7 @@
 //! ```
 
 mod commit;
+mod limit;
 mod open;
 mod retry;
 
@@ -38,6 +39,9 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::Error;
+use limit::Bandwidth;
+pub use limit::parse_rate;
+pub(crate) use retry::is_transient;
 use retry::{Failed, Retry};
 
 /// Tunables for opening a store.
@@ -50,6 +54,8 @@ pub struct StoreOptions {
     pub retry_timeout: Duration,
     /// Timeout of one request.
     pub request_timeout: Duration,
+    /// A cap on chunk transfers, bytes per second, each way (`--bwlimit`).
+    pub bwlimit: Option<u64>,
 }
 
 impl Default for StoreOptions {
@@ -58,6 +64,7 @@ impl Default for StoreOptions {
             endpoint: None,
             retry_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(60),
+            bwlimit: None,
         }
     }
 }
@@ -84,6 +91,9 @@ pub struct Store {
     /// Set once the store has shown that it refuses to create an existing
     /// object (shared by the clones of this `Store`).
     create_checked: Arc<tokio::sync::OnceCell<()>>,
+    /// Caps on chunk uploads and downloads (shared by the clones).
+    up: Arc<Bandwidth>,
+    down: Arc<Bandwidth>,
 }
 
 /// Checks a parcel name: 1–128 characters of `A-Z a-z 0-9 . _ -`, not
@@ -123,6 +133,7 @@ impl Store {
         let mut store = Store::from_object_store(backend.inner, url, backend.writable);
         store.local_root = backend.local_root.map(Arc::new);
         store.retry.timeout = options.retry_timeout;
+        store.set_bwlimit(options.bwlimit, options.bwlimit);
         Ok(store)
     }
 
@@ -139,7 +150,21 @@ impl Store {
                 timeout: StoreOptions::default().retry_timeout,
             },
             create_checked: Arc::default(),
+            up: Arc::default(),
+            down: Arc::default(),
         }
+    }
+
+    /// Caps chunk uploads and downloads at these rates, bytes per second
+    /// (`None`: no cap), for every clone of this store, from now on.
+    pub fn set_bwlimit(&self, up: Option<u64>, down: Option<u64>) {
+        self.up.set(up);
+        self.down.set(down);
+    }
+
+    /// The caps in force: (up, down), bytes per second.
+    pub fn bwlimit(&self) -> (Option<u64>, Option<u64>) {
+        (self.up.get(), self.down.get())
     }
 
     /// The same store, retrying transient failures for `timeout`.
@@ -180,7 +205,10 @@ impl Store {
 
     /// Fetches a chunk object.
     pub async fn get_chunk(&self, id: &ChunkId) -> Result<Bytes, Error> {
-        self.get("get chunk", &Self::chunk_path(id)).await
+        let object = self.get("get chunk", &Self::chunk_path(id)).await?;
+        // The size is known only once it arrived: the next transfer waits.
+        self.down.take(object.len() as u64).await;
+        Ok(object)
     }
 
     /// Whether a chunk object exists.
@@ -192,6 +220,7 @@ impl Store {
     /// content, so an existing one holds the same bytes; that includes one
     /// this very call created in an attempt whose answer was lost).
     pub async fn put_chunk(&self, id: &ChunkId, object: Bytes) -> Result<PutOutcome, Error> {
+        self.up.take(object.len() as u64).await;
         self.create("put chunk", &Self::chunk_path(id), object)
             .await
     }

@@ -26,6 +26,26 @@ pub fn s3_builder(server: &support::S3Server) -> AmazonS3Builder {
         .with_allow_http(true)
 }
 
+/// A store on the test S3 server that retries transient failures for
+/// `retry` (and gives up connecting after half a second).
+pub fn s3_store(server: &support::S3Server, retry: std::time::Duration) -> Store {
+    let s3 = s3_builder(server)
+        .with_retry(object_store::RetryConfig {
+            max_retries: 2,
+            retry_timeout: retry,
+            ..Default::default()
+        })
+        .with_client_options(
+            object_store::ClientOptions::new()
+                .with_allow_http(true)
+                .with_connect_timeout(std::time::Duration::from_millis(500)),
+        )
+        .build()
+        .unwrap();
+    Store::from_object_store(std::sync::Arc::new(s3), "s3://isr-test/", true)
+        .with_retry_timeout(retry)
+}
+
 /// Reads a whole disk through the engine.
 pub fn read_all(engine: &Engine) -> Vec<u8> {
     let mut buf = vec![0u8; engine.geometry().disk_size() as usize];

@@ -1,0 +1,418 @@
+//! A resumed parcel's link to its store: the lease (taken at resume, or
+//! later when the daemon started offline and the store came back), working
+//! offline, background uploads (`--trickle`), and the commands that upload
+//! without removing the device (`isr sync`) or publish a cache whose device
+//! is gone (`isr checkin`).
+//!
+//! ```text
+//! resume ── store reachable? ── yes ─► lease, reconcile, online
+//!               │ no, and a cache exists (or --offline)
+//!               ▼
+//!           offline: the cache as it is ── every RECONNECT ──► lease taken ─► online
+//! trickle: device idle ≥ SECS and dirty chunks not synced ─► Engine::sync (stops on I/O)
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use fetcher::{Engine, EngineOptions, Lease, Parcel, SavedVm};
+use serde_json::{Value, json};
+
+use crate::cli::{CheckinArgs, ResumeArgs, SyncArgs};
+use crate::commands::{describe, explain, host_name, open_parcel};
+use crate::time::now_unix;
+
+/// How long a resume with a cache to fall back on tries the store before
+/// working offline (not the whole retry timeout).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an offline daemon tries the store again.
+const RECONNECT_EVERY: Duration = Duration::from_secs(15);
+/// How long trickle waits after a failed upload before trying again.
+const TRICKLE_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The daemon's standing with the store.
+#[derive(Debug, Default)]
+pub(crate) struct Session {
+    lease: Mutex<Option<Lease>>,
+    /// Why the daemon works offline; `None`: online.
+    offline: Mutex<Option<String>>,
+    /// Set once the device is being stopped: background work ends.
+    pub(crate) stopping: AtomicBool,
+}
+
+impl Session {
+    pub(crate) fn new(lease: Option<Lease>, offline: Option<String>) -> Session {
+        Session {
+            lease: Mutex::new(lease),
+            offline: Mutex::new(offline),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn lease(&self) -> Option<Lease> {
+        self.lease.lock().expect("lease lock").clone()
+    }
+
+    /// Why the daemon is offline, if it is.
+    pub(crate) fn offline(&self) -> Option<String> {
+        self.offline.lock().expect("offline lock").clone()
+    }
+
+    fn go_online(&self, lease: Lease) {
+        *self.lease.lock().expect("lease lock") = Some(lease);
+        *self.offline.lock().expect("offline lock") = None;
+    }
+
+    fn set_offline(&self, why: String) {
+        *self.offline.lock().expect("offline lock") = Some(why);
+    }
+}
+
+/// The lease nonce file of a cache (kept by an offline suspend).
+pub(crate) fn nonce_path(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("lease")
+}
+
+pub(crate) fn read_nonce(cache_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(nonce_path(cache_dir))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// Takes the lease at resume, or decides to work offline: with `--offline`,
+/// or when a cache exists and the store cannot be reached. Returns the
+/// lease (if taken) and, when offline, why.
+pub(crate) fn take_lease(
+    rt: &tokio::runtime::Runtime,
+    parcel: &Parcel,
+    a: &ResumeArgs,
+    cache_dir: &Path,
+) -> anyhow::Result<(Option<Lease>, Option<String>)> {
+    let name = &a.parcel.parcel;
+    let has_cache = fetcher::cache::Cache::exists(cache_dir);
+    if a.device.offline {
+        if !has_cache {
+            bail!(
+                "parcel {name} has no cache on this host ({}): resume or hoard it once while the store can be reached, then it works offline",
+                cache_dir.display()
+            );
+        }
+        return Ok((None, Some("resumed with --offline".into())));
+    }
+    // With a cache to fall back on, a store that is away costs seconds,
+    // not the whole retry timeout.
+    let full = Duration::from_secs(a.parcel.retry_timeout);
+    let probe = if has_cache {
+        parcel
+            .store()
+            .clone()
+            .with_retry_timeout(PROBE_TIMEOUT.min(full))
+    } else {
+        parcel.store().clone()
+    };
+    let reuse = read_nonce(cache_dir);
+    let taken = rt.block_on(Lease::acquire(
+        &probe,
+        name,
+        &host_name(),
+        now_unix(),
+        reuse.as_deref(),
+        a.device.steal,
+    ));
+    match taken {
+        Ok(l) => Ok((Some(l.with_store(parcel.store())), None)),
+        Err(e) if has_cache && e.is_unreachable() && !a.device.steal => {
+            Ok((None, Some(format!("the store cannot be reached ({e})"))))
+        }
+        Err(e) => Err(explain(e, &a.parcel)),
+    }
+}
+
+/// While the daemon is offline, tries the store every [`RECONNECT_EVERY`];
+/// once it answers, takes the lease (this cache's own if it kept one) and
+/// works online. Ends when the device stops.
+pub(crate) fn spawn_reconnect(session: Arc<Session>, engine: Arc<Engine>, a: &ResumeArgs) {
+    let name = a.parcel.parcel.clone();
+    let timeout = PROBE_TIMEOUT.min(Duration::from_secs(a.parcel.retry_timeout));
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        let parcel = engine.parcel().clone();
+        let probe = parcel.store().clone().with_retry_timeout(timeout);
+        let cache_dir = engine.cache_dir();
+        let mut said = String::new();
+        while session.offline().is_some() {
+            if sleep_unless_stopping(&session, RECONNECT_EVERY) {
+                return;
+            }
+            let reuse = read_nonce(&cache_dir);
+            let taken = rt.block_on(Lease::acquire(
+                &probe,
+                &name,
+                &host_name(),
+                now_unix(),
+                reuse.as_deref(),
+                false,
+            ));
+            match taken {
+                Ok(lease) => {
+                    if let Err(e) =
+                        fetcher::private::write(&nonce_path(&cache_dir), &lease.info().nonce)
+                    {
+                        eprintln!(
+                            "isr: cannot record the lease in {}: {e}",
+                            cache_dir.display()
+                        );
+                    }
+                    let head = rt.block_on(parcel.head()).ok().flatten().unwrap_or(0);
+                    if head > engine.base_version() {
+                        eprintln!(
+                            "isr: warning: parcel {name} moved on to version {head} elsewhere while this cache (based on version {}) was offline: its changes cannot be published over it (isr fork keeps them)",
+                            engine.base_version()
+                        );
+                    }
+                    eprintln!(
+                        "isr: the store is reachable again: took the lease on parcel {name}; working online"
+                    );
+                    session.go_online(lease.with_store(parcel.store()));
+                }
+                Err(e) => {
+                    let why = if e.is_unreachable() {
+                        format!("the store cannot be reached ({e})")
+                    } else {
+                        e.to_string()
+                    };
+                    if why != said && !e.is_unreachable() {
+                        eprintln!("isr: still offline: {why}");
+                    }
+                    said.clone_from(&why);
+                    session.set_offline(why);
+                }
+            }
+        }
+    });
+}
+
+/// Sleeps `d` in small steps; true if the device began stopping meanwhile.
+fn sleep_unless_stopping(session: &Session, d: Duration) -> bool {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        if session.stopping.load(Ordering::Relaxed) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100).min(until - Instant::now()));
+    }
+    session.stopping.load(Ordering::Relaxed)
+}
+
+/// `--trickle SECS`: syncs whenever the device has been idle for `idle`
+/// and something dirty is not in the store yet. A sync stops as soon as
+/// the device does I/O again (or is being stopped); a failed one (the store
+/// went away) is tried again after [`TRICKLE_BACKOFF`]; nothing is dropped.
+pub(crate) fn spawn_trickle(session: Arc<Session>, engine: Arc<Engine>, idle: Duration) {
+    std::thread::spawn(move || {
+        let mut not_before = Instant::now();
+        loop {
+            if sleep_unless_stopping(&session, Duration::from_secs(1)) {
+                return;
+            }
+            if Instant::now() < not_before || engine.idle_for() < idle || engine.unsynced().0 == 0 {
+                continue;
+            }
+            let stop = AtomicBool::new(false);
+            let started = Instant::now();
+            let result = std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    // I/O since the sync began, or a suspend: stop early.
+                    while !stop.load(Ordering::Relaxed) {
+                        if engine.idle_for() < started.elapsed()
+                            || session.stopping.load(Ordering::Relaxed)
+                        {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                });
+                let r = engine.sync(fetcher::no_progress(), &stop);
+                stop.store(true, Ordering::Relaxed);
+                r
+            });
+            match result {
+                Ok(s) if s.uploaded_chunks + s.synced_chunks > 0 => eprintln!(
+                    "isr: trickle: {} chunks synced ({} uploaded, {} bytes) in {:.1} s{}",
+                    s.synced_chunks,
+                    s.uploaded_chunks,
+                    s.bytes_uploaded,
+                    s.seconds,
+                    if s.interrupted {
+                        "; stopped: the device is busy"
+                    } else {
+                        ""
+                    }
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!(
+                        "isr: trickle: {e}; the dirty chunks stay in the cache, trying again in {} s",
+                        TRICKLE_BACKOFF.as_secs()
+                    );
+                    not_before = Instant::now() + TRICKLE_BACKOFF;
+                }
+            }
+        }
+    });
+}
+
+/// The JSON of a sync's summary.
+pub(crate) fn sync_json(name: &str, s: &fetcher::SyncSummary, engine: &Engine) -> Value {
+    let (left, left_bytes) = engine.unsynced();
+    json!({
+        "parcel": name,
+        "dirty_chunks": s.dirty_chunks,
+        "already_synced": s.already_synced,
+        "synced_chunks": s.synced_chunks,
+        "uploaded_chunks": s.uploaded_chunks,
+        "bytes_uploaded": s.bytes_uploaded,
+        "unsynced_chunks": left,
+        "unsynced_bytes": left_bytes,
+        "interrupted": s.interrupted,
+        "seconds": s.seconds,
+    })
+}
+
+/// `isr sync NAME`: the daemon uploads; a bar shows how far.
+pub fn sync(a: SyncArgs) -> anyhow::Result<ExitCode> {
+    let request = json!({ "bwlimit": a.bwlimit });
+    let reply = crate::daemon::ask_with_progress(&a.parcel, "sync", &request, "sync", a.json)?;
+    crate::daemon::answer(reply, a.json, |r| {
+        format!(
+            "synced parcel {}: {} chunks uploaded ({} bytes), {} found in the store or zero, {} synced before; {} of {} dirty chunks left to upload, in {:.1} s",
+            r["parcel"].as_str().unwrap_or("?"),
+            r["uploaded_chunks"],
+            r["bytes_uploaded"],
+            r["synced_chunks"].as_u64().unwrap_or(0) - r["uploaded_chunks"].as_u64().unwrap_or(0),
+            r["already_synced"],
+            r["unsynced_chunks"],
+            r["dirty_chunks"],
+            r["seconds"].as_f64().unwrap_or(0.0),
+        )
+    })
+}
+
+/// `isr checkin NAME`: publishes the cache of a parcel whose device is gone
+/// (suspended with `--offline`, or whose suspend could not reach the
+/// store), with the VM state a failed suspend saved, and releases the
+/// lease. Conflicts (the parcel moved on elsewhere; another host holds
+/// its lease) are refused and the cache kept.
+pub fn checkin(a: CheckinArgs) -> anyhow::Result<ExitCode> {
+    let name = a.parcel.clone();
+    if let Ok(st) = crate::daemon::ask(&name, "status")
+        && st.get("error").is_none()
+    {
+        bail!(
+            "parcel {name} is resumed on this host ({}); `isr suspend {name}` publishes it (or `isr sync {name}` uploads while it runs)",
+            st["device"].as_str().unwrap_or("?")
+        );
+    }
+    let pa = a.store.with_parcel(&name);
+    let parcel = open_parcel(&pa)?;
+    parcel.store().set_bwlimit(a.bwlimit, None);
+    let mut options = EngineOptions {
+        host: host_name(),
+        prefetch: false,
+        ..Default::default()
+    };
+    if let Some(dir) = &a.cache_dir {
+        options.cache_root = dir.clone();
+    }
+    let cache_dir = fetcher::cache::cache_dir(&options.cache_root, parcel.store().url(), &name);
+    if !fetcher::cache::Cache::exists(&cache_dir) {
+        bail!(
+            "parcel {name} has no cache on this host ({}): nothing to check in",
+            cache_dir.display()
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reuse = read_nonce(&cache_dir);
+    let lease = rt
+        .block_on(Lease::acquire(
+            parcel.store(),
+            &name,
+            &host_name(),
+            now_unix(),
+            reuse.as_deref(),
+            false,
+        ))
+        .map_err(|e| explain(e, &pa))?;
+    let engine = match Engine::open(parcel, options) {
+        Ok(e) => e,
+        Err(e) => {
+            if reuse.as_deref() != Some(lease.info().nonce.as_str()) {
+                let _ = rt.block_on(lease.release());
+            }
+            return Err(explain(e, &pa));
+        }
+    };
+    for w in &engine.open_report().warnings {
+        crate::output::warn(w);
+    }
+    // A VM a failed (or offline) suspend saved: its state goes in too.
+    let saved = crate::vm::save(&name)?;
+    let saved = crate::vm::saved_from_json(&saved.to_string())?;
+    let summary = engine.publish_with(Some(&lease), now_unix(), &saved);
+    let summary = match summary {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = fetcher::private::write(&nonce_path(&cache_dir), &lease.info().nonce);
+            let _ = engine.close();
+            return Err(explain(e, &pa));
+        }
+    };
+    let released = rt.block_on(lease.release());
+    let _ = std::fs::remove_file(nonce_path(&cache_dir));
+    crate::vm::forget(&name);
+    engine.close().map_err(|e| explain(e, &pa))?;
+    let reply = crate::daemon::publish_json(&name, &summary, released.is_ok());
+    let reply = with_nothing_note(reply, &summary, &saved);
+    crate::daemon::answer(reply, a.json, |r| {
+        if r["published"] == false {
+            return format!(
+                "parcel {name}: nothing to check in (no local changes); version {} stays HEAD; lease released",
+                r["version"]
+            );
+        }
+        format!(
+            "checked in parcel {name}: version {} published ({} dirty chunks, {} uploaded, {} bytes, {} synced before) in {:.1} s; lease released",
+            r["version"],
+            r["dirty_chunks"],
+            r["uploaded_chunks"],
+            r["bytes_uploaded"],
+            r["synced_chunks"],
+            r["seconds"].as_f64().unwrap_or(0.0)
+        )
+    })
+}
+
+fn with_nothing_note(mut reply: Value, s: &fetcher::PublishSummary, saved: &SavedVm) -> Value {
+    reply["published"] = json!(s.dirty_chunks > 0 || saved.memory.is_some());
+    reply
+}
+
+/// The error of a publish that could not reach the store, saying what is
+/// kept and what publishes it later.
+pub(crate) fn unpublished(name: &str, e: &anyhow::Error, dirty: u64) -> String {
+    format!(
+        "{}: nothing was published; every change is kept in the cache ({dirty} dirty chunks) and the lease stays with this host: `isr checkin {name}` publishes them once the store is back (or `isr resume` works on offline)",
+        describe(e)
+    )
+}
