@@ -1,6 +1,8 @@
 //! End-to-end tests of the `isr` binary against real stores: a local
 //! directory and a real S3 server (s3s-fs) on 127.0.0.1.
 
+#[path = "cli/checkin.rs"]
+mod checkin;
 mod support;
 #[path = "cli/trust.rs"]
 mod trust;
