@@ -767,19 +767,15 @@ fn publish_and_release(
     let nonce_path = nonce_path(&engine.cache_dir());
     let lease = match session.lease() {
         Some(l) => Ok(l),
-        // Offline until now: the store may be back.
-        None => rt
-            .block_on(fetcher::Lease::acquire(
-                engine.parcel().store(),
-                name,
-                &host_name(),
-                now_unix(),
-                crate::session::read_nonce(&engine.cache_dir()).as_deref(),
-                false,
-            ))
-            .inspect(|l| {
-                let _ = fetcher::private::write(&nonce_path, &l.info().nonce);
-            }),
+        // Offline until now: the store may be back (a short try: if it is
+        // not, everything stays in the cache for `isr checkin`).
+        None => crate::session::acquire(
+            rt,
+            engine.parcel(),
+            &engine.cache_dir(),
+            crate::session::probe_timeout(a.parcel.retry_timeout),
+            false,
+        ),
     };
     let summary = lease
         .and_then(|l| {

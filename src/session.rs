@@ -83,6 +83,39 @@ pub(crate) fn read_nonce(cache_dir: &Path) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
+/// Takes the lease on `parcel`'s store (this cache's own, if its nonce is
+/// kept), trying the store for at most `probe`; the lease then uses the
+/// store's own retry timeout.
+pub(crate) fn acquire(
+    rt: &tokio::runtime::Runtime,
+    parcel: &Parcel,
+    cache_dir: &Path,
+    probe: Duration,
+    steal: bool,
+) -> Result<Lease, fetcher::Error> {
+    let store = parcel.store().clone().with_retry_timeout(probe);
+    let lease = rt.block_on(Lease::acquire(
+        &store,
+        parcel.name(),
+        &host_name(),
+        now_unix(),
+        read_nonce(cache_dir).as_deref(),
+        steal,
+    ))?;
+    if let Err(e) = fetcher::private::write(&nonce_path(cache_dir), &lease.info().nonce) {
+        eprintln!(
+            "isr: cannot record the lease in {}: {e}",
+            cache_dir.display()
+        );
+    }
+    Ok(lease.with_store(parcel.store()))
+}
+
+/// How long to try the store before working offline.
+pub(crate) fn probe_timeout(retry_timeout: u64) -> Duration {
+    PROBE_TIMEOUT.min(Duration::from_secs(retry_timeout))
+}
+
 /// Takes the lease at resume, or decides to work offline: with `--offline`,
 /// or when a cache exists and the store cannot be reached. Returns the
 /// lease (if taken) and, when offline, why.
@@ -105,26 +138,13 @@ pub(crate) fn take_lease(
     }
     // With a cache to fall back on, a store that is away costs seconds,
     // not the whole retry timeout.
-    let full = Duration::from_secs(a.parcel.retry_timeout);
     let probe = if has_cache {
-        parcel
-            .store()
-            .clone()
-            .with_retry_timeout(PROBE_TIMEOUT.min(full))
+        probe_timeout(a.parcel.retry_timeout)
     } else {
-        parcel.store().clone()
+        Duration::from_secs(a.parcel.retry_timeout)
     };
-    let reuse = read_nonce(cache_dir);
-    let taken = rt.block_on(Lease::acquire(
-        &probe,
-        name,
-        &host_name(),
-        now_unix(),
-        reuse.as_deref(),
-        a.device.steal,
-    ));
-    match taken {
-        Ok(l) => Ok((Some(l.with_store(parcel.store())), None)),
+    match acquire(rt, parcel, cache_dir, probe, a.device.steal) {
+        Ok(l) => Ok((Some(l), None)),
         Err(e) if has_cache && e.is_unreachable() && !a.device.steal => {
             Ok((None, Some(format!("the store cannot be reached ({e})"))))
         }
@@ -137,7 +157,7 @@ pub(crate) fn take_lease(
 /// works online. Ends when the device stops.
 pub(crate) fn spawn_reconnect(session: Arc<Session>, engine: Arc<Engine>, a: &ResumeArgs) {
     let name = a.parcel.parcel.clone();
-    let timeout = PROBE_TIMEOUT.min(Duration::from_secs(a.parcel.retry_timeout));
+    let timeout = probe_timeout(a.parcel.retry_timeout);
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -146,32 +166,14 @@ pub(crate) fn spawn_reconnect(session: Arc<Session>, engine: Arc<Engine>, a: &Re
             return;
         };
         let parcel = engine.parcel().clone();
-        let probe = parcel.store().clone().with_retry_timeout(timeout);
         let cache_dir = engine.cache_dir();
         let mut said = String::new();
         while session.offline().is_some() {
             if sleep_unless_stopping(&session, RECONNECT_EVERY) {
                 return;
             }
-            let reuse = read_nonce(&cache_dir);
-            let taken = rt.block_on(Lease::acquire(
-                &probe,
-                &name,
-                &host_name(),
-                now_unix(),
-                reuse.as_deref(),
-                false,
-            ));
-            match taken {
+            match acquire(&rt, &parcel, &cache_dir, timeout, false) {
                 Ok(lease) => {
-                    if let Err(e) =
-                        fetcher::private::write(&nonce_path(&cache_dir), &lease.info().nonce)
-                    {
-                        eprintln!(
-                            "isr: cannot record the lease in {}: {e}",
-                            cache_dir.display()
-                        );
-                    }
                     let head = rt.block_on(parcel.head()).ok().flatten().unwrap_or(0);
                     if head > engine.base_version() {
                         eprintln!(
@@ -182,7 +184,7 @@ pub(crate) fn spawn_reconnect(session: Arc<Session>, engine: Arc<Engine>, a: &Re
                     eprintln!(
                         "isr: the store is reachable again: took the lease on parcel {name}; working online"
                     );
-                    session.go_online(lease.with_store(parcel.store()));
+                    session.go_online(lease);
                 }
                 Err(e) => {
                     let why = if e.is_unreachable() {
