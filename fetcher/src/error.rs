@@ -198,7 +198,42 @@ fn retried(attempts: u32, seconds: f64) -> String {
     }
 }
 
+/// What a failure means for the user, beyond its message: the CLI's exit
+/// status and the `kind` of its JSON errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The store could not be reached (refused connections, timeouts)
+    /// for the whole retry timeout.
+    Unreachable,
+    /// Another host or writer has the parcel: its lease is held by
+    /// another, this session was fenced or lost its lease, or another
+    /// writer published first (or a cache conflicts with a newer version).
+    Conflict,
+    /// Anything else.
+    Other,
+}
+
 impl Error {
+    /// What kind of failure this is (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::Store { source, .. } if crate::store::is_unreachable(source) => {
+                ErrorClass::Unreachable
+            }
+            Error::BadChunk {
+                fault: ChunkFault::Store(inner),
+                ..
+            } => inner.class(),
+            Error::Shared(inner) => inner.class(),
+            Error::LeaseHeld { .. }
+            | Error::LeaseLost { .. }
+            | Error::Fenced { .. }
+            | Error::Conflict(_)
+            | Error::VersionExists { .. } => ErrorClass::Conflict,
+            _ => ErrorClass::Other,
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
         Error::Io {
             op,
