@@ -19,26 +19,27 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fetcher::{Engine, EngineOptions, Lease, SavedVm};
+use fetcher::{Engine, EngineOptions, Lease, LeaseInfo, SavedVm};
 use serde_json::{Value, json};
 
 use crate::cli::{DeviceArgs, NameArgs, ParcelArgs, ResumeArgs, SuspendArgs};
 use crate::commands::{explain, host_name, open_parcel};
+use crate::output::ReplyError;
 use crate::time::now_unix;
 
 pub(crate) fn run_dir() -> PathBuf {
     std::env::var_os("ISR_RUN_DIR").map_or_else(|| "/run/isr".into(), PathBuf::from)
 }
 
-fn socket_path(parcel: &str) -> PathBuf {
+pub(crate) fn socket_path(parcel: &str) -> PathBuf {
     run_dir().join(format!("{parcel}.sock"))
 }
 
-fn state_path(parcel: &str) -> PathBuf {
+pub(crate) fn state_path(parcel: &str) -> PathBuf {
     run_dir().join(format!("{parcel}.json"))
 }
 
-fn read_state(parcel: &str) -> Option<Value> {
+pub(crate) fn read_state(parcel: &str) -> Option<Value> {
     let text = std::fs::read_to_string(state_path(parcel)).ok()?;
     serde_json::from_str(&text).ok()
 }
@@ -139,16 +140,20 @@ fn read_answer_while(
     })
 }
 
-fn answer(
-    reply: Value,
+/// Prints a daemon's reply (with `json` as it is, else as `text` makes
+/// it); a reply with an `error` fails with the exit status of its `kind`.
+pub(crate) fn answer(
+    mut reply: Value,
     json: bool,
     text: impl FnOnce(&Value) -> String,
 ) -> anyhow::Result<ExitCode> {
-    if let Some(e) = reply.get("error").and_then(Value::as_str) {
+    if reply.get("error").is_some() {
+        let error = ReplyError::of(&reply, json);
         if json {
+            reply["kind"] = json!(error.kind.name());
             crate::output::line(&reply)?;
         }
-        return Err(crate::output::JsonPrinted(e.to_owned()).into());
+        return Err(error.into());
     }
     if json {
         crate::output::line(&reply)?;
@@ -156,32 +161,6 @@ fn answer(
         crate::output::line(text(&reply))?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `isr status NAME`.
-pub fn status(a: NameArgs) -> anyhow::Result<ExitCode> {
-    let mut reply = ask(&a.parcel, "status")?;
-    if reply.get("error").is_none() {
-        reply["vm"] = crate::vm::describe(&a.parcel);
-    }
-    answer(reply, a.json, |r| {
-        format!(
-            "parcel {} on {} (daemon pid {}), based on version {}\ncache: {} of {} chunks cached, {} dirty; {} fetched ({} bytes), fetching at {} bytes/s, window {}\nlease: {}\nvm: {}",
-            r["parcel"].as_str().unwrap_or("?"),
-            r["device"].as_str().unwrap_or("?"),
-            r["pid"],
-            r["base_version"],
-            r["cached_chunks"],
-            r["chunks"],
-            r["dirty_chunks"],
-            r["fetched_chunks"],
-            r["fetched_bytes"],
-            r["fetch_rate"],
-            r["window"],
-            r["lease"].as_str().unwrap_or("?"),
-            crate::vm::describe_text(&r["vm"]),
-        )
-    })
 }
 
 /// Who still uses block device `dev`: processes holding it open, and
@@ -443,8 +422,7 @@ fn serve(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     match result {
         Ok(code) => Ok(code),
         Err(e) if report_ready => {
-            let msg = crate::commands::describe(&e);
-            println!("{}", json!({ "error": msg }));
+            println!("{}", crate::output::error_json(&e));
             Err(e)
         }
         Err(e) => Err(e),
@@ -545,7 +523,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
             device: device.clone(),
             requests: suspend_requests.clone(),
             saved: saved_vm.clone(),
-            lease: lease.info().describe(),
+            lease: lease.info().clone(),
             started: Instant::now(),
         });
         std::thread::spawn(move || {
@@ -567,6 +545,14 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let served = ublk_target::serve(engine.clone(), &dev_options, move |info| {
+        tracing::info!(
+            parcel = ready_name,
+            device = info.path,
+            id = info.id,
+            recovered = recover.is_some(),
+            base_version = ready_base,
+            "device up"
+        );
         let mut st = ready_state;
         st["device_id"] = json!(info.id);
         st["device"] = json!(info.path);
@@ -596,10 +582,25 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         return Err(e.into());
     }
     // The queues have drained and exited: flush, publish, release.
+    tracing::info!(parcel = name, "device stopped; publishing");
     let saved = saved_vm.lock().expect("saved").clone();
     let summary = engine
         .publish_with(Some(&lease), now_unix(), &saved)
         .map_err(|e| explain(e, &a.parcel));
+    match &summary {
+        Ok(s) => tracing::info!(
+            parcel = name,
+            version = s.version,
+            dirty_chunks = s.dirty_chunks,
+            uploaded_chunks = s.uploaded_chunks,
+            bytes_uploaded = s.bytes_uploaded,
+            seconds = s.seconds,
+            "published"
+        ),
+        Err(e) => {
+            tracing::info!(parcel = name, error = %crate::commands::describe(e), "publish failed")
+        }
+    }
     let reply = match &summary {
         Ok(s) => {
             let released = rt.block_on(lease.clone().release());
@@ -622,7 +623,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
                 "lease_released": released.is_ok(),
             })
         }
-        Err(e) => json!({ "error": crate::commands::describe(e) }),
+        Err(e) => crate::output::error_json(e),
     };
     // Close cleanly even though the control thread still holds the engine:
     // the next resume on this host then trusts the cache as it is.
@@ -650,7 +651,7 @@ struct Control {
     requests: Arc<Mutex<Vec<Reply>>>,
     /// The VM's memory image and settings a suspend brought, for the publish.
     saved: Arc<Mutex<SavedVm>>,
-    lease: String,
+    lease: LeaseInfo,
     started: Instant,
 }
 
@@ -674,6 +675,7 @@ impl Control {
                     let _ = writeln!(writer, "{}", json!({"error": "the device is not up yet"}));
                     return;
                 };
+                tracing::info!(parcel = self.name, request = rest, "suspend requested");
                 match crate::vm::saved_from_json(rest) {
                     Ok(saved) => *self.saved.lock().expect("saved") = saved,
                     Err(e) => {
@@ -701,26 +703,46 @@ impl Control {
         let _ = writeln!(writer, "{reply}");
     }
 
+    /// The answer to `status` (see `crate::status` for its fields).
     fn status(&self) -> Value {
         let (engine, s) = (&self.engine, self.engine.stats());
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let geometry = engine.geometry();
+        let report = engine.open_report();
         json!({
             "parcel": self.name,
+            "state": "running",
             "device": self.device.get().map(|d| d.path.clone()),
             "pid": std::process::id(),
+            "store": engine.parcel().store().url(),
             "base_version": engine.base_version(),
+            "disk_size": geometry.disk_size(),
+            "chunk_size": geometry.chunk_size(),
             "chunks": s.chunks,
             "cached_chunks": s.cached_chunks,
             "dirty_chunks": s.dirty_chunks,
+            "dirty_bytes": s.dirty_bytes,
+            "pending_upload_bytes": s.pending_upload_bytes,
             "fetched_chunks": s.fetched_chunks,
             "fetched_bytes": s.fetched_bytes,
-            "fetch_rate": (s.fetched_bytes as f64 / secs) as u64,
+            "uploaded_bytes": s.uploaded_bytes,
+            "fetch_rate": s.fetch_rate,
+            "upload_rate": s.upload_rate,
+            "link_estimate": s.link_estimate,
+            "online": s.online,
+            "last_store_error": s.last_store_error,
             "window": s.window,
-            "lease": self.lease,
+            "trace_chunks": s.trace_chunks,
+            "lease": self.lease.describe(),
+            "lease_holder": {
+                "host": self.lease.host,
+                "pid": self.lease.pid,
+                "since": self.lease.since_unix,
+            },
+            "uptime_seconds": self.started.elapsed().as_secs(),
             "cache": engine.cache_dir(),
-            "unclean_stop": engine.open_report().recovered,
-            "scanned_chunks": engine.open_report().scanned_chunks,
-            "recovered_dirty": engine.open_report().recovered_dirty,
+            "unclean_stop": report.recovered,
+            "scanned_chunks": report.scanned_chunks,
+            "recovered_dirty": report.recovered_dirty,
         })
     }
 }
