@@ -4,6 +4,8 @@
 mod support;
 #[path = "cli/trust.rs"]
 mod trust;
+#[path = "cli/ux.rs"]
+mod ux;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -351,7 +353,8 @@ fn unreachable_store_fails_naming_it() {
     env.vars = support::s3_env(&endpoint);
     env.vars.push(("ISR_RETRY_TIMEOUT", "4".into()));
     let started = std::time::Instant::now();
-    let r = env.on("log", "vm", &[]).fails();
+    let r = env.on("log", "vm", &[]);
+    assert_eq!(r.out.status.code(), Some(3), "{}", r.stderr());
     assert!(r.stderr().contains("s3://isr-test/gone"), "{}", r.stderr());
     assert!(r.stderr().contains("parcels/vm/"), "{}", r.stderr());
     // --retry-timeout is honoured: no giving up after a count of attempts.
