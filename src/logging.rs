@@ -16,7 +16,9 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::{Format, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// The filter when `RUST_LOG` is not set in a daemon.
 const DAEMON_DEFAULT: &str = "warn,isr=info,fetcher=info";
@@ -31,10 +33,16 @@ pub fn init(daemon: bool) {
         _ if daemon => EnvFilter::new(DAEMON_DEFAULT),
         _ => EnvFilter::new("warn"),
     };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let output = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .event_format(IsrFormat::default())
+        // A stderr closed early (`2>&1 | head`) must not end the command:
+        // the layer's own report of a failed write would panic (eprintln!)
+        // on the same closed pipe.
+        .log_internal_errors(false);
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
         .try_init();
 }
 

@@ -48,7 +48,7 @@ pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
 /// Every parcel resumed on this host: one entry each, asked in parallel.
 fn list(json: bool) -> anyhow::Result<ExitCode> {
     let dir = run_dir();
-    let names = resumed_parcels(&dir);
+    let names = resumed_parcels(&dir)?;
     let entries: Vec<Value> = std::thread::scope(|scope| {
         let asks: Vec<_> = names
             .iter()
@@ -126,13 +126,21 @@ fn with_vm(name: &str, mut reply: Value) -> Value {
     reply
 }
 
-/// The parcels that have a daemon socket or a daemon state file in `dir`,
-/// sorted. A parcel's VM record (`NAME.vm.json`) is told from a state file
-/// by its content: only a state file names a store.
-fn resumed_parcels(dir: &Path) -> Vec<String> {
+/// The parcels that have a daemon socket or a daemon state file in `dir`
+/// (none if it does not exist), sorted. A parcel's VM record
+/// (`NAME.vm.json`) is told from a state file by its content: only a state
+/// file names a store.
+fn resumed_parcels(dir: &Path) -> anyhow::Result<Vec<String>> {
     let mut names = BTreeSet::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "cannot list the run directory {} (set ISR_RUN_DIR, or run as its owner)",
+                dir.display()
+            )));
+        }
     };
     for e in entries.flatten() {
         let file = e.file_name().to_string_lossy().into_owned();
@@ -150,7 +158,7 @@ fn resumed_parcels(dir: &Path) -> Vec<String> {
             }
         }
     }
-    names.into_iter().collect()
+    Ok(names.into_iter().collect())
 }
 
 /// The text of one entry (see the module docs).

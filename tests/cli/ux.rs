@@ -270,3 +270,22 @@ fn status_lists_a_parcel_whose_daemon_died() {
         r.stderr()
     );
 }
+
+/// Logging to a stderr that was closed early (`2>&1 | head -3`) neither
+/// panics nor stops the command.
+#[test]
+fn logging_to_a_closed_stderr_does_not_end_the_command() {
+    use std::process::Stdio;
+    let env = Env::file();
+    let image = env.path("image");
+    support::write_mixed_image(&image, 2 << 20, 73);
+    let mut cmd = env.on_command("import", "vm", &[s(&image)]);
+    cmd.env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    drop(child.stderr.take()); // the reader is gone before the first line
+    assert!(child.wait().unwrap().success());
+    let log = env.on("log", "vm", &["--json"]).ok().json();
+    assert_eq!(log[0]["version"], 1, "{log}");
+}
