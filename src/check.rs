@@ -26,7 +26,7 @@ pub async fn check(a: HoardArgs) -> anyhow::Result<ExitCode> {
     .await?
     .map_err(|e| explain(e, &a.parcel))?;
     if json {
-        output::line(json!({
+        let mut reply = json!({
                 "parcel": name,
                 "version": report.base_version,
                 "ok": report.clean(),
@@ -40,23 +40,36 @@ pub async fn check(a: HoardArgs) -> anyhow::Result<ExitCode> {
                 "truncated_chunks": report.truncated,
                 "lost_dirty_chunks": report.lost_dirty,
                 "unclean_stop": report.unclean,
-        }))?;
+        });
+        if !report.clean() {
+            reply["error"] = json!(format!(
+                "the cache of parcel {name} needed repair: {} damaged chunks (dropped, to be fetched again), {} suspect (kept as local changes), {} bad map entries, {} truncated chunks",
+                report.damaged.len(),
+                report.suspect.len(),
+                report.bad_entries,
+                report.truncated.len()
+            ));
+            reply["kind"] = json!(output::Kind::Failure.name());
+        }
+        output::line(reply)?;
     } else {
         for c in &report.damaged {
-            eprintln!("isr: chunk {c} of the cache is damaged: dropped, it will be fetched again");
+            output::error(format_args!(
+                "isr: chunk {c} of the cache is damaged: dropped, it will be fetched again"
+            ));
         }
         for c in &report.suspect {
-            eprintln!(
+            output::error(format_args!(
                 "isr: chunk {c} differs from version {} after an unclean stop: kept as a local change",
                 report.base_version
-            );
+            ));
         }
         if !report.lost_dirty.is_empty() {
-            eprintln!(
+            output::error(format_args!(
                 "isr: {} unpublished chunks were cut off a truncated cache image and are lost: {:?}",
                 report.lost_dirty.len(),
                 report.lost_dirty
-            );
+            ));
         }
         output::line(format_args!(
             "cache of parcel {name} (version {}): {} of {} chunks present, {} hashed, {} dirty; {} damaged, {} suspect, {} bad map entries, {} truncated: {}",

@@ -8,6 +8,10 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "isr", version, about, after_help = crate::output::EXIT_STATUS_HELP)]
 pub struct Cli {
+    /// No progress bars and no informational notes on stderr: only
+    /// warnings and errors (results still go to stdout).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -18,6 +22,9 @@ pub enum Command {
     Keygen {
         /// Where to write the key; an existing file is never overwritten.
         keyfile: PathBuf,
+        /// Print one JSON object ({"key_file": PATH}) on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Import a disk image (raw; qcow2, vmdk, vhdx via qemu-img; a regular
     /// file or a block device) as the next version of a parcel.
@@ -57,8 +64,9 @@ pub enum Command {
     /// suspend could not reach the store): its local changes become the
     /// next version, and its lease is released.
     Checkin(CheckinArgs),
-    /// Show a resumed parcel's device, cache and lease.
-    Status(NameArgs),
+    /// Show a resumed parcel's device, cache, rates, lease and VM; without
+    /// a name, every parcel resumed on this host.
+    Status(StatusArgs),
     /// Reattach a resumed parcel's device after its daemon died.
     Recover(NameArgs),
 }
@@ -67,7 +75,7 @@ impl Command {
     /// Whether the command was asked for JSON output (`--json`).
     pub fn json(&self) -> bool {
         match self {
-            Command::Keygen { .. } => false,
+            Command::Keygen { json, .. } => *json,
             Command::Import(a) => a.json,
             Command::Export(a) => a.json,
             Command::Verify(a) => a.json,
@@ -79,7 +87,8 @@ impl Command {
             Command::Suspend(a) => a.json,
             Command::Sync(a) => a.json,
             Command::Checkin(a) => a.json,
-            Command::Status(a) | Command::Recover(a) => a.json,
+            Command::Status(a) => a.json,
+            Command::Recover(a) => a.json,
         }
     }
 }
@@ -257,6 +266,15 @@ pub struct NameArgs {
     /// The parcel's name.
     pub parcel: String,
     /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The parcel's name (default: every parcel resumed on this host).
+    pub parcel: Option<String>,
+    /// Print one JSON object (without a name: an array) instead of text.
     #[arg(long)]
     pub json: bool,
 }

@@ -19,11 +19,12 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fetcher::{Engine, EngineOptions, SavedVm};
+use fetcher::{Engine, EngineOptions, LeaseInfo, SavedVm};
 use serde_json::{Value, json};
 
 use crate::cli::{DeviceArgs, NameArgs, ParcelArgs, ResumeArgs, SuspendArgs};
 use crate::commands::{explain, host_name, open_parcel};
+use crate::output::ReplyError;
 use crate::session::{Session, nonce_path};
 use crate::time::now_unix;
 
@@ -31,15 +32,15 @@ pub(crate) fn run_dir() -> PathBuf {
     std::env::var_os("ISR_RUN_DIR").map_or_else(|| "/run/isr".into(), PathBuf::from)
 }
 
-fn socket_path(parcel: &str) -> PathBuf {
+pub(crate) fn socket_path(parcel: &str) -> PathBuf {
     run_dir().join(format!("{parcel}.sock"))
 }
 
-fn state_path(parcel: &str) -> PathBuf {
+pub(crate) fn state_path(parcel: &str) -> PathBuf {
     run_dir().join(format!("{parcel}.json"))
 }
 
-fn read_state(parcel: &str) -> Option<Value> {
+pub(crate) fn read_state(parcel: &str) -> Option<Value> {
     let text = std::fs::read_to_string(state_path(parcel)).ok()?;
     serde_json::from_str(&text).ok()
 }
@@ -196,16 +197,20 @@ fn answer_with_progress(
     }
 }
 
+/// Prints a daemon's reply (with `json` as it is, else as `text` makes
+/// it); a reply with an `error` fails with the exit status of its `kind`.
 pub(crate) fn answer(
-    reply: Value,
+    mut reply: Value,
     json: bool,
     text: impl FnOnce(&Value) -> String,
 ) -> anyhow::Result<ExitCode> {
-    if let Some(e) = reply.get("error").and_then(Value::as_str) {
+    if reply.get("error").is_some() {
+        let error = ReplyError::of(&reply, json);
         if json {
+            reply["kind"] = json!(error.kind.name());
             crate::output::line(&reply)?;
         }
-        return Err(crate::output::JsonPrinted(e.to_owned()).into());
+        return Err(error.into());
     }
     if json {
         crate::output::line(&reply)?;
@@ -213,38 +218,6 @@ pub(crate) fn answer(
         crate::output::line(text(&reply))?;
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `isr status NAME`.
-pub fn status(a: NameArgs) -> anyhow::Result<ExitCode> {
-    let mut reply = ask(&a.parcel, "status")?;
-    if reply.get("error").is_none() {
-        reply["vm"] = crate::vm::describe(&a.parcel);
-    }
-    answer(reply, a.json, |r| {
-        format!(
-            "parcel {} on {} (daemon pid {}), based on version {}\ncache: {} of {} chunks cached, {} dirty; {} fetched ({} bytes), fetching at {} bytes/s, window {}\nlease: {}\nvm: {}",
-            r["parcel"].as_str().unwrap_or("?"),
-            r["device"].as_str().unwrap_or("?"),
-            r["pid"],
-            r["base_version"],
-            r["cached_chunks"],
-            r["chunks"],
-            r["dirty_chunks"],
-            r["fetched_chunks"],
-            r["fetched_bytes"],
-            r["fetch_rate"],
-            r["window"],
-            r["lease"].as_str().map_or_else(
-                || format!(
-                    "none: offline ({})",
-                    r["offline_reason"].as_str().unwrap_or("?")
-                ),
-                str::to_owned
-            ),
-            crate::vm::describe_text(&r["vm"]),
-        )
-    })
 }
 
 /// Who still uses block device `dev`: processes holding it open, and
@@ -532,8 +505,7 @@ fn serve(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     match result {
         Ok(code) => Ok(code),
         Err(e) if report_ready => {
-            let msg = crate::commands::describe(&e);
-            println!("{}", json!({ "error": msg }));
+            println!("{}", crate::output::error_json(&e));
             Err(e)
         }
         Err(e) => Err(e),
@@ -679,6 +651,14 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let served = ublk_target::serve(engine.clone(), &dev_options, move |info| {
+        tracing::info!(
+            parcel = ready_name,
+            device = info.path,
+            id = info.id,
+            recovered = recover.is_some(),
+            base_version = ready_base,
+            "device up"
+        );
         let mut st = ready_state;
         st["device_id"] = json!(info.id);
         st["device"] = json!(info.path);
@@ -729,13 +709,18 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
                     "device": device_path,
                 })
             }
-            Err(e) => json!({ "error": crate::commands::describe(e) }),
+            Err(e) => crate::output::error_json(e),
         };
+        tracing::info!(
+            parcel = name,
+            "device stopped; suspended offline, nothing published"
+        );
         (reply, flushed.map(|()| ExitCode::SUCCESS))
     } else {
         if let Some(r) = request.bwlimit {
             engine.parcel().store().set_bwlimit(Some(r), None);
         }
+        tracing::info!(parcel = name, "device stopped; publishing");
         publish_and_release(&rt, &engine, &session, &request.saved, a, device_path)
     };
     // Close cleanly even though the control thread still holds the engine:
@@ -795,13 +780,26 @@ fn publish_and_release(
         });
     match summary {
         Ok((s, lease)) => {
+            tracing::info!(
+                parcel = name,
+                version = s.version,
+                dirty_chunks = s.dirty_chunks,
+                uploaded_chunks = s.uploaded_chunks,
+                synced_chunks = s.synced_chunks,
+                bytes_uploaded = s.bytes_uploaded,
+                seconds = s.seconds,
+                "published"
+            );
             let released = rt.block_on(lease.release());
             let _ = std::fs::remove_file(&nonce_path);
             let mut reply = publish_json(name, &s, released.is_ok());
             reply["device"] = json!(device);
             (reply, Ok(ExitCode::SUCCESS))
         }
-        Err(e) => (json!({ "error": crate::commands::describe(&e) }), Err(e)),
+        Err(e) => {
+            tracing::info!(parcel = name, error = %crate::commands::describe(&e), "publish failed");
+            (crate::output::error_json(&e), Err(e))
+        }
     }
 }
 
@@ -872,6 +870,7 @@ impl Control {
                     let _ = writeln!(writer, "{}", json!({"error": "the device is not up yet"}));
                     return;
                 };
+                tracing::info!(parcel = self.name, request = rest, "suspend requested");
                 match crate::vm::saved_from_json(rest) {
                     Ok(saved) => {
                         *self.request.lock().expect("request") = SuspendRequest {
@@ -936,34 +935,53 @@ impl Control {
         reply
     }
 
+    /// The answer to `status` (see `crate::status` for its fields).
     fn status(&self) -> Value {
         let (engine, s) = (&self.engine, self.engine.stats());
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let geometry = engine.geometry();
+        let report = engine.open_report();
         let (unsynced, unsynced_bytes) = engine.unsynced();
         let offline = self.session.offline();
+        let lease: Option<LeaseInfo> = self.session.lease().map(|l| l.info().clone());
         json!({
             "parcel": self.name,
+            "state": "running",
             "device": self.device.get().map(|d| d.path.clone()),
             "pid": std::process::id(),
+            "store": engine.parcel().store().url(),
             "base_version": engine.base_version(),
+            "disk_size": geometry.disk_size(),
+            "chunk_size": geometry.chunk_size(),
             "chunks": s.chunks,
             "cached_chunks": s.cached_chunks,
             "dirty_chunks": s.dirty_chunks,
+            "dirty_bytes": s.dirty_bytes,
             "synced_chunks": engine.synced_chunks(),
             "unsynced_chunks": unsynced,
-            "unsynced_bytes": unsynced_bytes,
+            "pending_upload_bytes": unsynced_bytes,
             "fetched_chunks": s.fetched_chunks,
             "fetched_bytes": s.fetched_bytes,
-            "fetch_rate": (s.fetched_bytes as f64 / secs) as u64,
+            "uploaded_bytes": s.uploaded_bytes,
+            "fetch_rate": s.fetch_rate,
+            "upload_rate": s.upload_rate,
+            "link_estimate": s.link_estimate,
+            "online": s.online && offline.is_none(),
+            "last_store_error": s.last_store_error,
             "window": s.window,
-            "lease": self.session.lease().map(|l| l.info().describe()),
-            "online": offline.is_none(),
+            "trace_chunks": s.trace_chunks,
             "offline_reason": offline,
             "idle_seconds": engine.idle_for().as_secs(),
+            "lease": lease.as_ref().map(LeaseInfo::describe),
+            "lease_holder": lease.as_ref().map(|l| json!({
+                "host": l.host,
+                "pid": l.pid,
+                "since": l.since_unix,
+            })),
+            "uptime_seconds": self.started.elapsed().as_secs(),
             "cache": engine.cache_dir(),
-            "unclean_stop": engine.open_report().recovered,
-            "scanned_chunks": engine.open_report().scanned_chunks,
-            "recovered_dirty": engine.open_report().recovered_dirty,
+            "unclean_stop": report.recovered,
+            "scanned_chunks": report.scanned_chunks,
+            "recovered_dirty": report.recovered_dirty,
         })
     }
 }

@@ -9,10 +9,12 @@ mod cli;
 mod commands;
 mod daemon;
 mod image;
+mod logging;
 mod output;
 mod progress;
 mod qmp;
 mod session;
+mod status;
 mod time;
 mod vm;
 
@@ -21,19 +23,27 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return output::usage(&e, std::env::args().any(|a| a == "--json")),
+    };
     let json = cli.command.json();
+    output::set_quiet(cli.quiet);
+    logging::init(matches!(&cli.command, cli::Command::Resume(a) if a.foreground));
     // The device commands run their own runtimes (the engine's, the
     // daemon's): keep them out of the CLI's.
     let result = match cli.command {
         cli::Command::Resume(a) => daemon::resume(a),
         cli::Command::Run(a) => vm::run(a),
         cli::Command::Suspend(a) => daemon::suspend(a),
-        cli::Command::Status(a) => daemon::status(a),
+        cli::Command::Status(a) => status::status(a),
         cli::Command::Recover(a) => daemon::recover(a),
         cli::Command::Sync(a) => session::sync(a),
         cli::Command::Checkin(a) => session::checkin(a),
-        command => run_async(cli::Cli { command }),
+        command => run_async(cli::Cli {
+            command,
+            quiet: cli.quiet,
+        }),
     };
     result.unwrap_or_else(|e| output::fail(&e, json))
 }

@@ -1,4 +1,5 @@
-//! Progress bars: shown on a terminal, hidden otherwise or with `--json`.
+//! Progress bars: shown on a terminal, hidden otherwise, with `--json` and
+//! with `--quiet`. Every bar shows bytes done, the rate and the ETA.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A byte-counting bar on stderr, and the sink that feeds it.
 pub fn bytes_bar(total: u64, what: &str, json: bool) -> (ProgressBar, fetcher::Progress) {
-    let bar = if json || !std::io::stderr().is_terminal() {
+    let bar = if json || crate::output::quiet() || !std::io::stderr().is_terminal() {
         ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden())
     } else {
         ProgressBar::new(total)

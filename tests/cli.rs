@@ -6,6 +6,8 @@ mod checkin;
 mod support;
 #[path = "cli/trust.rs"]
 mod trust;
+#[path = "cli/ux.rs"]
+mod ux;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -31,6 +33,18 @@ impl Run {
         let err = self.stderr();
         assert!(!err.contains("panicked"), "{err}");
         assert!(err.is_empty() || err.starts_with("isr: "), "{err}");
+        self
+    }
+    /// Asserts exit status `code` and no panic.
+    fn exits(self, code: i32) -> Self {
+        assert_eq!(
+            self.out.status.code(),
+            Some(code),
+            "stdout: {}\nstderr: {}",
+            self.stdout(),
+            self.stderr()
+        );
+        assert!(!self.stderr().contains("panicked"), "{}", self.stderr());
         self
     }
     fn stdout(&self) -> String {
@@ -353,7 +367,8 @@ fn unreachable_store_fails_naming_it() {
     env.vars = support::s3_env(&endpoint);
     env.vars.push(("ISR_RETRY_TIMEOUT", "4".into()));
     let started = std::time::Instant::now();
-    let r = env.on("log", "vm", &[]).fails();
+    let r = env.on("log", "vm", &[]);
+    assert_eq!(r.out.status.code(), Some(3), "{}", r.stderr());
     assert!(r.stderr().contains("s3://isr-test/gone"), "{}", r.stderr());
     assert!(r.stderr().contains("parcels/vm/"), "{}", r.stderr());
     // --retry-timeout is honoured: no giving up after a count of attempts.

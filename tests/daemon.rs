@@ -199,8 +199,8 @@ fn check_and_hoard_repair_a_damaged_or_truncated_cache() {
 }
 
 /// `isr import` does not publish over a parcel resumed elsewhere: with the
-/// lease held by another host it fails naming the holder and HEAD stays;
-/// once released, it publishes.
+/// lease held by another host it fails (exit 4, a conflict) naming the
+/// holder and HEAD stays; once released, it publishes.
 #[test]
 fn import_honours_a_lease_held_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
@@ -241,7 +241,7 @@ fn import_honours_a_lease_held_elsewhere() {
         .unwrap();
     let out = import();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(4), "a conflict: {err}");
     assert!(err.contains("in use by host other-host"), "{err}");
     assert_eq!(rt.block_on(store.head("vm")).unwrap(), Some(1));
     rt.block_on(lease.release()).unwrap();

@@ -198,19 +198,46 @@ fn retried(attempts: u32, seconds: f64) -> String {
     }
 }
 
+/// What a failure means for the user, beyond its message: the CLI's exit
+/// status and the `kind` of its JSON errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The store could not be reached (refused connections, timeouts)
+    /// for the whole retry timeout.
+    Unreachable,
+    /// Another host or writer has the parcel: its lease is held by
+    /// another, this session was fenced or lost its lease, or another
+    /// writer published first (or a cache conflicts with a newer version).
+    Conflict,
+    /// Anything else.
+    Other,
+}
+
 impl Error {
-    /// Whether this is the store being out of reach (after the retries): a
-    /// transient failure (refused or reset connections, timeouts, 5xx) that
-    /// working offline rides out, unlike a refusal or a missing object.
+    /// Whether this is the store being out of reach (after the retries):
+    /// refused, reset or timed-out connections, which working offline rides
+    /// out, unlike a refusal or a missing object.
     pub fn is_unreachable(&self) -> bool {
+        self.class() == ErrorClass::Unreachable
+    }
+
+    /// What kind of failure this is (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Store { source, .. } => crate::store::is_transient(source),
-            Error::Shared(e) => e.is_unreachable(),
+            Error::Store { source, .. } if crate::store::is_unreachable(source) => {
+                ErrorClass::Unreachable
+            }
             Error::BadChunk {
-                fault: ChunkFault::Store(e),
+                fault: ChunkFault::Store(inner),
                 ..
-            } => e.is_unreachable(),
-            _ => false,
+            } => inner.class(),
+            Error::Shared(inner) => inner.class(),
+            Error::LeaseHeld { .. }
+            | Error::LeaseLost { .. }
+            | Error::Fenced { .. }
+            | Error::Conflict(_)
+            | Error::VersionExists { .. } => ErrorClass::Conflict,
+            _ => ErrorClass::Other,
         }
     }
 

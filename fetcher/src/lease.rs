@@ -103,6 +103,12 @@ impl Lease {
             let mut stolen_from = None;
             match holder {
                 Some(h) if h.nonce == info.nonce || reuse_nonce == Some(h.nonce.as_str()) => {
+                    tracing::info!(
+                        parcel,
+                        generation,
+                        holder = %h.describe(),
+                        "adopted this cache's own lease (from a session that ended uncleanly)"
+                    );
                     return Ok(Lease {
                         store: store.clone(),
                         parcel: parcel.to_owned(),
@@ -112,6 +118,7 @@ impl Lease {
                     });
                 }
                 Some(h) if !steal => {
+                    tracing::debug!(parcel, generation, holder = %h.describe(), "the lease is held");
                     return Err(Error::LeaseHeld {
                         parcel: parcel.to_owned(),
                         holder: h.describe(),
@@ -124,6 +131,15 @@ impl Lease {
             let path = Store::lease_path(parcel, next);
             match store.create("take lease", &path, body.clone()).await? {
                 PutOutcome::Created => {
+                    match &stolen_from {
+                        Some(old) => tracing::info!(
+                            parcel,
+                            generation = next,
+                            from = %old.describe(),
+                            "took the lease over (--steal)"
+                        ),
+                        None => tracing::info!(parcel, generation = next, "took the lease"),
+                    }
                     return Ok(Lease {
                         store: store.clone(),
                         parcel: parcel.to_owned(),
@@ -134,7 +150,13 @@ impl Lease {
                 }
                 // Someone took it first (or our own retried create did):
                 // look again.
-                PutOutcome::AlreadyPresent => {}
+                PutOutcome::AlreadyPresent => {
+                    tracing::debug!(
+                        parcel,
+                        generation = next,
+                        "lost a race for the lease; looking again"
+                    );
+                }
             }
         }
         Err(Error::Invalid(format!(
@@ -181,12 +203,20 @@ impl Lease {
     /// released (creating a marker; nothing is deleted, so a lease stolen
     /// in the meantime stays with its new holder).
     pub async fn release(self) -> Result<(), Error> {
-        self.check().await?;
+        if let Err(e) = self.check().await {
+            tracing::info!(parcel = self.parcel, generation = self.generation, error = %e, "cannot release the lease");
+            return Err(e);
+        }
         let marker = released_path(&self.parcel, self.generation);
         self.store
             .create("release lease", &marker, Bytes::from_static(b"released\n"))
-            .await
-            .map(|_| ())
+            .await?;
+        tracing::info!(
+            parcel = self.parcel,
+            generation = self.generation,
+            "released the lease"
+        );
+        Ok(())
     }
 }
 

@@ -17,6 +17,7 @@ pub mod disk_file;
 pub mod engine;
 mod error;
 pub mod lease;
+pub mod meter;
 pub mod notify;
 pub mod ops;
 mod parcel;
@@ -27,7 +28,7 @@ mod store;
 pub use engine::{
     Engine, EngineOptions, EngineStats, OpenReport, PublishSummary, SavedVm, SyncSummary,
 };
-pub use error::{ChunkFault, Error};
+pub use error::{ChunkFault, Error, ErrorClass};
 pub use lease::{Lease, LeaseInfo};
 pub use notify::Notifier;
 pub use parcel::{Parcel, Published};

@@ -45,7 +45,7 @@ pub(super) async fn log(a: LogArgs) -> anyhow::Result<ExitCode> {
     let unreadable = rows.iter().filter(|(_, r)| r.is_err()).count();
     for (v, r) in &rows {
         if let Err(e) = r {
-            output::note(format_args!(
+            output::error(format_args!(
                 "isr: cannot read version {v} of parcel {}: {}",
                 parcel.name(),
                 describe(e)

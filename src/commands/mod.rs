@@ -20,7 +20,7 @@ mod log;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Keygen { keyfile } => keygen(&keyfile).map(|()| ExitCode::SUCCESS),
+        Command::Keygen { keyfile, json } => keygen(&keyfile, json).map(|()| ExitCode::SUCCESS),
         Command::Import(a) => import::import(a).await.map(|()| ExitCode::SUCCESS),
         Command::Export(a) => export::export(a).await.map(|()| ExitCode::SUCCESS),
         Command::Verify(a) => verify(a).await,
@@ -55,7 +55,7 @@ pub fn describe(e: &anyhow::Error) -> String {
     out
 }
 
-fn keygen(path: &Path) -> anyhow::Result<()> {
+fn keygen(path: &Path, json: bool) -> anyhow::Result<()> {
     let mut raw = [0u8; format::keys::SECRET_LEN];
     getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
     let mut file = std::fs::OpenOptions::new()
@@ -72,6 +72,11 @@ fn keygen(path: &Path) -> anyhow::Result<()> {
     file.write_all(&raw)
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
+    if json {
+        let full = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+        output::line(json!({ "key_file": full }))?;
+        return Ok(());
+    }
     output::note(format_args!(
         "wrote a new key to {}; keep it safe: without it no parcel made with it can be opened",
         path.display()
@@ -181,11 +186,12 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
                 bad.len(),
                 report.chunks_checked
             ));
+            reply["kind"] = json!(output::Kind::Failure.name());
         }
         output::line(reply)?;
     } else {
         for line in &bad {
-            output::note(format_args!("isr: bad {line}"));
+            output::error(format_args!("isr: bad {line}"));
         }
         output::line(format_args!(
             "version {} of parcel {}: {} chunks checked, {} bad",
@@ -224,11 +230,11 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
         let (_, damaged) = engine.verify_cached(sink)?;
         bar.finish_and_clear();
         if !damaged.is_empty() {
-            eprintln!(
-                "isr: warning: {} cached chunks of parcel {} were damaged; fetching them again",
+            output::warn(format_args!(
+                "{} cached chunks of parcel {} were damaged; fetching them again",
                 damaged.len(),
                 engine.parcel().name()
-            );
+            ));
         }
         let (bar, sink) = progress::bytes_bar(total, "hoard", json);
         let stats = engine.hoard(sink);

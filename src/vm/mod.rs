@@ -252,8 +252,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 json: a.json,
                 daemon: false,
             })?;
-            if let Some(e) = reply["error"].as_str() {
-                bail!("{e}");
+            if reply.get("error").is_some() {
+                return Err(crate::output::ReplyError::of(&reply, false).into());
             }
             ask(&name, "status")?
         }

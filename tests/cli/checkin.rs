@@ -135,7 +135,8 @@ fn checkin_is_refused_while_another_host_holds_the_lease_and_keeps_the_changes()
         .block_on(Lease::acquire(p.store(), "vm", "desktop", 1, None, false))
         .unwrap();
 
-    let r = checkin(&env, &[]).fails();
+    // Exit 4: a conflict (another host holds the lease).
+    let r = checkin(&env, &[]).exits(4);
     let err = r.stderr();
     assert!(err.contains("desktop"), "names the holder: {err}");
     let log = env.on("log", "vm", &["--json"]).ok().json();

@@ -13,7 +13,7 @@ use super::{Vm, ok, run, sha256_of};
 
 /// Deterministic noise (xorshift), so that two runs write the same files.
 fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         x ^= x << 13;

@@ -181,11 +181,30 @@ async fn fetch_one(
     prefetch: bool,
 ) -> Outcome {
     let mut backoff = Duration::from_millis(100);
+    let started = Instant::now();
+    let mut attempts = 0u32;
     loop {
         let base = shared.base();
         let len = shared.geometry.chunk_len(c) as usize;
-        match shared.parcel.fetch_chunk(key, len, c, base.version).await {
+        attempts += 1;
+        let fetched = shared.parcel.fetch_chunk(key, len, c, base.version).await;
+        shared.note_store_result(match &fetched {
+            // A missing or corrupt chunk: the store answered.
+            Err(e) if !is_permanent(e) => Err(e),
+            _ => Ok(()),
+        });
+        match fetched {
             Ok(data) => {
+                tracing::debug!(
+                    parcel = shared.parcel.name(),
+                    chunk = c,
+                    id = %short_id(key),
+                    bytes = len,
+                    ms = started.elapsed().as_millis() as u64,
+                    attempts,
+                    prefetch = prefetch && !slot.demanded(),
+                    "fetched a chunk"
+                );
                 let (s, places) = (
                     shared.clone(),
                     base.by_key.get(&key).cloned().unwrap_or_default(),
@@ -195,18 +214,46 @@ async fn fetch_one(
                     .unwrap_or_else(|e| Err(Error::Invalid(format!("fill task failed: {e}"))));
                 return complete(&shared, key, &slot, filled.map(|()| len as u64));
             }
-            Err(e) if is_permanent(&e) => return complete(&shared, key, &slot, Err(e)),
+            Err(e) if is_permanent(&e) => {
+                tracing::warn!(
+                    parcel = shared.parcel.name(),
+                    chunk = c,
+                    "cannot fetch: {e}"
+                );
+                return complete(&shared, key, &slot, Err(e));
+            }
             Err(e) => {
                 slot.note_error(&e);
                 if shutting_down(&shared) || (prefetch && !slot.demanded()) {
+                    tracing::debug!(
+                        parcel = shared.parcel.name(),
+                        chunk = c,
+                        error = %e,
+                        "prefetch failed; the chunk is tried again later"
+                    );
                     shared.finish(key, &slot, Err(Arc::new(e)));
                     return Outcome::Transient;
                 }
+                tracing::debug!(
+                    parcel = shared.parcel.name(),
+                    chunk = c,
+                    attempts,
+                    delay_ms = backoff.as_millis() as u64,
+                    error = %e,
+                    "a demanded chunk could not be fetched; trying again"
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
+}
+
+/// The first 16 hex digits of a chunk's object name, for the log.
+fn short_id(key: ChunkKey) -> String {
+    let mut id = key.id().to_string();
+    id.truncate(16);
+    id
 }
 
 fn shutting_down(shared: &Shared) -> bool {
@@ -216,8 +263,7 @@ fn shutting_down(shared: &Shared) -> bool {
 fn complete(shared: &Shared, key: ChunkKey, slot: &Arc<Slot>, r: Result<u64, Error>) -> Outcome {
     match r {
         Ok(bytes) => {
-            shared.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-            shared.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+            shared.note_fetched(bytes);
             shared.finish(key, slot, Ok(()));
             Outcome::Fetched(bytes)
         }

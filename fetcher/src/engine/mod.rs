@@ -33,6 +33,7 @@ use format::{ChunkEntry, ChunkKey, Geometry, Manifest};
 use tokio::sync::mpsc;
 
 use crate::cache::{self, ABSENT, Cache, DIRTY, Header, PRESENT};
+use crate::meter::RateMeter;
 use crate::notify::Notifier;
 use crate::{Error, Parcel};
 
@@ -92,6 +93,8 @@ pub struct OpenReport {
     pub invalidated: u64,
     /// Non-fatal problems (e.g. the store was unreachable: working offline).
     pub warnings: Vec<String>,
+    /// The store answered while the cache was opened (false: offline).
+    pub reached_store: bool,
 }
 
 /// Counters, for status and tests.
@@ -105,10 +108,30 @@ pub struct EngineStats {
     pub cached_chunks: u64,
     /// Dirty chunks.
     pub dirty_chunks: u64,
+    /// Bytes of the dirty chunks (the last chunk of the disk may be shorter).
+    pub dirty_bytes: u64,
+    /// Bytes that a suspend still has to upload.
+    pub pending_upload_bytes: u64,
     /// Chunks of the disk.
     pub chunks: u64,
     /// Current prefetch window.
     pub window: u64,
+    /// Bytes uploaded to the store by this engine (chunk objects).
+    pub uploaded_bytes: u64,
+    /// Plaintext bytes fetched per second, over the last
+    /// [`meter::WINDOW_SECS`](crate::meter::WINDOW_SECS) seconds.
+    pub fetch_rate: u64,
+    /// Bytes uploaded per second, over the same window.
+    pub upload_rate: u64,
+    /// The link estimate, bytes/s: the fullest second of fetching in the
+    /// window, else the last such second seen (see [`crate::meter`]).
+    pub link_estimate: u64,
+    /// Chunks in this session's access trace.
+    pub trace_chunks: u64,
+    /// Whether the engine's last store operation succeeded.
+    pub online: bool,
+    /// The error of the last store operation, when it failed.
+    pub last_store_error: Option<String>,
 }
 
 const STRIPES: usize = 256;
@@ -156,6 +179,13 @@ pub(crate) struct Shared {
     prefetch_on: AtomicBool,
     fetched_chunks: AtomicU64,
     fetched_bytes: AtomicU64,
+    /// Current fetch and upload rates (`isr status`).
+    fetch_meter: RateMeter,
+    upload_meter: RateMeter,
+    uploaded_bytes: AtomicU64,
+    /// Whether the last store operation succeeded, and its error if not.
+    online: AtomicBool,
+    last_store_error: Mutex<Option<String>>,
     window: AtomicU64,
     /// Stored chunks whose fetch failed for good (corrupt, missing):
     /// prefetch skips them.
@@ -243,6 +273,11 @@ impl Engine {
             prefetch_on: AtomicBool::new(options.prefetch),
             fetched_chunks: AtomicU64::new(0),
             fetched_bytes: AtomicU64::new(0),
+            fetch_meter: RateMeter::new(),
+            upload_meter: RateMeter::new(),
+            uploaded_bytes: AtomicU64::new(0),
+            online: AtomicBool::new(report.reached_store),
+            last_store_error: Mutex::new(None),
             window: AtomicU64::new(4),
             failed: Mutex::new(HashMap::new()),
             progress: (Mutex::new(0), Condvar::new()),
@@ -467,27 +502,39 @@ impl Engine {
         }
     }
 
-    /// Counters.
+    /// Counters and current rates.
     pub fn stats(&self) -> EngineStats {
         let s = &self.shared;
-        let (mut cached, mut dirty) = (0, 0);
+        let (mut cached, mut dirty, mut dirty_bytes) = (0, 0, 0);
         for c in 0..s.geometry.chunk_count() {
             match cache::state_of(s.cache.entry(c)) {
                 ABSENT => {}
                 DIRTY => {
                     cached += 1;
-                    dirty += 1
+                    dirty += 1;
+                    dirty_bytes += s.geometry.chunk_len(c) as u64;
                 }
                 _ => cached += 1,
             }
         }
+        // Dirty chunks a sync put in the store already do not count.
+        let pending_upload_bytes = self.unsynced().1;
         EngineStats {
             fetched_chunks: s.fetched_chunks.load(Ordering::Relaxed),
             fetched_bytes: s.fetched_bytes.load(Ordering::Relaxed),
             cached_chunks: cached,
             dirty_chunks: dirty,
+            dirty_bytes,
+            pending_upload_bytes,
             chunks: s.geometry.chunk_count(),
             window: s.window.load(Ordering::Relaxed),
+            uploaded_bytes: s.uploaded_bytes.load(Ordering::Relaxed),
+            fetch_rate: s.fetch_meter.rate(),
+            upload_rate: s.upload_meter.rate(),
+            link_estimate: s.fetch_meter.peak(),
+            trace_chunks: s.trace.lock().expect("trace lock").len() as u64,
+            online: s.online.load(Ordering::Relaxed),
+            last_store_error: s.last_store_error.lock().expect("store error lock").clone(),
         }
     }
 
@@ -616,6 +663,44 @@ impl Drop for Engine {
 }
 
 impl Shared {
+    /// Counts `bytes` of chunk objects uploaded to the store (the rate and
+    /// total `isr status` shows); a successful upload also means online.
+    pub(crate) fn note_uploaded(&self, bytes: u64) {
+        self.uploaded_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.upload_meter.add(bytes);
+        self.note_store_result(Ok(()));
+    }
+
+    /// Records `bytes` of plaintext fetched.
+    fn note_fetched(&self, bytes: u64) {
+        self.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+        self.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.fetch_meter.add(bytes);
+    }
+
+    /// Records the outcome of a store operation: online is whether the last
+    /// one succeeded.
+    pub(crate) fn note_store_result(&self, result: Result<(), &Error>) {
+        let was = self.online.swap(result.is_ok(), Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                if !was {
+                    tracing::info!(
+                        parcel = self.parcel.name(),
+                        "the store answers again: online"
+                    );
+                    *self.last_store_error.lock().expect("store error lock") = None;
+                }
+            }
+            Err(e) => {
+                if was {
+                    tracing::info!(parcel = self.parcel.name(), error = %e, "a store operation failed: offline");
+                }
+                *self.last_store_error.lock().expect("store error lock") = Some(e.to_string());
+            }
+        }
+    }
+
     fn base_version(&self) -> u64 {
         self.base.read().expect("base lock").version
     }

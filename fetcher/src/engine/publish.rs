@@ -337,6 +337,7 @@ pub(super) async fn upload_chunk(shared: Arc<Shared>, c: u64) -> Result<Uploaded
             == PutOutcome::Created
     {
         done.sent = Some(size);
+        shared.note_uploaded(size);
     }
     Ok(done)
 }

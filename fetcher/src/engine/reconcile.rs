@@ -35,11 +35,21 @@ pub(crate) async fn open_cache(
     let lock = Cache::lock(dir)?;
     if !Cache::exists(dir) {
         report.created = true;
-        return create(parcel, lock, dir).await;
+        let created = create(parcel, lock, dir).await?;
+        report.reached_store = true;
+        return Ok(created);
     }
     let cache = Cache::open(lock, dir)?;
     let repaired = cache.repair()?;
     if repaired != Default::default() {
+        tracing::warn!(
+            parcel = parcel.name(),
+            dir = %dir.display(),
+            bad_entries = repaired.bad_entries,
+            truncated = repaired.truncated.len(),
+            lost_dirty = repaired.lost_dirty.len(),
+            "repaired a damaged cache"
+        );
         report.warnings.push(format!(
             "the cache was damaged: {} impossible map entries and {} chunks cut off a truncated image are fetched again; {} unpublished chunks were lost with them",
             repaired.bad_entries,
@@ -51,15 +61,35 @@ pub(crate) async fn open_cache(
     let path = cache.manifest_path(header.base_version);
     let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
     let base = parcel.decode_manifest(&bytes, header.base_version, path.display().to_string())?;
+    tracing::debug!(
+        parcel = parcel.name(),
+        dir = %dir.display(),
+        base_version = header.base_version,
+        unclean = header.open,
+        "opened the cache"
+    );
     if header.open {
         report.recovered = true;
         // Same boot: the process died, the page cache did not; every write
         // was marked dirty before its data went in. Nothing is in doubt.
         if header.boot_id != cache::current_boot_id() {
+            let started = std::time::Instant::now();
             let (scanned, dirtied) = recover(parcel, &cache, &base)?;
             report.scanned_chunks = scanned;
             report.recovered_dirty = dirtied;
             cache.sync_state()?;
+            tracing::info!(
+                parcel = parcel.name(),
+                scanned,
+                dirtied,
+                ms = started.elapsed().as_millis() as u64,
+                "recovered the cache after a host crash: re-hashed the present chunks holding data"
+            );
+        } else {
+            tracing::info!(
+                parcel = parcel.name(),
+                "the previous session of this cache stopped uncleanly (same boot: nothing to re-read)"
+            );
         }
     }
     let mut base = (header.base_version, base);
@@ -67,8 +97,12 @@ pub(crate) async fn open_cache(
         return Ok((cache, base));
     }
     let head = match parcel.head().await {
-        Ok(h) => h,
+        Ok(h) => {
+            report.reached_store = true;
+            h
+        }
         Err(e) => {
+            tracing::info!(parcel = parcel.name(), version = base.0, error = %e, "the store does not answer: working offline");
             report
                 .warnings
                 .push(format!("working offline on version {}: {e}", base.0));
@@ -112,7 +146,16 @@ pub(crate) async fn open_cache(
         } else if dirty_count(&cache) > 0 {
             return Err(conflict(parcel, &cache, base.0, version, &manifest));
         }
-        report.invalidated += invalidate_changed(&cache, &base.1, &manifest)?;
+        let invalidated = invalidate_changed(&cache, &base.1, &manifest)?;
+        tracing::info!(
+            parcel = parcel.name(),
+            from = base.0,
+            to = version,
+            ours,
+            invalidated,
+            "brought the cache up to a newer version"
+        );
+        report.invalidated += invalidated;
         cache.save_manifest(version, &object)?;
         cache.sync_state()?;
         cache.update_header(|h| h.base_version = version)?;
@@ -130,6 +173,13 @@ async fn create(
 ) -> Result<(Cache, (u64, Manifest)), Error> {
     let head = parcel.require_head().await?;
     let (manifest, object) = parcel.manifest_with_object(head).await?;
+    tracing::info!(
+        parcel = parcel.name(),
+        dir = %dir.display(),
+        version = head,
+        chunks = manifest.chunks.len(),
+        "creating the cache"
+    );
     let present: Vec<bool> = manifest
         .chunks
         .iter()

@@ -41,8 +41,8 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use crate::Error;
 use limit::Bandwidth;
 pub use limit::parse_rate;
-pub(crate) use retry::is_transient;
-use retry::{Failed, Retry};
+pub(crate) use retry::is_unreachable;
+use retry::{Failed, Op, Retry};
 
 /// Tunables for opening a store.
 #[derive(Debug, Clone)]
@@ -296,7 +296,9 @@ impl Store {
         let location = Path::from(path.as_str());
         let body = PutPayload::from(version.to_string());
         self.retry
-            .run(|| self.inner.put(&location, body.clone()))
+            .run_as(self.op("put HEAD hint", &path), || {
+                self.inner.put(&location, body.clone())
+            })
             .await
             .map(|_| ())
             .map_err(|f| self.error("put HEAD hint", &path, f))
@@ -305,7 +307,7 @@ impl Store {
     pub(crate) async fn get(&self, op: &'static str, path: &str) -> Result<Bytes, Error> {
         let location = Path::from(path);
         self.retry
-            .run(|| async {
+            .run_as(self.op(op, path), || async {
                 // The body is read inside the attempt: a transfer cut off
                 // half-way is retried like a refused connection.
                 self.inner.get(&location).await?.bytes().await
@@ -316,7 +318,11 @@ impl Store {
 
     pub(crate) async fn exists(&self, op: &'static str, path: &str) -> Result<bool, Error> {
         let location = Path::from(path);
-        match self.retry.run(|| self.inner.head(&location)).await {
+        match self
+            .retry
+            .run_as(self.op(op, path), || self.inner.head(&location))
+            .await
+        {
             Ok(_) => Ok(true),
             Err(f) => match self.error(op, path, f) {
                 Error::NotFound { .. } => Ok(false),
@@ -344,7 +350,7 @@ impl Store {
             };
             self.inner.put_opts(&location, payload.clone(), opts)
         };
-        match self.retry.run(attempt).await {
+        match self.retry.run_as(self.op(op, path), attempt).await {
             Ok(_) => Ok(PutOutcome::Created),
             Err(Failed {
                 error:
@@ -358,7 +364,11 @@ impl Store {
     pub(crate) async fn delete(&self, op: &'static str, path: &str) -> Result<(), Error> {
         self.check_writable()?;
         let location = Path::from(path);
-        match self.retry.run(|| self.inner.delete(&location)).await {
+        match self
+            .retry
+            .run_as(self.op(op, path), || self.inner.delete(&location))
+            .await
+        {
             Ok(()) => Ok(()),
             Err(f) => match self.error(op, path, f) {
                 // Gone already (perhaps by an attempt whose answer was lost).
@@ -389,6 +399,15 @@ impl Store {
             Err(Error::ReadOnly {
                 store: self.url.clone(),
             })
+        }
+    }
+
+    /// Operation `op` on `path`, for the retry policy's log.
+    fn op<'a>(&'a self, op: &'static str, path: &'a str) -> Op<'a> {
+        Op {
+            op,
+            object: path,
+            store: &self.url,
         }
     }
 

@@ -9,6 +9,12 @@
 //! and jitter until the store's retry timeout has passed since the first
 //! failure; anything else (403, 404, 412, 501, a local I/O error) is
 //! returned at once.
+//!
+//! Logging (`RUST_LOG=fetcher=debug`): every operation that completes, and
+//! every retry with its attempt, delay and error, at debug; an operation
+//! still failing after [`NOT_ANSWERING`] warns that the store is not
+//! answering (at most once per [`WARN_EVERY`] in a process, however many
+//! operations wait).
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -22,6 +28,32 @@ use object_store::client::{HttpError, HttpErrorKind};
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(4);
+/// How long an operation retries before a warning says so.
+const NOT_ANSWERING: Duration = Duration::from_secs(5);
+/// Least time between two such warnings of one process.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
+/// What an operation is, for the log.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Op<'a> {
+    pub op: &'static str,
+    pub object: &'a str,
+    pub store: &'a str,
+}
+
+/// Whether a "not answering" warning may be logged now (rate-limited per
+/// process, so that a hundred prefetches waiting on one outage warn once).
+fn may_warn() -> bool {
+    use std::sync::Mutex;
+    static LAST: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
+    if last.is_some_and(|t| now.duration_since(t) < WARN_EVERY) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
 
 /// How long transient failures are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +75,22 @@ pub(crate) struct Failed {
 impl Retry {
     /// Runs `attempt` until it succeeds, fails permanently, or fails
     /// transiently after the retry timeout.
-    pub async fn run<T, F, Fut>(&self, mut attempt: F) -> Result<T, Failed>
+    #[cfg(test)]
+    pub async fn run<T, F, Fut>(&self, attempt: F) -> Result<T, Failed>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, object_store::Error>>,
+    {
+        let op = Op {
+            op: "test",
+            object: "",
+            store: "",
+        };
+        self.run_as(op, attempt).await
+    }
+
+    /// [`run`](Self::run) for operation `what` (named in the log).
+    pub async fn run_as<T, F, Fut>(&self, what: Op<'_>, mut attempt: F) -> Result<T, Failed>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, object_store::Error>>,
@@ -51,14 +98,25 @@ impl Retry {
         let started = Instant::now();
         let mut backoff = INITIAL_BACKOFF;
         let mut attempts = 0u32;
+        let mut warned = false;
         loop {
             attempts += 1;
             let error = match attempt().await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    tracing::debug!(
+                        op = what.op,
+                        object = what.object,
+                        attempts,
+                        ms = started.elapsed().as_millis() as u64,
+                        "store operation done"
+                    );
+                    return Ok(v);
+                }
                 Err(e) => e,
             };
             let elapsed = started.elapsed();
             if !is_transient(&error) || elapsed >= self.timeout {
+                log_end(what, attempts, elapsed, &error);
                 return Err(Failed {
                     error,
                     attempts,
@@ -68,9 +126,66 @@ impl Retry {
             // Equal jitter: half the backoff, plus up to half at random, so
             // that many clients failing together do not return together.
             let wait = backoff / 2 + backoff.mul_f64(random_fraction() / 2.0);
-            tokio::time::sleep(wait.min(self.timeout - elapsed)).await;
+            let wait = wait.min(self.timeout - elapsed);
+            tracing::debug!(
+                op = what.op,
+                object = what.object,
+                attempt = attempts,
+                delay_ms = wait.as_millis() as u64,
+                %error,
+                "transient store failure; retrying"
+            );
+            if !warned && elapsed >= NOT_ANSWERING && may_warn() {
+                warned = true;
+                tracing::warn!(
+                    "store {} is not answering ({} {}: {error}); retrying for up to {} s",
+                    what.store,
+                    what.op,
+                    what.object,
+                    self.timeout.as_secs()
+                );
+            }
+            tokio::time::sleep(wait).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+}
+
+/// Logs an operation that ended in `error`: an answer that callers expect
+/// (absent, present already) is no failure.
+fn log_end(what: Op<'_>, attempts: u32, elapsed: Duration, error: &object_store::Error) {
+    use object_store::Error as E;
+    let ms = elapsed.as_millis() as u64;
+    let answer = match error {
+        E::NotFound { .. } => Some("not found"),
+        E::AlreadyExists { .. } | E::Precondition { .. } => Some("exists already"),
+        _ => None,
+    };
+    match answer {
+        Some(answer) => tracing::debug!(
+            op = what.op,
+            object = what.object,
+            attempts,
+            ms,
+            answer,
+            "store operation done"
+        ),
+        None if is_transient(error) => tracing::debug!(
+            op = what.op,
+            object = what.object,
+            attempts,
+            ms,
+            %error,
+            "store operation failed: giving up after the retry timeout"
+        ),
+        None => tracing::debug!(
+            op = what.op,
+            object = what.object,
+            attempts,
+            ms,
+            %error,
+            "store operation failed (not retried)"
+        ),
     }
 }
 
@@ -115,6 +230,44 @@ pub(crate) fn is_transient(e: &object_store::Error) -> bool {
     }
 }
 
+/// Whether `e` says the store could not be reached at all: the connection
+/// was refused, reset or cut off, or timed out (as opposed to a store that
+/// answered with an error).
+pub(crate) fn is_unreachable(e: &object_store::Error) -> bool {
+    use std::io::ErrorKind as K;
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if http_status(&c.to_string()).is_some() {
+            return false;
+        }
+        if let Some(h) = c.downcast_ref::<HttpError>() {
+            return matches!(
+                h.kind(),
+                HttpErrorKind::Connect
+                    | HttpErrorKind::Request
+                    | HttpErrorKind::Timeout
+                    | HttpErrorKind::Interrupted
+            );
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                K::ConnectionRefused
+                    | K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::NotConnected
+                    | K::TimedOut
+                    | K::HostUnreachable
+                    | K::NetworkUnreachable
+            )
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// The HTTP status of a failed response, from the text of object_store's
 /// request error (its type, which has a `status()`, is private in 0.14).
 /// The 503 test of the CLI (`transient_s3_errors_are_retried`) fails if
@@ -146,6 +299,21 @@ mod tests {
                 std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
             )),
         }
+    }
+
+    #[test]
+    fn refused_connections_are_unreachable_and_answers_are_not() {
+        assert!(is_unreachable(&transient()));
+        let answered = object_store::Error::Generic {
+            store: "test",
+            source: "Error performing GET http://x/y in 1ms - Server returned non-2xx status code: 503 Service Unavailable: ".into(),
+        };
+        assert!(!is_unreachable(&answered));
+        let missing = object_store::Error::NotFound {
+            path: "x".into(),
+            source: "gone".into(),
+        };
+        assert!(!is_unreachable(&missing));
     }
 
     #[test]
