@@ -19,7 +19,7 @@ pub const BROKEN_PIPE: u8 = 141;
 pub const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0    success
-  1    failure (verify: a bad chunk; log: an unreadable version); with --json,
+  1    failure (verify: a bad chunk; log, ls: an unreadable version); with --json,
        stdout holds one JSON object with an \"error\" field
   2    usage error (bad arguments)
   141  stdout was closed before all output was written (a broken pipe)";

@@ -4,6 +4,8 @@
 mod support;
 #[path = "cli/trust.rs"]
 mod trust;
+#[path = "cli/versions.rs"]
+mod versions;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

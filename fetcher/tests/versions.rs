@@ -252,7 +252,10 @@ async fn rollback_republishes_an_old_version() {
     let (v, m) = parcel.resolve(None).await.unwrap();
     assert_eq!(v, 3);
     assert_eq!(m.parent, Some(2));
-    assert_eq!((m.host.as_str(), m.created_unix), ("rollback-host", 1_800_000_500));
+    assert_eq!(
+        (m.host.as_str(), m.created_unix),
+        ("rollback-host", 1_800_000_500)
+    );
     assert_eq!(m.writer, None);
     assert_eq!(m.chunks, parcel.manifest(1).await.unwrap().chunks);
     let out = b._dir.path().join("v3");
@@ -264,10 +267,62 @@ async fn rollback_republishes_an_old_version() {
     assert_eq!(parcel.head().await.unwrap(), Some(3));
     for bad in [0, 9] {
         match rollback(&parcel, bad, "h", 0).await {
-            Err(Error::NoVersion { version, head: 3, .. }) => assert_eq!(version, bad),
+            Err(Error::NoVersion {
+                version, head: 3, ..
+            }) => assert_eq!(version, bad),
             other => panic!("rollback to {bad} gave {other:?}"),
         }
     }
+}
+
+/// Rollback carries the memory image and the VM's settings of the version
+/// it copies (and `isr ls` sees the memory image).
+#[test]
+fn rollback_carries_the_memory_image_and_settings() {
+    let b = file_backend();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let blocks = vocabulary(12, 51);
+    let parcel = Parcel::new(b.store.clone(), "vm", secret()).unwrap();
+    rt.block_on(import_blocks(&parcel, &refs(&blocks, 0..4)));
+    let memory = b._dir.path().join("memory");
+    std::fs::write(&memory, blocks[4..8].concat()).unwrap();
+    let vm = format::VmSettings {
+        memory_mib: 512,
+        cpus: 2,
+        args: vec!["-machine".into(), "pc".into()],
+        ..Default::default()
+    };
+    let engine = Engine::open(
+        parcel.clone(),
+        common::engine_options(&b._dir.path().join("cache"), "host-m"),
+    )
+    .unwrap();
+    let saved = fetcher::SavedVm {
+        memory: Some(memory),
+        vm: Some(vm.clone()),
+    };
+    assert_eq!(engine.publish_with(None, 5, &saved).unwrap().version, 2);
+    drop(engine);
+    rt.block_on(import_blocks(&parcel, &refs(&blocks, 8..12)));
+    let v3 = rt.block_on(parcel.manifest(3)).unwrap();
+    assert_eq!(v3.memory_size, 0, "a new disk drops the memory image");
+
+    let s = rt.block_on(rollback(&parcel, 2, "h", 6)).unwrap();
+    assert_eq!(s.version, Some(4));
+    assert_eq!(s.chunks, 8, "disk and memory image");
+    let (v2, v4) = (
+        rt.block_on(parcel.manifest(2)).unwrap(),
+        rt.block_on(parcel.manifest(4)).unwrap(),
+    );
+    assert_eq!(v4.memory_size, 4 * CHUNK);
+    assert_eq!(v4.memory_chunks, v2.memory_chunks);
+    assert_eq!(v4.chunks, v2.chunks);
+    assert_eq!(v4.vm.as_ref(), Some(&vm));
+    let listed = rt
+        .block_on(list_parcels(&b.store, Some(&secret())))
+        .unwrap();
+    let head = listed[0].head.as_ref().unwrap().as_ref().unwrap();
+    assert_eq!(head.memory_size, 4 * CHUNK);
 }
 
 /// Discard: dirty chunks go back to the base version (absent in the map,
@@ -305,7 +360,10 @@ fn discard_returns_the_cache_to_its_base() {
 
     let d = Discard::open(b.store.url(), "vm", &root).unwrap();
     assert_eq!(d.dirty(), (2, 2 * CHUNK));
-    assert_eq!(d.lease_nonce().as_deref(), Some(lease.info().nonce.as_str()));
+    assert_eq!(
+        d.lease_nonce().as_deref(),
+        Some(lease.info().nonce.as_str())
+    );
     let report = d.apply().unwrap();
     assert_eq!((report.dirty_chunks, report.base_version), (2, 1));
     assert!(report.synced_removed);
@@ -385,7 +443,10 @@ async fn gc_semantics(b: Backend) {
     let mix: Vec<&[u8]> = refs(&v, 0..4).into_iter().chain(refs(&v, 16..20)).collect();
     import_blocks(&p2, &mix).await;
     import_blocks(&p2, &refs(&v, 16..24)).await;
-    let mix: Vec<&[u8]> = refs(&v, 12..16).into_iter().chain(refs(&v, 20..24)).collect();
+    let mix: Vec<&[u8]> = refs(&v, 12..16)
+        .into_iter()
+        .chain(refs(&v, 20..24))
+        .collect();
     import_blocks(&p3, &mix).await;
     import_blocks(&p4, &refs(&v, 24..28)).await;
     import_blocks(&p4, &refs(&v, 28..32)).await;
@@ -413,11 +474,17 @@ async fn gc_semantics(b: Backend) {
     assert!(r.dry_run);
     assert_eq!(r.removed_chunks, 8, "{r:?}");
     assert_eq!(r.young_chunks, 1);
-    assert_eq!(chunk_objects(&store).await.len(), 33, "dry run removed nothing");
+    assert_eq!(
+        chunk_objects(&store).await.len(),
+        33,
+        "dry run removed nothing"
+    );
     assert!(store.get_manifest("p1", 1).await.unwrap().is_some());
     assert_eq!(store.floor("p1").await.unwrap(), None);
 
-    let r = gc(&store, &secret(), &gc_options(1, 2), quiet()).await.unwrap();
+    let r = gc(&store, &secret(), &gc_options(1, 2), quiet())
+        .await
+        .unwrap();
     check_plan(&r);
     assert!(!r.dry_run);
     assert_eq!((r.chunks, r.referenced_chunks), (33, 24), "{r:?}");
@@ -426,7 +493,10 @@ async fn gc_semantics(b: Backend) {
     let left = chunk_objects(&store).await;
     assert!(left.is_disjoint(&only_old), "unreferenced chunks are gone");
     assert_eq!(left.len(), 25);
-    assert!(left.contains(&young.id), "a chunk newer than the grace stays");
+    assert!(
+        left.contains(&young.id),
+        "a chunk newer than the grace stays"
+    );
     // Shared with removed versions, named by kept ones: still there.
     for shared in [&v[8], &v[12], &v[16], &v[20]] {
         assert!(left.contains(&chunk_id(shared)));
@@ -436,7 +506,11 @@ async fn gc_semantics(b: Backend) {
             assert!(store.get_manifest(name, version).await.unwrap().is_none());
         }
     }
-    assert_eq!(store.versions("p4").await.unwrap(), [1, 2], "leased: all kept");
+    assert_eq!(
+        store.versions("p4").await.unwrap(),
+        [1, 2],
+        "leased: all kept"
+    );
     assert_eq!(verify_everything(&store, &secret()).await, 5);
     match p1.resolve(Some(1)).await {
         Err(e @ Error::VersionRemoved { oldest: 3, .. }) => {
@@ -446,15 +520,23 @@ async fn gc_semantics(b: Backend) {
     }
 
     // HEAD without its hint: from the floor; without both: from a listing.
-    b.raw.delete(&ObjectPath::from("parcels/p1/HEAD")).await.unwrap();
+    b.raw
+        .delete(&ObjectPath::from("parcels/p1/HEAD"))
+        .await
+        .unwrap();
     assert_eq!(store.head("p1").await.unwrap(), Some(3));
-    b.raw.delete(&ObjectPath::from("parcels/p1/FLOOR")).await.unwrap();
+    b.raw
+        .delete(&ObjectPath::from("parcels/p1/FLOOR"))
+        .await
+        .unwrap();
     assert_eq!(store.head("p1").await.unwrap(), Some(3));
     assert_eq!(p1.resolve(None).await.unwrap().0, 3);
 
     // Once the lease is released, p4's old version and its chunks go too.
     lease.release().await.unwrap();
-    let r = gc(&store, &secret(), &gc_options(1, 2), quiet()).await.unwrap();
+    let r = gc(&store, &secret(), &gc_options(1, 2), quiet())
+        .await
+        .unwrap();
     assert_eq!(r.removed_chunks, 4, "{r:?}");
     assert_eq!(store.versions("p4").await.unwrap(), [2]);
     assert_eq!(verify_everything(&store, &secret()).await, 4);
@@ -529,16 +611,30 @@ async fn gc_removes_nothing_when_a_manifest_is_unreadable() {
         }
         other => panic!("gc over another key's parcel gave {other:?}"),
     }
-    assert_eq!(store.list("").await.unwrap().len(), before, "nothing removed");
+    assert_eq!(
+        store.list("").await.unwrap().len(),
+        before,
+        "nothing removed"
+    );
     assert!(store.get_manifest("mine", 1).await.unwrap().is_some());
 
     // The same for a damaged manifest of a parcel the key opens.
     b.raw
-        .delete(&ObjectPath::from("parcels/theirs/versions/00000000000000000001"))
+        .delete(&ObjectPath::from(
+            "parcels/theirs/versions/00000000000000000001",
+        ))
         .await
         .unwrap();
     let path = ObjectPath::from(Store::manifest_path("mine", 2));
-    let mut bytes = b.raw.get(&path).await.unwrap().bytes().await.unwrap().to_vec();
+    let mut bytes = b
+        .raw
+        .get(&path)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;
     b.raw.put(&path, bytes.into()).await.unwrap();
@@ -575,7 +671,9 @@ async fn gc_spares_chunks_refreshed_after_the_listing() {
             touched.call_once(|| touch_all(&chunks_dir));
         }
     });
-    let r = gc(&store, &secret(), &gc_options(1, 2), progress).await.unwrap();
+    let r = gc(&store, &secret(), &gc_options(1, 2), progress)
+        .await
+        .unwrap();
     assert_eq!(r.parcels[0].removed_versions, [1]);
     assert_eq!((r.removed_chunks, r.spared_chunks), (0, 8), "{r:?}");
     assert_eq!(chunk_objects(&store).await.len(), 16);
@@ -631,7 +729,8 @@ fn gc_racing_publishes_never_breaks_a_version() {
     options.recheck = Duration::from_millis(100);
     let started = Instant::now();
     // The first orphans: the setup's replaced versions, once old.
-    rt.block_on(gc(&store, &secret(), &options, quiet())).unwrap();
+    rt.block_on(gc(&store, &secret(), &options, quiet()))
+        .unwrap();
     std::thread::sleep(Duration::from_secs(GRACE + 2));
     let (mut deleted, mut reused, mut removed_versions, mut spared) = (0u64, 0u64, 0u64, 0u64);
     for round in 0..ROUNDS {
@@ -680,7 +779,11 @@ fn gc_racing_publishes_never_breaks_a_version() {
             // versions they replaced, making new orphans).
             loop {
                 let finished = done.load(std::sync::atomic::Ordering::SeqCst) == 3;
-                runs.push(gc(&gc_store, &secret(), &gc_options, quiet()).await.unwrap());
+                runs.push(
+                    gc(&gc_store, &secret(), &gc_options, quiet())
+                        .await
+                        .unwrap(),
+                );
                 if finished {
                     return runs;
                 }
@@ -728,7 +831,9 @@ async fn old_orphans(store: &Store, secs: u64) -> Vec<ChunkId> {
         .await
         .unwrap()
         .iter()
-        .filter(|o| now.duration_since(o.last_modified).unwrap_or_default() > Duration::from_secs(secs))
+        .filter(|o| {
+            now.duration_since(o.last_modified).unwrap_or_default() > Duration::from_secs(secs)
+        })
         .filter_map(|o| ChunkId::parse(o.path.rsplit('/').next()?))
         .filter(|id| !named_now.contains(id))
         .collect();

@@ -92,7 +92,9 @@ pub(crate) async fn open_cache(
         // The version after the base may have been removed by gc: then it
         // cannot be recognised as ours, and HEAD is another writer's.
         let own = match parcel.manifest_with_object(next).await {
-            Ok((m, object)) if m.writer == Some(cache.header().cache_id) && m.parent == Some(base.0) => {
+            Ok((m, object))
+                if m.writer == Some(cache.header().cache_id) && m.parent == Some(base.0) =>
+            {
                 Some((m, object))
             }
             Ok(_) | Err(Error::VersionRemoved { .. }) => None,

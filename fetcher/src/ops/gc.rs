@@ -38,8 +38,8 @@
 //!   re-doing (4) whenever [`GcOptions::recheck`] has passed. With δ the
 //!   longest time from the start of a look at the versions to a delete
 //!   (about the recheck interval, plus a look, plus a request), a publish
-//!   whose check of a chunk and commit are less than G − R − δ apart (17 h
-//!   with the defaults) never has a chunk deleted under it: if the chunk
+//!   whose check of a chunk and commit are less than G − R − δ apart (about
+//!   18 h with the defaults) never has a chunk deleted under it: if the chunk
 //!   was young at its check, gc cannot find it older than G before that
 //!   publish committed, and then gc sees the new manifest; if the publisher
 //!   wrote it, its age started again.
@@ -220,7 +220,11 @@ pub async fn gc(
 
     // (2) Old versions: the floor first, so that HEAD stays findable.
     if !options.dry_run {
-        for p in report.parcels.iter().filter(|p| !p.removed_versions.is_empty()) {
+        for p in report
+            .parcels
+            .iter()
+            .filter(|p| !p.removed_versions.is_empty())
+        {
             store.raise_floor(&p.parcel, p.oldest_kept).await?;
             for &v in &p.removed_versions {
                 store
@@ -250,7 +254,16 @@ pub async fn gc(
 
     // (4) Versions published meanwhile.
     let mut looked = Instant::now();
-    recheck(store, secret, &mut refs, &mut candidates, &mut report, options, 0).await?;
+    recheck(
+        store,
+        secret,
+        &mut refs,
+        &mut candidates,
+        &mut report,
+        options,
+        0,
+    )
+    .await?;
 
     // (5) Delete, looking again at the versions every `recheck`.
     let mut order: Vec<(ChunkId, u64)> = candidates.iter().map(|(&id, &s)| (id, s)).collect();

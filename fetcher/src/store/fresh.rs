@@ -53,7 +53,9 @@ pub(super) fn refresh_from_env() -> Duration {
 
 /// How long ago `t` was (zero if it is in the future: a clock ahead).
 pub(crate) fn age_of(t: SystemTime) -> Duration {
-    SystemTime::now().duration_since(t).unwrap_or(Duration::ZERO)
+    SystemTime::now()
+        .duration_since(t)
+        .unwrap_or(Duration::ZERO)
 }
 
 impl Store {

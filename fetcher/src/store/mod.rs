@@ -38,10 +38,10 @@ mod list;
 mod open;
 mod retry;
 
-pub(crate) use fresh::age_of;
 pub use fresh::DEFAULT_CHUNK_REFRESH;
-pub(crate) use list::version_of;
+pub(crate) use fresh::age_of;
 pub use list::StoredObject;
+pub(crate) use list::version_of;
 
 use std::path::PathBuf;
 use std::sync::Arc;
