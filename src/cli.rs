@@ -69,6 +69,19 @@ pub enum Command {
     Status(StatusArgs),
     /// Reattach a resumed parcel's device after its daemon died.
     Recover(NameArgs),
+    /// List every parcel of a store: HEAD, versions, disk size, memory
+    /// image, and who holds its lease (sizes and memory images need the key).
+    Ls(LsArgs),
+    /// Publish an older version's content (disk, memory image, settings)
+    /// as the parcel's next version.
+    Rollback(RollbackArgs),
+    /// Drop this host's unpublished changes to a parcel: its cache goes
+    /// back to the version it is based on, and the lease it holds is
+    /// released.
+    Discard(DiscardArgs),
+    /// Remove each parcel's versions older than its last N, and every chunk
+    /// that no kept version names (see the README for the safety rules).
+    Gc(GcArgs),
 }
 
 impl Command {
@@ -89,6 +102,10 @@ impl Command {
             Command::Checkin(a) => a.json,
             Command::Status(a) => a.json,
             Command::Recover(a) => a.json,
+            Command::Ls(a) => a.json,
+            Command::Rollback(a) => a.json,
+            Command::Discard(a) => a.json,
+            Command::Gc(a) => a.json,
         }
     }
 }
@@ -218,6 +235,9 @@ pub struct CheckinArgs {
     pub parcel: String,
     #[command(flatten)]
     pub store: StoreArgs,
+    /// The secret key file (see `isr keygen`).
+    #[arg(long, env = "ISR_KEY_FILE")]
+    pub key_file: PathBuf,
     /// Root of the local caches (default: /var/lib/isr as root, else
     /// $XDG_CACHE_HOME/isr).
     #[arg(long, env = "ISR_CACHE_DIR")]
@@ -228,37 +248,6 @@ pub struct CheckinArgs {
     /// Print one JSON object instead of text, and no progress bar.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Where a store is and how to open it, for commands that name the parcel
-/// as their argument.
-#[derive(Debug, Args, Clone)]
-pub struct StoreArgs {
-    /// Store URL: file:///path, s3://bucket/prefix, http(s)://mirror, memory://.
-    #[arg(long, env = "ISR_STORE")]
-    pub store: String,
-    /// S3 endpoint (default: AWS_ENDPOINT_URL, else AWS).
-    #[arg(long, env = "AWS_ENDPOINT_URL")]
-    pub endpoint: Option<String>,
-    /// The secret key file (see `isr keygen`).
-    #[arg(long, env = "ISR_KEY_FILE")]
-    pub key_file: PathBuf,
-    /// Seconds to keep retrying a store that fails transiently.
-    #[arg(long, env = "ISR_RETRY_TIMEOUT", default_value_t = 60)]
-    pub retry_timeout: u64,
-}
-
-impl StoreArgs {
-    /// These store arguments for parcel `name`.
-    pub fn with_parcel(&self, name: &str) -> ParcelArgs {
-        ParcelArgs {
-            store: self.store.clone(),
-            endpoint: self.endpoint.clone(),
-            parcel: name.to_owned(),
-            key_file: self.key_file.clone(),
-            retry_timeout: self.retry_timeout,
-        }
-    }
 }
 
 #[derive(Debug, Args)]
@@ -302,6 +291,93 @@ pub struct ParcelArgs {
 
 fn parse_rate(s: &str) -> Result<u64, String> {
     fetcher::parse_rate(s)
+}
+
+/// Where the store is (for the commands on a whole store, or on a parcel
+/// named by an argument).
+#[derive(Debug, Args, Clone)]
+pub struct StoreArgs {
+    /// Store URL: file:///path, s3://bucket/prefix, http(s)://mirror, memory://.
+    #[arg(long, env = "ISR_STORE")]
+    pub store: String,
+    /// S3 endpoint (default: AWS_ENDPOINT_URL, else AWS).
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub endpoint: Option<String>,
+    /// Seconds to keep retrying a store that fails transiently (timeouts,
+    /// 5xx, refused connections), with exponential backoff.
+    #[arg(long, env = "ISR_RETRY_TIMEOUT", default_value_t = 60)]
+    pub retry_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The secret key file; without it, what needs no key is shown (HEAD,
+    /// versions, leases), not disk sizes or memory images.
+    #[arg(long, env = "ISR_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The parcel's name.
+    pub parcel: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The secret key file (see `isr keygen`).
+    #[arg(long, env = "ISR_KEY_FILE")]
+    pub key_file: PathBuf,
+    /// The version whose content becomes the next version.
+    #[arg(long, value_name = "N")]
+    pub to: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DiscardArgs {
+    /// The parcel's name.
+    pub parcel: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Root of the local caches (default: /var/lib/isr as root, else
+    /// $XDG_CACHE_HOME/isr).
+    #[arg(long, env = "ISR_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Do not ask (needed when there is no terminal to ask on).
+    #[arg(long)]
+    pub yes: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The secret key file: it must open every parcel of the store.
+    #[arg(long, env = "ISR_KEY_FILE")]
+    pub key_file: PathBuf,
+    /// Versions to keep per parcel (HEAD and the N-1 before it).
+    #[arg(long, value_name = "N")]
+    pub keep: u64,
+    /// Seconds: an unreferenced chunk younger than this is kept (it may
+    /// belong to a publish under way). Must exceed the chunk refresh age
+    /// (6 h, or ISR_CHUNK_REFRESH_SECS).
+    #[arg(long, value_name = "SECS", default_value_t = 86_400)]
+    pub grace: u64,
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print one JSON object instead of text, and no progress bar.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -31,7 +31,7 @@ pub const USAGE: u8 = 2;
 pub const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0    success
-  1    failure (verify: a bad chunk; log: an unreadable version); with --json,
+  1    failure (verify: a bad chunk; log, ls: an unreadable version); with --json,
        stdout holds one JSON object with \"error\" and \"kind\" fields
   2    usage error (bad arguments)
   3    the store is unreachable (connections refused or timed out for the

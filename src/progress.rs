@@ -24,3 +24,19 @@ pub fn bytes_bar(total: u64, what: &str, json: bool) -> (ProgressBar, fetcher::P
     let sink = bar.clone();
     (bar, Arc::new(move |n| sink.inc(n)))
 }
+
+/// A bar counting items (not bytes) on stderr, hidden like [`bytes_bar`];
+/// its length and message are set as the work goes.
+pub fn count_bar(json: bool) -> ProgressBar {
+    let bar = if json || !std::io::stderr().is_terminal() {
+        ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::hidden())
+    } else {
+        ProgressBar::new(0)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg:14} [{bar:32}] {pos}/{len} ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}

@@ -324,7 +324,7 @@ pub fn checkin(a: CheckinArgs) -> anyhow::Result<ExitCode> {
             st["device"].as_str().unwrap_or("?")
         );
     }
-    let pa = a.store.with_parcel(&name);
+    let pa = crate::commands::parcel_args(&a.store, &name, &a.key_file);
     let parcel = open_parcel(&pa)?;
     parcel.store().set_bwlimit(a.bwlimit, None);
     let mut options = EngineOptions {

@@ -8,6 +8,8 @@ mod support;
 mod trust;
 #[path = "cli/ux.rs"]
 mod ux;
+#[path = "cli/versions.rs"]
+mod versions;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -89,6 +89,31 @@ pub enum Error {
         version: u64,
         head: u64,
     },
+    /// The asked-for version was removed by `isr gc`.
+    #[error(
+        "version {version} of parcel {parcel} was removed by isr gc (the oldest version kept is {oldest})"
+    )]
+    VersionRemoved {
+        parcel: String,
+        version: u64,
+        oldest: u64,
+    },
+    /// The store cannot list its objects (an http(s) mirror).
+    #[error(
+        "store {store} cannot list its objects (an http(s) mirror has no listing; use the store's own file:// or s3:// URL): {detail}"
+    )]
+    NoListing { store: String, detail: String },
+    /// gc could not read a version it must keep, so it cannot know which
+    /// chunks are in use: it deleted no chunk (`removed` counts any it had
+    /// deleted before a version that appeared during the run failed).
+    #[error("{}", gc_blocked(parcel, *version, *removed, source))]
+    GcBlocked {
+        parcel: String,
+        version: u64,
+        removed: u64,
+        #[source]
+        source: Box<Error>,
+    },
     /// The manifest was written under another key.
     #[error("the key does not open parcel {parcel} (manifest {object})")]
     WrongKey { parcel: String, object: String },
@@ -187,6 +212,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn gc_blocked(parcel: &str, version: u64, removed: u64, source: &Error) -> String {
+    let done = if removed == 0 {
+        "gc removed no chunk".to_owned()
+    } else {
+        format!("gc stopped after removing {removed} unreferenced chunks")
+    };
+    format!(
+        "{done}: version {version} of parcel {parcel} cannot be read ({source}); gc must read every version it keeps to know which chunks are in use, and assumes one key opens every parcel of the store"
+    )
 }
 
 /// " after N attempts in S s" when a failure was retried.

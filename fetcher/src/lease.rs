@@ -172,6 +172,30 @@ impl Lease {
         self
     }
 
+    /// Who holds the lease on `parcel` now; `None` if it is free.
+    pub async fn holder_of(store: &Store, parcel: &str) -> Result<Option<LeaseInfo>, Error> {
+        Ok(current(store, parcel).await?.1)
+    }
+
+    /// Releases the lease on `parcel` that a cache recorded by its `nonce`
+    /// (a session that ended without releasing it: an offline suspend, a
+    /// discarded cache). True if it was released; false if that lease is
+    /// not the one held (released already, or taken over since): nothing
+    /// is changed then.
+    pub async fn release_nonce(store: &Store, parcel: &str, nonce: &str) -> Result<bool, Error> {
+        let (generation, holder) = current(store, parcel).await?;
+        match holder {
+            Some(h) if !nonce.is_empty() && h.nonce == nonce => {
+                let marker = released_path(parcel, generation);
+                store
+                    .create("release lease", &marker, Bytes::from_static(b"released\n"))
+                    .await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// This lease's identity.
     pub fn info(&self) -> &LeaseInfo {
         &self.info

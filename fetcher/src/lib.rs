@@ -3,7 +3,8 @@
 //! files.
 //!
 //! ```text
-//!   ops::{import, export, verify}   whole-image transfers, parallel
+//!   ops::{import, export, verify,   whole-image transfers, parallel;
+//!        rollback, gc, list_parcels} versions and garbage collection
 //!           │
 //!        Parcel                     versions of one VM: HEAD, manifests, chunks
 //!           │
@@ -32,7 +33,10 @@ pub use error::{ChunkFault, Error, ErrorClass};
 pub use lease::{Lease, LeaseInfo};
 pub use notify::Notifier;
 pub use parcel::{Parcel, Published};
-pub use store::{PutOutcome, Store, StoreOptions, parse_rate, validate_parcel_name};
+pub use store::{
+    DEFAULT_CHUNK_REFRESH, PutOutcome, Store, StoreOptions, StoredObject, parse_rate,
+    validate_parcel_name,
+};
 
 /// A progress sink: called with the number of bytes just processed.
 pub type Progress = std::sync::Arc<dyn Fn(u64) + Send + Sync>;

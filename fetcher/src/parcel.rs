@@ -82,7 +82,23 @@ impl Parcel {
                 head,
             });
         }
+        // Below the floor: removed by gc, or about to be (its manifest may
+        // still be there for a moment, its chunks not for long).
+        if version < head
+            && let Some(oldest) = self.store.floor(&self.name).await?
+            && version < oldest
+        {
+            return Err(self.removed(version, oldest));
+        }
         Ok((version, self.manifest(version).await?))
+    }
+
+    fn removed(&self, version: u64, oldest: u64) -> Error {
+        Error::VersionRemoved {
+            parcel: self.name.clone(),
+            version,
+            oldest,
+        }
     }
 
     /// Fetches and decodes the manifest of `version`.
@@ -93,15 +109,17 @@ impl Parcel {
     /// Like [`manifest`](Self::manifest), also returning the stored object.
     pub async fn manifest_with_object(&self, version: u64) -> Result<(Manifest, Bytes), Error> {
         let object = Store::manifest_path(&self.name, version);
-        let bytes = self
-            .store
-            .get_manifest(&self.name, version)
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                op: "get manifest",
-                object: object.clone(),
-                store: self.store.url().to_owned(),
-            })?;
+        let Some(bytes) = self.store.get_manifest(&self.name, version).await? else {
+            // Missing below gc's floor: removed, not damaged.
+            return Err(match self.store.floor(&self.name).await? {
+                Some(oldest) if version < oldest => self.removed(version, oldest),
+                _ => Error::NotFound {
+                    op: "get manifest",
+                    object,
+                    store: self.store.url().to_owned(),
+                },
+            });
+        };
         let manifest = self.decode_manifest(&bytes, version, object)?;
         Ok((manifest, bytes))
     }

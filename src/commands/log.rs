@@ -1,6 +1,7 @@
 //! `isr log`: a parcel's versions. A version whose manifest cannot be read
 //! (missing, damaged) is named with its error while the others are still
-//! listed; the command then exits 1.
+//! listed; the command then exits 1. Versions removed by `isr gc` (below
+//! the parcel's floor) are not listed, and are no error.
 
 use std::process::ExitCode;
 
@@ -21,11 +22,21 @@ pub(super) async fn log(a: LogArgs) -> anyhow::Result<ExitCode> {
         .require_head()
         .await
         .map_err(|e| explain(e, &a.parcel))?;
+    let oldest = parcel
+        .store()
+        .floor(parcel.name())
+        .await
+        .map_err(|e| explain(e, &a.parcel))?
+        .unwrap_or(1)
+        .min(head);
     let mut rows: Vec<Row> = Vec::new();
-    for version in (1..=head).rev() {
-        let row = parcel
-            .manifest(version)
-            .await
+    for version in (oldest..=head).rev() {
+        let row = match parcel.manifest(version).await {
+            // Removed by a gc that ran meanwhile.
+            Err(fetcher::Error::VersionRemoved { .. }) => continue,
+            r => r,
+        };
+        let row = row
             .map(|m| {
                 let data = m
                     .chunks
@@ -38,7 +49,7 @@ pub(super) async fn log(a: LogArgs) -> anyhow::Result<ExitCode> {
         rows.push((version, row));
     }
     // Nothing readable (e.g. the wrong key): one failure, not a list of them.
-    if rows.iter().all(|(_, r)| r.is_err()) {
+    if !rows.is_empty() && rows.iter().all(|(_, r)| r.is_err()) {
         let (_, first) = rows.swap_remove(0);
         return Err(first.expect_err("all rows failed"));
     }

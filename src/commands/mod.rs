@@ -11,12 +11,16 @@ use fetcher::{Parcel, Store, StoreOptions};
 use format::Secret;
 use serde_json::json;
 
-use crate::cli::{Cli, Command, HoardArgs, ParcelArgs, VerifyArgs};
+use crate::cli::{Cli, Command, HoardArgs, ParcelArgs, StoreArgs, VerifyArgs};
 use crate::{output, progress};
 
+mod discard;
 mod export;
+mod gc;
 mod import;
 mod log;
+mod ls;
+mod rollback;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -28,6 +32,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Hoard(a) => hoard(a).await.map(|()| ExitCode::SUCCESS),
         Command::Check(a) => crate::check::check(a).await,
         Command::Fork(a) => crate::check::fork(a).await,
+        Command::Ls(a) => ls::ls(a).await,
+        Command::Rollback(a) => rollback::rollback(a).await.map(|()| ExitCode::SUCCESS),
+        Command::Discard(a) => discard::discard(a).await,
+        Command::Gc(a) => gc::gc(a).await.map(|()| ExitCode::SUCCESS),
         Command::Resume(_)
         | Command::Run(_)
         | Command::Suspend(_)
@@ -85,22 +93,46 @@ fn keygen(path: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 pub(crate) fn open_parcel(a: &ParcelArgs) -> anyhow::Result<Parcel> {
-    let bytes = std::fs::read(&a.key_file)
-        .with_context(|| format!("cannot read key file {}", a.key_file.display()))?;
-    warn_if_key_exposed(&a.key_file);
-    let secret = Secret::from_key_file_bytes(&bytes).with_context(|| {
+    let secret = read_key(&a.key_file)?;
+    let store = open_store(&StoreArgs {
+        store: a.store.clone(),
+        endpoint: a.endpoint.clone(),
+        retry_timeout: a.retry_timeout,
+    })?;
+    Ok(Parcel::new(store, &a.parcel, secret)?)
+}
+
+/// The secret in key file `path` (with a warning if others can read it).
+pub(crate) fn read_key(path: &Path) -> anyhow::Result<Secret> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read key file {}", path.display()))?;
+    warn_if_key_exposed(path);
+    Secret::from_key_file_bytes(&bytes).with_context(|| {
         format!(
             "{} is not an isr key (32 bytes, or 64 hex digits; see `isr keygen`)",
-            a.key_file.display()
+            path.display()
         )
-    })?;
+    })
+}
+
+pub(crate) fn open_store(a: &StoreArgs) -> anyhow::Result<Store> {
     let options = StoreOptions {
         endpoint: a.endpoint.clone(),
         retry_timeout: std::time::Duration::from_secs(a.retry_timeout),
         ..StoreOptions::default()
     };
-    let store = Store::open(&a.store, &options)?;
-    Ok(Parcel::new(store, &a.parcel, secret)?)
+    Ok(Store::open(&a.store, &options)?)
+}
+
+/// The arguments of a parcel command for a parcel named by an argument.
+pub(crate) fn parcel_args(store: &StoreArgs, parcel: &str, key_file: &Path) -> ParcelArgs {
+    ParcelArgs {
+        store: store.store.clone(),
+        endpoint: store.endpoint.clone(),
+        parcel: parcel.to_owned(),
+        key_file: key_file.to_owned(),
+        retry_timeout: store.retry_timeout,
+    }
 }
 
 /// Warns (once per process) when the key file can be read by its group or

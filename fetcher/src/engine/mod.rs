@@ -16,6 +16,7 @@
 //! dirty chunks and commits the next version (see `publish.rs`).
 
 mod check;
+mod discard;
 mod fetch;
 mod fork;
 mod publish;
@@ -38,6 +39,7 @@ use crate::notify::Notifier;
 use crate::{Error, Parcel};
 
 pub use check::{CheckReport, check};
+pub use discard::{CacheLease, Discard, DiscardReport, release_cache_lease};
 pub use fetch::Slot;
 pub use fork::fork;
 pub use publish::{PublishSummary, SavedVm};

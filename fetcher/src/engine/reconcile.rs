@@ -123,13 +123,24 @@ pub(crate) async fn open_cache(
     }
     while base.0 < head {
         let next = base.0 + 1;
-        let (m, object) = parcel.manifest_with_object(next).await?;
-        let ours = m.writer == Some(cache.header().cache_id) && m.parent == Some(base.0);
-        let (version, manifest, object) = if ours {
-            (next, m, object)
-        } else {
-            let (h, object) = parcel.manifest_with_object(head).await?;
-            (head, h, object)
+        // The version after the base may have been removed by gc: then it
+        // cannot be recognised as ours, and HEAD is another writer's.
+        let own = match parcel.manifest_with_object(next).await {
+            Ok((m, object))
+                if m.writer == Some(cache.header().cache_id) && m.parent == Some(base.0) =>
+            {
+                Some((m, object))
+            }
+            Ok(_) | Err(Error::VersionRemoved { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        let ours = own.is_some();
+        let (version, manifest, object) = match own {
+            Some((m, object)) => (next, m, object),
+            None => {
+                let (h, object) = parcel.manifest_with_object(head).await?;
+                (head, h, object)
+            }
         };
         if manifest.geometry() != base.1.geometry() {
             if dirty_count(&cache) > 0 {

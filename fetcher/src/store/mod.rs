@@ -5,13 +5,20 @@
 //! chunks/<2 hex>/<64 hex>            content-addressed chunks, shared by all parcels
 //! parcels/<name>/versions/<20 digits> one immutable manifest per version
 //! parcels/<name>/HEAD                 hint: the newest version (never trusted alone)
+//! parcels/<name>/FLOOR                the oldest version `isr gc` kept (only raised)
 //! ```
 //!
 //! Publishing version N+1 *is* creating its manifest with put-if-absent
 //! (`PutMode::Create`), so two writers can never both publish N+1. HEAD is the
-//! highest version that exists: found from the hint by probing upward, then
-//! bisecting, in O(log N) existence checks and no listing (an http mirror
-//! cannot list).
+//! highest version that exists: found from the hint (or the floor, whichever
+//! is higher) by probing upward, then bisecting, in O(log N) existence checks
+//! and no listing (an http mirror cannot list). Versions below the floor
+//! were removed by gc ([`history`]); versions from the floor to HEAD all
+//! exist. Only where the probe finds nothing does [`head`](Store::head) list
+//! the parcel's versions.
+//!
+//! A chunk is reused by a publisher only while it is young ([`fresh`]): that
+//! is what lets `isr gc` delete unreferenced chunks while others publish.
 //!
 //! Every operation goes through one retry policy ([`retry`]): transient
 //! failures are retried for the store's whole retry timeout, permanent ones
@@ -25,9 +32,17 @@
 //! ```
 
 mod commit;
+mod fresh;
+mod history;
 mod limit;
+mod list;
 mod open;
 mod retry;
+
+pub use fresh::DEFAULT_CHUNK_REFRESH;
+pub(crate) use fresh::age_of;
+pub use list::StoredObject;
+pub(crate) use list::version_of;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -94,6 +109,8 @@ pub struct Store {
     /// Caps on chunk uploads and downloads (shared by the clones).
     up: Arc<Bandwidth>,
     down: Arc<Bandwidth>,
+    /// A chunk older than this is rewritten, not reused (see [`fresh`]).
+    chunk_refresh: Duration,
 }
 
 /// Checks a parcel name: 1–128 characters of `A-Z a-z 0-9 . _ -`, not
@@ -152,6 +169,7 @@ impl Store {
             create_checked: Arc::default(),
             up: Arc::default(),
             down: Arc::default(),
+            chunk_refresh: fresh::refresh_from_env(),
         }
     }
 
@@ -165,6 +183,19 @@ impl Store {
     /// The caps in force: (up, down), bytes per second.
     pub fn bwlimit(&self) -> (Option<u64>, Option<u64>) {
         (self.up.get(), self.down.get())
+    }
+
+    /// The same store, reusing an existing chunk only while it is younger
+    /// than `age` (default [`DEFAULT_CHUNK_REFRESH`], or
+    /// `$ISR_CHUNK_REFRESH_SECS`); an older one is rewritten to refresh it.
+    pub fn with_chunk_refresh(mut self, age: Duration) -> Store {
+        self.chunk_refresh = age;
+        self
+    }
+
+    /// The age below which an existing chunk is reused as it is.
+    pub fn chunk_refresh(&self) -> Duration {
+        self.chunk_refresh
     }
 
     /// The same store, retrying transient failures for `timeout`.
@@ -211,20 +242,6 @@ impl Store {
         Ok(object)
     }
 
-    /// Whether a chunk object exists.
-    pub async fn has_chunk(&self, id: &ChunkId) -> Result<bool, Error> {
-        self.exists("check chunk", &Self::chunk_path(id)).await
-    }
-
-    /// Stores a chunk object unless one of that name exists (names derive from
-    /// content, so an existing one holds the same bytes; that includes one
-    /// this very call created in an attempt whose answer was lost).
-    pub async fn put_chunk(&self, id: &ChunkId, object: Bytes) -> Result<PutOutcome, Error> {
-        self.up.take(object.len() as u64).await;
-        self.create("put chunk", &Self::chunk_path(id), object)
-            .await
-    }
-
     /// Fetches a manifest; `None` if that version does not exist.
     pub async fn get_manifest(&self, parcel: &str, version: u64) -> Result<Option<Bytes>, Error> {
         match self
@@ -237,22 +254,48 @@ impl Store {
         }
     }
 
-    /// The newest version of `parcel`, or `None` if it has none.
+    /// The newest version of `parcel`, or `None` if it has none. Probes
+    /// upward from the HEAD hint or the floor gc left, whichever is higher;
+    /// if that finds nothing (both gone, and versions 1… removed by gc), the
+    /// parcel's versions are listed (where the store can list).
     pub async fn head(&self, parcel: &str) -> Result<Option<u64>, Error> {
-        let hint = match self.get("get HEAD hint", &Self::head_path(parcel)).await {
-            Ok(b) => std::str::from_utf8(&b)
+        let hint = self
+            .get_number("get HEAD hint", &Self::head_path(parcel))
+            .await?;
+        let floor = self.floor(parcel).await?;
+        let found = self
+            .highest("check manifest", hint.max(floor), |v| {
+                Self::manifest_path(parcel, v)
+            })
+            .await?;
+        match found {
+            Some(v) => Ok(Some(v)),
+            None => self.highest_listed(parcel).await,
+        }
+    }
+
+    /// A decimal number stored in object `path` (a hint); `None` if the
+    /// object is missing or holds something else.
+    pub(crate) async fn get_number(
+        &self,
+        op: &'static str,
+        path: &str,
+    ) -> Result<Option<u64>, Error> {
+        match self.get(op, path).await {
+            Ok(b) => Ok(std::str::from_utf8(&b)
                 .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok()),
-            Err(Error::NotFound { .. }) => None,
-            Err(e) => return Err(e),
-        };
-        self.highest("check manifest", hint, |v| Self::manifest_path(parcel, v))
-            .await
+                .and_then(|s| s.trim().parse::<u64>().ok())),
+            Err(Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The highest `n` ≥ 1 for which object `name(n)` exists, given that
-    /// they are created in order 1, 2, 3…: probing upward from `hint` (or 1),
-    /// then bisecting, in O(log n) existence checks and no listing.
+    /// they exist for every `n` from the first one up to the highest (they
+    /// are created in order 1, 2, 3…, and gc removes only from below):
+    /// probing upward from `hint` (or 1), then bisecting, in O(log n)
+    /// existence checks and no listing. A hint that does not exist counts
+    /// as none.
     pub(crate) async fn highest(
         &self,
         op: &'static str,
@@ -291,17 +334,28 @@ impl Store {
     /// Records `version` as the HEAD hint (plain overwrite: the hint only
     /// speeds up [`head`](Self::head), which checks it).
     pub async fn put_head_hint(&self, parcel: &str, version: u64) -> Result<(), Error> {
+        let body = Bytes::from(version.to_string());
+        self.overwrite("put HEAD hint", &Self::head_path(parcel), body)
+            .await
+    }
+
+    /// Writes `path` whether or not it exists (a plain put).
+    pub(crate) async fn overwrite(
+        &self,
+        op: &'static str,
+        path: &str,
+        object: Bytes,
+    ) -> Result<(), Error> {
         self.check_writable()?;
-        let path = Self::head_path(parcel);
-        let location = Path::from(path.as_str());
-        let body = PutPayload::from(version.to_string());
+        let location = Path::from(path);
+        let body = PutPayload::from(object);
         self.retry
-            .run_as(self.op("put HEAD hint", &path), || {
+            .run_as(self.op(op, path), || {
                 self.inner.put(&location, body.clone())
             })
             .await
             .map(|_| ())
-            .map_err(|f| self.error("put HEAD hint", &path, f))
+            .map_err(|f| self.error(op, path, f))
     }
 
     pub(crate) async fn get(&self, op: &'static str, path: &str) -> Result<Bytes, Error> {

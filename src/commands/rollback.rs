@@ -1,0 +1,66 @@
+//! `isr rollback NAME --to N`: version N's content (disk, memory image,
+//! settings) published as version HEAD+1, parent HEAD, by this host, now.
+//! Refused while the parcel is resumed on this host (its daemon answers)
+//! or leased by anyone (the rollback takes the lease while it publishes,
+//! as import does). N = HEAD publishes nothing: it says so and exits 0.
+
+use serde_json::json;
+
+use super::{explain, host_name, open_parcel, parcel_args};
+use crate::cli::RollbackArgs;
+use crate::{output, time};
+
+pub(super) async fn rollback(a: RollbackArgs) -> anyhow::Result<()> {
+    let pa = parcel_args(&a.store, &a.parcel, &a.key_file);
+    let parcel = open_parcel(&pa)?;
+    let name = parcel.name().to_owned();
+    if let Ok(status) = crate::daemon::ask(&name, "status") {
+        anyhow::bail!(
+            "parcel {name} is resumed on this host ({} served by daemon pid {}): suspend it first (isr suspend {name}), then roll back",
+            status["device"].as_str().unwrap_or("its device"),
+            status["pid"]
+        );
+    }
+    let lease = fetcher::Lease::acquire(
+        parcel.store(),
+        &name,
+        &host_name(),
+        time::now_unix(),
+        None,
+        false,
+    )
+    .await
+    .map_err(|e| match e {
+        fetcher::Error::LeaseHeld { parcel, holder } => anyhow::anyhow!(
+            "parcel {parcel} is in use by {holder}: roll it back once it is suspended there"
+        ),
+        e => explain(e, &pa),
+    })?;
+    let done = fetcher::ops::rollback(&parcel, a.to, &host_name(), time::now_unix()).await;
+    let released = lease.release().await;
+    let s = done.map_err(|e| explain(e, &pa))?;
+    released.map_err(|e| explain(e, &pa))?;
+    if a.json {
+        output::line(json!({
+            "parcel": name,
+            "from": s.from,
+            "head": s.head,
+            "version": s.version,
+            "published": s.version.is_some(),
+            "chunks": s.chunks,
+            "refreshed_chunks": s.refreshed_chunks,
+        }))?;
+    } else {
+        match s.version {
+            Some(v) => output::line(format_args!(
+                "rolled parcel {name} back to version {}: published as version {v} (parent {}; {} chunks, {} refreshed in the store)",
+                s.from, s.head, s.chunks, s.refreshed_chunks
+            ))?,
+            None => output::line(format_args!(
+                "parcel {name} is at version {} already (HEAD): nothing to roll back, no version published",
+                s.from
+            ))?,
+        }
+    }
+    Ok(())
+}
