@@ -65,6 +65,8 @@ struct Env {
     dir: tempfile::TempDir,
     store: String,
     vars: Vec<(&'static str, String)>,
+    /// The S3 endpoint, for tests that open the store themselves.
+    s3: Option<String>,
 }
 
 impl Env {
@@ -75,15 +77,22 @@ impl Env {
     }
 
     fn s3(server: &S3Server, prefix: &str) -> Env {
-        Env::with(
+        let mut env = Env::with(
             tempfile::tempdir().unwrap(),
             format!("s3://{}/{prefix}", support::BUCKET),
             server.env(),
-        )
+        );
+        env.s3 = Some(server.endpoint());
+        env
     }
 
     fn with(dir: tempfile::TempDir, store: String, vars: Vec<(&'static str, String)>) -> Env {
-        let env = Env { dir, store, vars };
+        let env = Env {
+            dir,
+            store,
+            vars,
+            s3: None,
+        };
         env.isr(&["keygen", env.key().to_str().unwrap()]).ok();
         env
     }

@@ -8,20 +8,33 @@ use std::sync::atomic::AtomicBool;
 
 use fetcher::{Engine, EngineOptions, Lease, Parcel, Store};
 
-use super::support::sha256;
+use super::support::{S3Server, sha256};
 use super::{Env, s};
 
 const CHUNK: u64 = 256 * 1024;
 
 fn parcel(env: &Env) -> Parcel {
+    let store = match &env.s3 {
+        // The same store the CLI opens, with the test server's keys.
+        Some(endpoint) => {
+            let s3 = object_store::aws::AmazonS3Builder::new()
+                .with_bucket_name(super::support::BUCKET)
+                .with_endpoint(endpoint)
+                .with_access_key_id(super::support::ACCESS_KEY)
+                .with_secret_access_key(super::support::SECRET_KEY)
+                .with_region("us-east-1")
+                .with_allow_http(true)
+                .build()
+                .unwrap();
+            let prefix = env.store.rsplit('/').next().unwrap();
+            let inner = object_store::prefix::PrefixStore::new(s3, prefix);
+            Store::from_object_store(std::sync::Arc::new(inner), &env.store, true)
+        }
+        None => Store::open(&env.store, &Default::default()).unwrap(),
+    };
     let key = std::fs::read(env.key()).unwrap();
     let secret = format::Secret::from_key_file_bytes(&key).unwrap();
-    Parcel::new(
-        Store::open(&env.store, &Default::default()).unwrap(),
-        "vm",
-        secret,
-    )
-    .unwrap()
+    Parcel::new(store, "vm", secret).unwrap()
 }
 
 fn options(env: &Env) -> EngineOptions {
@@ -163,4 +176,33 @@ fn checkin_without_a_cache_says_so() {
         "{}",
         r.stderr()
     );
+}
+
+/// Working offline against S3: with the server down, checkin fails as
+/// unreachable (exit 3) and keeps the lease, the changes and the sync
+/// record; once the server is back it publishes, sending only what the
+/// sync had not.
+#[test]
+fn checkin_with_the_s3_store_down_keeps_everything_until_it_is_back() {
+    let mut server = S3Server::start();
+    let env = Env::s3(&server, "offline");
+    let image = env.imported(2, 5);
+    let mut expect = std::fs::read(&image).unwrap();
+    let dir = offline_session(&env, &mut expect, 1..6, 2, true);
+
+    server.stop();
+    let r = checkin(&env, &["--retry-timeout", "2"]).exits(3);
+    assert!(r.stderr().contains("127.0.0.1"), "names the store: {}", r.stderr());
+    assert!(dir.join("lease").exists(), "the lease stays with this cache");
+    assert!(dir.join("synced").exists(), "the sync record stays");
+
+    server.restart();
+    let c = checkin(&env, &["--json"]).ok().json();
+    assert_eq!(c["version"], 2, "{c}");
+    assert_eq!((c["dirty_chunks"].as_u64(), c["synced_chunks"].as_u64()), (Some(5), Some(2)), "{c}");
+    let out = env.path("out");
+    env.on("export", "vm", &[s(&out)]).ok();
+    let want = env.path("want");
+    std::fs::write(&want, &expect).unwrap();
+    assert_eq!(sha256(&out), sha256(&want));
 }
