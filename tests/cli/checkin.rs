@@ -192,14 +192,25 @@ fn checkin_with_the_s3_store_down_keeps_everything_until_it_is_back() {
 
     server.stop();
     let r = checkin(&env, &["--retry-timeout", "2"]).exits(3);
-    assert!(r.stderr().contains("127.0.0.1"), "names the store: {}", r.stderr());
-    assert!(dir.join("lease").exists(), "the lease stays with this cache");
+    assert!(
+        r.stderr().contains("127.0.0.1"),
+        "names the store: {}",
+        r.stderr()
+    );
+    assert!(
+        dir.join("lease").exists(),
+        "the lease stays with this cache"
+    );
     assert!(dir.join("synced").exists(), "the sync record stays");
 
     server.restart();
     let c = checkin(&env, &["--json"]).ok().json();
     assert_eq!(c["version"], 2, "{c}");
-    assert_eq!((c["dirty_chunks"].as_u64(), c["synced_chunks"].as_u64()), (Some(5), Some(2)), "{c}");
+    assert_eq!(
+        (c["dirty_chunks"].as_u64(), c["synced_chunks"].as_u64()),
+        (Some(5), Some(2)),
+        "{c}"
+    );
     let out = env.path("out");
     env.on("export", "vm", &[s(&out)]).ok();
     let want = env.path("want");
