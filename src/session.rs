@@ -184,9 +184,11 @@ pub(crate) fn spawn_reconnect(session: Arc<Session>, engine: Arc<Engine>, a: &Re
                     eprintln!(
                         "isr: the store is reachable again: took the lease on parcel {name}; working online"
                     );
+                    engine.note_store_reached();
                     session.go_online(lease);
                 }
                 Err(e) => {
+                    engine.note_store_failed(&e);
                     let why = if e.is_unreachable() {
                         format!("the store cannot be reached ({e})")
                     } else {

@@ -211,6 +211,16 @@ fn ublk_offline_suspend_resume_without_the_store_then_checkin() {
     let b = sha256_of(&dev);
     let st = vm.status();
     assert_eq!(st["online"], false, "{st}");
+    assert!(st["offline_reason"].as_str().is_some(), "{st}");
+    // `isr status` with no name lists it, with what a suspend would send.
+    let all = json_of(&ok(vm.isr().args(["status", "--json"])));
+    let listed = &all.as_array().unwrap()[0];
+    assert_eq!(listed["parcel"], "vm", "{all}");
+    assert!(listed["dirty_bytes"].as_u64().unwrap() > 0, "{all}");
+    assert_eq!(
+        listed["pending_upload_bytes"], listed["dirty_bytes"],
+        "nothing synced: {all}"
+    );
     let s = json_of(&ok(vm.isr().args(["suspend", "vm", "--offline", "--json"])));
     vm.device = None;
     assert_eq!(s["offline"], true, "{s}");

@@ -495,6 +495,18 @@ impl Engine {
         )
     }
 
+    /// Records that the store answered an operation made outside the engine
+    /// (e.g. an offline daemon taking its lease on reconnecting).
+    pub fn note_store_reached(&self) {
+        self.shared.note_store_result(Ok(()));
+    }
+
+    /// Records that an operation outside the engine failed because the
+    /// store could not be reached.
+    pub fn note_store_failed(&self, e: &Error) {
+        self.shared.note_store_result(Err(e));
+    }
+
     /// Pauses or resumes background prefetch (demand fetches always run).
     pub fn set_prefetch(&self, on: bool) {
         self.shared.prefetch_on.store(on, Ordering::Relaxed);
