@@ -80,6 +80,8 @@ pub struct Counters {
     pub down: u64,
     /// Connections accepted.
     pub connections: u64,
+    /// Most connections open at once (see [`ShapingProxy::reset_max_open`]).
+    pub max_open: u64,
 }
 
 /// One direction of the link: its virtual clock (when the last byte
@@ -126,6 +128,8 @@ struct Shared {
     links: [Link; 2],
     delivered: [AtomicU64; 2],
     connections: AtomicU64,
+    open: AtomicU64,
+    max_open: AtomicU64,
 }
 
 impl Shared {
@@ -169,6 +173,8 @@ impl ShapingProxy {
             links: [Link::new(), Link::new()],
             delivered: [AtomicU64::new(0), AtomicU64::new(0)],
             connections: AtomicU64::new(0),
+            open: AtomicU64::new(0),
+            max_open: AtomicU64::new(0),
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -227,7 +233,15 @@ impl ShapingProxy {
             up: self.shared.delivered[UP].load(Ordering::Relaxed),
             down: self.shared.delivered[DOWN].load(Ordering::Relaxed),
             connections: self.shared.connections.load(Ordering::Relaxed),
+            max_open: self.shared.max_open.load(Ordering::Relaxed),
         }
+    }
+
+    /// Starts counting the most connections open at once from those open
+    /// now.
+    pub fn reset_max_open(&self) {
+        let open = self.shared.open.load(Ordering::Relaxed);
+        self.shared.max_open.store(open, Ordering::Relaxed);
     }
 }
 
@@ -250,10 +264,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         };
         shared.connections.fetch_add(1, Ordering::Relaxed);
+        let open = shared.open.fetch_add(1, Ordering::Relaxed) + 1;
+        shared.max_open.fetch_max(open, Ordering::Relaxed);
         let accepted = Instant::now();
         let s = shared.clone();
         tokio::spawn(async move {
             let Ok(server) = TcpStream::connect(s.backend).await else {
+                s.open.fetch_sub(1, Ordering::Relaxed);
                 return; // the client sees the connection close
             };
             let _ = client.set_nodelay(true);
@@ -261,8 +278,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             let (cr, cw) = client.into_split();
             let (sr, sw) = server.into_split();
             let up = tokio::spawn(direction(cr, sw, s.clone(), UP, Some(accepted)));
-            let down = tokio::spawn(direction(sr, cw, s, DOWN, None));
+            let down = tokio::spawn(direction(sr, cw, s.clone(), DOWN, None));
             let _ = tokio::join!(up, down);
+            s.open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
