@@ -81,6 +81,11 @@ impl S3Server {
         format!("http://{}", self.addr)
     }
 
+    /// CPU seconds the server has used so far (from /proc; 0 if unknown).
+    pub fn cpu_seconds(&self) -> f64 {
+        proc_cpu_seconds(self.child.id())
+    }
+
     /// The directory holding the bucket's objects.
     pub fn bucket_dir(&self) -> PathBuf {
         self.root.path().join(BUCKET)
@@ -192,4 +197,35 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
         dirs.push(Path::new(&home).join(".cargo/bin"));
     }
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// CPU seconds (user + system) process `pid` has used, from /proc.
+pub fn proc_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The fields after the command name (which may hold spaces).
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}
+
+/// CPU seconds used by waited-for children of this process so far.
+pub fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage, RUSAGE_CHILDREN is a valid who.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut u) } != 0 {
+        return 0.0;
+    }
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
 }
