@@ -1,0 +1,164 @@
+//! `bench-scenarios`: isr's scenario benchmarks over a shaped link, each a
+//! row of a table and a JSON line, every ratio computed in the same run.
+//! `scripts/bench-scenarios` builds and runs it; it writes
+//! `BENCHMARKS.md` (the table, the machine, the date, how to reproduce,
+//! and `benches/analysis.md`) and appends the rows to
+//! `benches/results.jsonl`. Not a test: nothing here runs under
+//! `cargo test`.
+
+mod env;
+mod hoard;
+mod report;
+mod suspend;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(about = "isr's scenario benchmarks over a shaped link")]
+struct Args {
+    /// The repository: BENCHMARKS.md and benches/results.jsonl go there.
+    #[arg(long, default_value = ".")]
+    repo: PathBuf,
+    /// Scratch space (servers' data, caches, images).
+    #[arg(long, default_value = "target/bench-work")]
+    work: PathBuf,
+    /// Run only these scenarios (P6, P4).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Smaller sizes (a quick look, not for BENCHMARKS.md).
+    #[arg(long)]
+    quick: bool,
+    /// Print the table only; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    for (k, v) in env::aws_env() {
+        // SAFETY: first thing in main, before any other thread exists; the
+        // S3 clients of this process read these.
+        unsafe { std::env::set_var(k, v) };
+    }
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-scenarios: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let started = Instant::now();
+    let s3s = env::find_program("s3s-fs")
+        .ok_or("s3s-fs is not installed: run scripts/setup (or cargo install s3s-fs --version 0.14.1 --features binary --locked)")?;
+    if !env::isr_bin().is_file() {
+        return Err(format!(
+            "no isr binary at {} (cargo build --release, or set ISR_BIN)",
+            env::isr_bin().display()
+        ));
+    }
+    std::fs::create_dir_all(&args.work).map_err(|e| format!("{}: {e}", args.work.display()))?;
+    let want =
+        |id: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(id));
+    let q = args.quick;
+    let rtt = Duration::from_millis(40);
+    let mut rows = Vec::new();
+    if want("P6") {
+        let cfg = hoard::Config {
+            mib: if q { 64 } else { 384 },
+            rtt,
+        };
+        rows.extend(hoard::run(&args.work, &s3s, &cfg)?);
+    }
+    if want("P4") {
+        let cfg = suspend::Config {
+            disk_mib: if q { 64 } else { 256 },
+            random_mib: 1,
+            sequential_mib: if q { 8 } else { 32 },
+            rate: 12_500_000,
+            rtt,
+        };
+        rows.extend(suspend::run(&args.work, &s3s, &cfg)?);
+    }
+    let table = report::table(&rows);
+    println!("{table}");
+    let took = started.elapsed().as_secs_f64();
+    eprintln!("bench-scenarios: {} rows in {took:.0} s", rows.len());
+    if args.dry_run {
+        return Ok(());
+    }
+    let date = sh("date -u +%Y-%m-%dT%H:%M:%SZ");
+    let mut jsonl = String::new();
+    for r in &rows {
+        jsonl.push_str(&r.json(&date).to_string());
+        jsonl.push('\n');
+    }
+    let results = args.repo.join("benches/results.jsonl");
+    append(&results, &jsonl)?;
+    let analysis =
+        std::fs::read_to_string(args.repo.join("benches/analysis.md")).unwrap_or_default();
+    let md = format!(
+        "# Scenario benchmarks\n\n\
+         Written by `scripts/bench-scenarios` on {date} (commit {commit}, {took:.0} s{quick}). \
+         Every ratio is computed in the same run; the JSON lines of every run are in \
+         `benches/results.jsonl`.\n\n{table}\n\
+         ## Machine\n\n{machine}\n\n\
+         ## How to reproduce\n\n    scripts/bench-scenarios            # all (installs what it needs)\n    \
+         scripts/bench-scenarios --only P6  # one scenario\n    \
+         target/release/shaping-proxy --self-test --rtt 40ms --rate 100Mbit   # the link's accuracy\n\n\
+         The link is `benches/src/shaper.rs`, a TCP proxy on 127.0.0.1 between the client and \
+         the S3 server (s3s-fs): half the RTT each way, a bandwidth cap per direction shared by \
+         every connection through it, and one more RTT for each new connection (the handshake). \
+         Each P6 row runs the proxy's self-test at the same shape first (in `details.proxy_check` \
+         of its JSON line).\n\n{analysis}",
+        commit = sh("git rev-parse --short HEAD"),
+        quick = if q { ", --quick" } else { "" },
+        machine = machine(),
+    );
+    let path = args.repo.join("BENCHMARKS.md");
+    std::fs::write(&path, md).map_err(|e| format!("{}: {e}", path.display()))?;
+    eprintln!(
+        "bench-scenarios: wrote {} and {}",
+        path.display(),
+        results.display()
+    );
+    Ok(())
+}
+
+fn append(path: &std::path::Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn sh(cmd: &str) -> String {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2");
+    format!(
+        "- CPU: {} × {}\n- memory: {}\n- kernel: {}\n- rustc: {}\n- s3s-fs: {}",
+        sh("nproc"),
+        cpu.trim(),
+        sh("grep MemTotal /proc/meminfo | awk '{printf \"%.1f GiB\", $2/1048576}'"),
+        sh("uname -sr"),
+        sh("rustc --version"),
+        sh("s3s-fs --version 2>/dev/null || ~/.cargo/bin/s3s-fs --version"),
+    )
+}
