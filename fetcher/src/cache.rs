@@ -139,6 +139,8 @@ pub struct Cache {
     header: std::sync::Mutex<Header>,
     /// The first failed sync of the image, kept until the cache is closed.
     sync_failure: OnceLock<String>,
+    /// Syncs of the image shared by concurrent fetches.
+    group: crate::group_sync::GroupSync,
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
@@ -222,6 +224,7 @@ impl Cache {
                 .collect(),
             header: std::sync::Mutex::new(header),
             sync_failure: OnceLock::new(),
+            group: Default::default(),
         };
         cache.write_header()?;
         cache
@@ -275,6 +278,7 @@ impl Cache {
             entries,
             header: std::sync::Mutex::new(header),
             sync_failure: OnceLock::new(),
+            group: Default::default(),
         };
         Ok(cache)
     }
@@ -406,6 +410,21 @@ impl Cache {
             self.note_sync_failure(&e);
             Error::io("sync", &path, e)
         })
+    }
+
+    /// [`sync_image`](Self::sync_image), shared: returns once a sync that
+    /// began after this call has ended, run by this thread or by another
+    /// caller's (see `group_sync`). Fetches completing together pay for
+    /// about two syncs instead of one each.
+    pub fn sync_image_shared(&self) -> Result<(), Error> {
+        self.group.sync(
+            || self.sync_image(),
+            || {
+                self.check_synced().err().unwrap_or_else(|| {
+                    Error::Invalid("a shared sync of the cache image failed".into())
+                })
+            },
+        )
     }
 
     /// Fails if a sync of the image has failed in this session.

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod disk_file;
 pub mod engine;
 mod error;
+mod group_sync;
 pub mod lease;
 pub mod meter;
 pub mod notify;

@@ -812,7 +812,9 @@ impl Shared {
         if written.is_empty() {
             return Ok(());
         }
-        self.cache.sync_image()?;
+        // Shared with the fetches completing at the same time: the data is
+        // durable once a sync begun after these writes has ended.
+        self.cache.sync_image_shared()?;
         for c in written {
             let _g = self.stripe(c);
             if cache::state_of(self.cache.entry(c)) == ABSENT {
