@@ -284,8 +284,8 @@ fn complete(shared: &Shared, key: ChunkKey, slot: &Arc<Slot>, r: Result<u64, Err
 /// prefetch in flight delays a demand fetch that joins them), doubles while
 /// throughput grows (slow start: a fast, distant store needs many requests
 /// in flight, and growing a quarter at a time cost a 1 Gbit/s link 40% of
-/// its throughput), halves on errors. A dip in throughput alone does not
-/// shrink it: the demand, the disk or other traffic cause those.
+/// its throughput), gives back a quarter when throughput clearly drops, and
+/// halves on errors.
 struct Window {
     size: usize,
     max: usize,
@@ -316,6 +316,11 @@ impl Window {
         let rate = self.bytes as f64 / self.since.elapsed().as_secs_f64().max(1e-6);
         if rate > self.last_rate * 1.1 {
             self.size = (self.size * 2).min(self.max);
+        } else if rate < self.last_rate * 0.7 {
+            // A clear drop: give back a quarter, so that a window a noisy
+            // rate grew on a slow link comes down again (slowly: a dip is
+            // more often the demand or the disk than the store).
+            self.size = (self.size - (self.size / 4).max(1)).max(1);
         }
         self.last_rate = rate;
         self.bytes = 0;
@@ -492,12 +497,12 @@ mod tests {
             w.success(1 << 20);
         }
         assert_eq!(w.size, 8, "doubles while the rate grows");
-        // A window-full at a lower rate does not shrink it.
+        // A window-full at a clearly lower rate gives back a quarter.
         w.last_rate = f64::MAX;
         for _ in 0..8 {
             w.success(1);
         }
-        assert_eq!(w.size, 8);
+        assert_eq!(w.size, 6);
         let grown = w.size;
         w.error();
         assert_eq!(w.size, (grown / 2).max(1));
