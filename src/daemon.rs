@@ -773,7 +773,7 @@ fn publish_and_release(
             let e = explain(e, &a.parcel);
             if unreachable {
                 let dirty = engine.stats().dirty_chunks;
-                anyhow::anyhow!(crate::session::unpublished(name, &e, dirty))
+                crate::session::unpublished(name, e, dirty)
             } else {
                 e
             }

@@ -23,7 +23,7 @@ use fetcher::{Engine, EngineOptions, Lease, Parcel, SavedVm};
 use serde_json::{Value, json};
 
 use crate::cli::{CheckinArgs, ResumeArgs, SyncArgs};
-use crate::commands::{describe, explain, host_name, open_parcel};
+use crate::commands::{explain, host_name, open_parcel};
 use crate::time::now_unix;
 
 /// How long a resume with a cache to fall back on tries the store before
@@ -413,10 +413,10 @@ fn with_nothing_note(mut reply: Value, s: &fetcher::PublishSummary, saved: &Save
 }
 
 /// The error of a publish that could not reach the store, saying what is
-/// kept and what publishes it later.
-pub(crate) fn unpublished(name: &str, e: &anyhow::Error, dirty: u64) -> String {
-    format!(
-        "{}: nothing was published; every change is kept in the cache ({dirty} dirty chunks) and the lease stays with this host: `isr checkin {name}` publishes them once the store is back (or `isr resume` works on offline)",
-        describe(e)
-    )
+/// kept and what publishes it later (the store's error stays its cause, so
+/// the exit status says "unreachable").
+pub(crate) fn unpublished(name: &str, e: anyhow::Error, dirty: u64) -> anyhow::Error {
+    e.context(format!(
+        "nothing was published; every change is kept in the cache ({dirty} dirty chunks): `isr checkin {name}` publishes them once the store is back (or `isr resume` works on offline)"
+    ))
 }

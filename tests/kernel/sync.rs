@@ -221,6 +221,16 @@ fn ublk_offline_suspend_resume_without_the_store_then_checkin() {
         listed["pending_upload_bytes"], listed["dirty_bytes"],
         "nothing synced: {all}"
     );
+    // A plain suspend cannot publish without the store: it says so, exits
+    // 3 (unreachable), and keeps everything; the device is gone.
+    let out = run(vm.isr().args(["suspend", "vm"]));
+    vm.device = None;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("nothing was published"), "{err}");
+    // Still offline: resume works on, and suspend --offline needs no network.
+    let dev = vm.resume(&[]);
+    assert_eq!(sha256_of(&dev), b, "nothing was lost");
     let s = json_of(&ok(vm.isr().args(["suspend", "vm", "--offline", "--json"])));
     vm.device = None;
     assert_eq!(s["offline"], true, "{s}");
