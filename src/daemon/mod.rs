@@ -11,7 +11,7 @@
 //! ```
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
@@ -19,14 +19,19 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fetcher::{Engine, EngineOptions, LeaseInfo, SavedVm};
+use fetcher::{Engine, EngineOptions, SavedVm};
 use serde_json::{Value, json};
 
 use crate::cli::{DeviceArgs, NameArgs, ParcelArgs, ResumeArgs, SuspendArgs};
 use crate::commands::{explain, host_name, open_parcel};
-use crate::output::ReplyError;
 use crate::session::{Session, nonce_path};
 use crate::time::now_unix;
+
+mod client;
+mod control;
+
+pub(crate) use client::{answer, ask, ask_with_progress};
+use control::{Control, SuspendRequest};
 
 pub(crate) fn run_dir() -> PathBuf {
     std::env::var_os("ISR_RUN_DIR").map_or_else(|| "/run/isr".into(), PathBuf::from)
@@ -58,166 +63,6 @@ pub(crate) fn pid_alive(pid: i64) -> bool {
         .next()
         .and_then(|r| r.split_whitespace().next());
     !matches!(state, Some("Z" | "X"))
-}
-
-/// How long a daemon may take to answer a command (for `suspend`: to
-/// acknowledge it; the publish that follows may take as long as the upload).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Sends one command to a parcel's daemon; its one-line JSON answer.
-pub(crate) fn ask(parcel: &str, command: &str) -> anyhow::Result<Value> {
-    let (_stream, mut reader) = send(parcel, command)?;
-    read_answer(parcel, command, &mut reader, ANSWER_TIMEOUT)
-}
-
-fn send(parcel: &str, command: &str) -> anyhow::Result<(UnixStream, BufReader<UnixStream>)> {
-    let path = socket_path(parcel);
-    let mut stream = UnixStream::connect(&path).map_err(|_| {
-        anyhow::anyhow!(
-            "parcel {parcel} is not resumed on this host (no daemon at {})",
-            path.display()
-        )
-    })?;
-    stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
-    stream
-        .write_all(format!("{command}\n").as_bytes())
-        .with_context(|| format!("sending {command:?} to the daemon of parcel {parcel}"))?;
-    let reader = BufReader::new(stream.try_clone()?);
-    Ok((stream, reader))
-}
-
-/// Reads one JSON line, waiting at most `timeout`.
-fn read_answer(
-    parcel: &str,
-    command: &str,
-    reader: &mut BufReader<UnixStream>,
-    timeout: Duration,
-) -> anyhow::Result<Value> {
-    read_answer_while(parcel, command, reader, timeout, || false)
-}
-
-/// Reads one JSON line, waiting `timeout` at a time for as long as
-/// `keep_waiting` says (a partial line read before a timeout is kept).
-fn read_answer_while(
-    parcel: &str,
-    command: &str,
-    reader: &mut BufReader<UnixStream>,
-    timeout: Duration,
-    keep_waiting: impl Fn() -> bool,
-) -> anyhow::Result<Value> {
-    reader.get_ref().set_read_timeout(Some(timeout))?;
-    let mut line = String::new();
-    loop {
-        match reader.read_line(&mut line) {
-            Ok(_) => break,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                if keep_waiting() {
-                    continue;
-                }
-                bail!(
-                    "the daemon of parcel {parcel} did not answer {command:?} within {} s (pid {}); see {}",
-                    timeout.as_secs(),
-                    read_state(parcel).map_or("unknown".into(), |s| s["pid"].to_string()),
-                    run_dir().join(format!("{parcel}.log")).display()
-                )
-            }
-            Err(e) => {
-                return Err(
-                    anyhow::Error::new(e).context(format!("reading the daemon of parcel {parcel}"))
-                );
-            }
-        }
-    }
-    if line.is_empty() {
-        bail!("the daemon of parcel {parcel} closed the connection without an answer");
-    }
-    serde_json::from_str(&line).with_context(|| {
-        format!("the daemon of parcel {parcel} answered {command:?} with {line:?}")
-    })
-}
-
-/// Sends `command JSON` to a parcel's daemon and waits for its answer for
-/// as long as the daemon lives, showing the progress lines it sends before
-/// it (`{"progress": DONE, "total": BYTES}`) on a bar labelled `what`.
-pub(crate) fn ask_with_progress(
-    parcel: &str,
-    command: &str,
-    request: &Value,
-    what: &str,
-    json: bool,
-) -> anyhow::Result<Value> {
-    let pid = read_state(parcel)
-        .and_then(|s| s["pid"].as_i64())
-        .unwrap_or(0);
-    let (_stream, mut reader) = send(parcel, &format!("{command} {request}"))?;
-    let (bar, _) = crate::progress::bytes_bar(0, what, json);
-    let result = loop {
-        let v = read_answer_while(parcel, command, &mut reader, Duration::from_secs(2), || {
-            pid_alive(pid)
-        })?;
-        if v.get("accepted").is_some() {
-            continue;
-        }
-        match (v.get("progress"), v.get("total")) {
-            (Some(done), Some(total)) => {
-                bar.set_length(total.as_u64().unwrap_or(0));
-                bar.set_position(done.as_u64().unwrap_or(0));
-            }
-            _ => break v,
-        }
-    };
-    bar.finish_and_clear();
-    Ok(result)
-}
-
-/// Writes `{"progress": DONE, "total": BYTES}` lines to `writer` every half
-/// second until `rx` delivers the answer.
-fn answer_with_progress(
-    writer: &mut UnixStream,
-    engine: &Engine,
-    rx: &mpsc::Receiver<Value>,
-) -> Value {
-    loop {
-        match rx.recv_timeout(Duration::from_millis(500)) {
-            Ok(v) => return v,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                let (done, total) = engine.upload_progress();
-                // A client that went away only misses the bar.
-                let _ = writeln!(writer, "{}", json!({ "progress": done, "total": total }));
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return json!({"error": "the daemon stopped without an answer"});
-            }
-        }
-    }
-}
-
-/// Prints a daemon's reply (with `json` as it is, else as `text` makes
-/// it); a reply with an `error` fails with the exit status of its `kind`.
-pub(crate) fn answer(
-    mut reply: Value,
-    json: bool,
-    text: impl FnOnce(&Value) -> String,
-) -> anyhow::Result<ExitCode> {
-    if reply.get("error").is_some() {
-        let error = ReplyError::of(&reply, json);
-        if json {
-            reply["kind"] = json!(error.kind.name());
-            crate::output::line(&reply)?;
-        }
-        return Err(error.into());
-    }
-    if json {
-        crate::output::line(&reply)?;
-    } else {
-        crate::output::line(text(&reply))?;
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Who still uses block device `dev`: processes holding it open, and
@@ -822,168 +667,6 @@ pub(crate) fn publish_json(name: &str, s: &fetcher::PublishSummary, released: bo
         "seconds": s.seconds,
         "lease_released": released,
     })
-}
-
-/// What a suspend asked for.
-#[derive(Debug, Clone, Default)]
-struct SuspendRequest {
-    /// The VM's memory image and settings, for the publish.
-    saved: SavedVm,
-    /// Publish nothing; keep the lease and the changes (`--offline`).
-    offline: bool,
-    /// Cap on the upload.
-    bwlimit: Option<u64>,
-}
-
-/// What the control socket's threads share.
-struct Control {
-    name: String,
-    engine: Arc<Engine>,
-    device: Arc<OnceLock<ublk_target::DeviceInfo>>,
-    requests: Arc<Mutex<Vec<Reply>>>,
-    request: Arc<Mutex<SuspendRequest>>,
-    session: Arc<Session>,
-    started: Instant,
-}
-
-impl Control {
-    /// Answers one command on `conn`: `status`, `sync [JSON]` (`{"bwlimit":
-    /// RATE}`), or `suspend [JSON]` (`{"memory": PATH, "vm": SETTINGS,
-    /// "offline": BOOL, "bwlimit": RATE}`, all optional). Long commands send
-    /// progress lines before their answer.
-    fn serve(&self, conn: UnixStream) {
-        let mut line = String::new();
-        let Ok(mut writer) = conn.try_clone() else {
-            return;
-        };
-        let _ = conn.set_read_timeout(Some(ANSWER_TIMEOUT));
-        if BufReader::new(conn).read_line(&mut line).is_err() {
-            return;
-        }
-        let (command, rest) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
-        let options: Value = serde_json::from_str(rest).unwrap_or(Value::Null);
-        let reply = match command {
-            "status" => self.status(),
-            "sync" => self.sync(&mut writer, options["bwlimit"].as_u64()),
-            "suspend" => {
-                let Some(info) = self.device.get() else {
-                    let _ = writeln!(writer, "{}", json!({"error": "the device is not up yet"}));
-                    return;
-                };
-                tracing::info!(parcel = self.name, request = rest, "suspend requested");
-                match crate::vm::saved_from_json(rest) {
-                    Ok(saved) => {
-                        *self.request.lock().expect("request") = SuspendRequest {
-                            saved,
-                            offline: options["offline"].as_bool().unwrap_or(false),
-                            bwlimit: options["bwlimit"].as_u64(),
-                        }
-                    }
-                    Err(e) => {
-                        let _ = writeln!(writer, "{}", json!({ "error": e.to_string() }));
-                        return;
-                    }
-                }
-                let (tx, rx) = mpsc::channel();
-                self.requests.lock().expect("requests").push(tx);
-                if writeln!(writer, "{}", json!({ "accepted": true })).is_err() {
-                    return;
-                }
-                // Background uploads give way; stopping the device drains
-                // in-flight I/O; the main thread then publishes and answers.
-                self.session
-                    .stopping
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                if let Err(e) = ublk_target::stop(info.id) {
-                    json!({ "error": e.to_string() })
-                } else {
-                    answer_with_progress(&mut writer, &self.engine, &rx)
-                }
-            }
-            other => json!({ "error": format!("unknown command {other:?}") }),
-        };
-        let _ = writeln!(writer, "{reply}");
-    }
-
-    /// `isr sync`: uploads while the device serves, sending progress.
-    fn sync(&self, writer: &mut UnixStream, bwlimit: Option<u64>) -> Value {
-        let store = self.engine.parcel().store();
-        let before = store.bwlimit();
-        if bwlimit.is_some() {
-            store.set_bwlimit(bwlimit, before.1);
-        }
-        let (tx, rx) = mpsc::channel();
-        let engine = self.engine.clone();
-        let name = self.name.clone();
-        std::thread::spawn(move || {
-            let stop = std::sync::atomic::AtomicBool::new(false);
-            let reply = match engine.sync(fetcher::no_progress(), &stop) {
-                Ok(s) => crate::session::sync_json(&name, &s, &engine),
-                Err(e) => {
-                    let (left, _) = engine.unsynced();
-                    json!({ "error": format!(
-                        "{e}; nothing is lost: the {left} chunks not uploaded stay dirty in the cache and the next sync or suspend uploads them"
-                    ) })
-                }
-            };
-            let _ = tx.send(reply);
-        });
-        let reply = answer_with_progress(writer, &self.engine, &rx);
-        if bwlimit.is_some() {
-            store.set_bwlimit(before.0, before.1);
-        }
-        reply
-    }
-
-    /// The answer to `status` (see `crate::status` for its fields).
-    fn status(&self) -> Value {
-        let (engine, s) = (&self.engine, self.engine.stats());
-        let geometry = engine.geometry();
-        let report = engine.open_report();
-        let (unsynced, unsynced_bytes) = engine.unsynced();
-        let offline = self.session.offline();
-        let lease: Option<LeaseInfo> = self.session.lease().map(|l| l.info().clone());
-        json!({
-            "parcel": self.name,
-            "state": "running",
-            "device": self.device.get().map(|d| d.path.clone()),
-            "pid": std::process::id(),
-            "store": engine.parcel().store().url(),
-            "base_version": engine.base_version(),
-            "disk_size": geometry.disk_size(),
-            "chunk_size": geometry.chunk_size(),
-            "chunks": s.chunks,
-            "cached_chunks": s.cached_chunks,
-            "dirty_chunks": s.dirty_chunks,
-            "dirty_bytes": s.dirty_bytes,
-            "synced_chunks": engine.synced_chunks(),
-            "unsynced_chunks": unsynced,
-            "pending_upload_bytes": unsynced_bytes,
-            "fetched_chunks": s.fetched_chunks,
-            "fetched_bytes": s.fetched_bytes,
-            "uploaded_bytes": s.uploaded_bytes,
-            "fetch_rate": s.fetch_rate,
-            "upload_rate": s.upload_rate,
-            "link_estimate": s.link_estimate,
-            "online": s.online && offline.is_none(),
-            "last_store_error": s.last_store_error,
-            "window": s.window,
-            "trace_chunks": s.trace_chunks,
-            "offline_reason": offline,
-            "idle_seconds": engine.idle_for().as_secs(),
-            "lease": lease.as_ref().map(LeaseInfo::describe),
-            "lease_holder": lease.as_ref().map(|l| json!({
-                "host": l.host,
-                "pid": l.pid,
-                "since": l.since_unix,
-            })),
-            "uptime_seconds": self.started.elapsed().as_secs(),
-            "cache": engine.cache_dir(),
-            "unclean_stop": report.recovered,
-            "scanned_chunks": report.scanned_chunks,
-            "recovered_dirty": report.recovered_dirty,
-        })
-    }
 }
 
 /// The daemon must not share a mount namespace with users of its own device
