@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use fetcher::{Engine, EngineOptions, Lease, Parcel, SavedVm};
+use fetcher::{Engine, EngineOptions, Lease, Parcel};
 use serde_json::{Value, json};
 
 use crate::cli::{CheckinArgs, ResumeArgs, SyncArgs};
@@ -373,6 +373,7 @@ pub fn checkin(a: CheckinArgs) -> anyhow::Result<ExitCode> {
     // A VM a failed (or offline) suspend saved: its state goes in too.
     let saved = crate::vm::save(&name)?;
     let saved = crate::vm::saved_from_json(&saved.to_string())?;
+    let base = engine.base_version();
     let summary = engine.publish_with(Some(&lease), now_unix(), &saved);
     let summary = match summary {
         Ok(s) => s,
@@ -386,8 +387,8 @@ pub fn checkin(a: CheckinArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_file(nonce_path(&cache_dir));
     crate::vm::forget(&name);
     engine.close().map_err(|e| explain(e, &pa))?;
-    let reply = crate::daemon::publish_json(&name, &summary, released.is_ok());
-    let reply = with_nothing_note(reply, &summary, &saved);
+    let mut reply = crate::daemon::publish_json(&name, &summary, released.is_ok());
+    reply["published"] = json!(summary.version != base);
     crate::daemon::answer(reply, a.json, |r| {
         if r["published"] == false {
             return format!(
@@ -405,11 +406,6 @@ pub fn checkin(a: CheckinArgs) -> anyhow::Result<ExitCode> {
             r["seconds"].as_f64().unwrap_or(0.0)
         )
     })
-}
-
-fn with_nothing_note(mut reply: Value, s: &fetcher::PublishSummary, saved: &SavedVm) -> Value {
-    reply["published"] = json!(s.dirty_chunks > 0 || saved.memory.is_some());
-    reply
 }
 
 /// The error of a publish that could not reach the store, saying what is

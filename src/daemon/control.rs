@@ -150,7 +150,6 @@ impl Control {
         let (engine, s) = (&self.engine, self.engine.stats());
         let geometry = engine.geometry();
         let report = engine.open_report();
-        let (unsynced, unsynced_bytes) = engine.unsynced();
         let offline = self.session.offline();
         let lease: Option<LeaseInfo> = self.session.lease().map(|l| l.info().clone());
         json!({
@@ -167,8 +166,8 @@ impl Control {
             "dirty_chunks": s.dirty_chunks,
             "dirty_bytes": s.dirty_bytes,
             "synced_chunks": engine.synced_chunks(),
-            "unsynced_chunks": unsynced,
-            "pending_upload_bytes": unsynced_bytes,
+            "unsynced_chunks": s.unsynced_chunks,
+            "pending_upload_bytes": s.pending_upload_bytes,
             "fetched_chunks": s.fetched_chunks,
             "fetched_bytes": s.fetched_bytes,
             "uploaded_bytes": s.uploaded_bytes,

@@ -544,12 +544,12 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         let flushed = engine.flush().map_err(|e| explain(e, &a.parcel));
         let reply = match &flushed {
             Ok(()) => {
-                let (unsynced, _) = engine.unsynced();
+                let st = engine.stats();
                 json!({
                     "parcel": name,
                     "offline": true,
-                    "dirty_chunks": engine.stats().dirty_chunks,
-                    "unsynced_chunks": unsynced,
+                    "dirty_chunks": st.dirty_chunks,
+                    "unsynced_chunks": st.unsynced_chunks,
                     "lease_kept": session.lease().is_some(),
                     "device": device_path,
                 })

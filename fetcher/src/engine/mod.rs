@@ -113,7 +113,9 @@ pub struct EngineStats {
     pub dirty_chunks: u64,
     /// Bytes of the dirty chunks (the last chunk of the disk may be shorter).
     pub dirty_bytes: u64,
-    /// Bytes that a suspend still has to upload.
+    /// Dirty chunks that a suspend still has to upload (not synced).
+    pub unsynced_chunks: u64,
+    /// Their bytes.
     pub pending_upload_bytes: u64,
     /// Chunks of the disk.
     pub chunks: u64,
@@ -533,13 +535,14 @@ impl Engine {
             }
         }
         // Dirty chunks a sync put in the store already do not count.
-        let pending_upload_bytes = self.unsynced().1;
+        let (unsynced_chunks, pending_upload_bytes) = self.unsynced();
         EngineStats {
             fetched_chunks: s.fetched_chunks.load(Ordering::Relaxed),
             fetched_bytes: s.fetched_bytes.load(Ordering::Relaxed),
             cached_chunks: cached,
             dirty_chunks: dirty,
             dirty_bytes,
+            unsynced_chunks,
             pending_upload_bytes,
             chunks: s.geometry.chunk_count(),
             window: s.window.load(Ordering::Relaxed),
