@@ -331,13 +331,66 @@ impl Window {
     fn error(&mut self) {
         self.size = (self.size / 2).max(1);
     }
+
+    /// Skips the slow start: the whole window at once (the rate measured
+    /// from here on still brings it down on a clear drop).
+    fn open(&mut self) {
+        self.size = self.max;
+        self.bytes = 0;
+        self.done = 0;
+        self.since = Instant::now();
+    }
 }
 
-/// The order of prefetch: the previous session's trace first, then every
+/// A message on the demand channel that is a readahead hint, not a demand:
+/// this bit, the sequential bit, and the chunk first touched.
+const HINT: u64 = 1 << 62;
+const SEQUENTIAL: u64 = 1 << 61;
+/// Readahead: a first touch right after the chunk before it (a stream:
+/// files are mostly contiguous on disk), or one into what was read ahead,
+/// reads this many chunks ahead of it; any other first touch reads the
+/// next chunk only (a file may just cross into it). In a boot replayed at
+/// 100 Mbit/s this took the first session from 10.7 s to 10.2 s; a ramp
+/// (1, doubling on each hit) wasted less but, one read at a time, stayed
+/// too shallow: 14.4 s.
+const READAHEAD_STREAM: u64 = 16;
+const READAHEAD_SINGLE: u64 = 1;
+/// Streams followed at once (the most recent).
+const STREAMS: usize = 32;
+/// How long after a demand fetch the prefetch of chunks nobody hinted at
+/// (the ascending rest) is held to one in flight: while a guest is waiting
+/// for its data, the link is mostly its (a whole window of such prefetches
+/// queued every demand fetch behind it; none at all made a boot's first
+/// session slower at 100 Mbit/s, where the ascending order finds much of
+/// what a boot reads next).
+const DEMAND_QUIET: Duration = Duration::from_secs(1);
+
+/// What the guest is reading through: the chunks after `next` up to `end`
+/// have been read ahead, `depth` chunks ahead of the last touch.
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    next: u64,
+    end: u64,
+    depth: u64,
+}
+
+/// The demand-channel message that opens the prefetch window fully (a
+/// hoard: everything is wanted now, and nobody waits for one chunk).
+pub(crate) const OPEN_WINDOW: u64 = u64::MAX - 1;
+
+/// The demand-channel message for a readahead hint after chunk `c`.
+pub(crate) fn readahead_hint(c: u64, sequential: bool) -> u64 {
+    HINT | if sequential { SEQUENTIAL } else { 0 } | c
+}
+
+/// The order of prefetch: chunks read ahead of the guest's reads first
+/// (newest hint first), then the previous session's trace, then every
 /// other chunk ascending, then chunks pushed back after a transient error.
 /// Nothing of the size of the disk is built up front (a warm resume of a
 /// large disk should not pay for it).
 struct PrefetchOrder {
+    near: VecDeque<u64>,
+    streams: VecDeque<Stream>,
     trace: VecDeque<u64>,
     in_trace: Vec<u64>,
     next: u64,
@@ -356,6 +409,8 @@ impl PrefetchOrder {
             }
         }
         PrefetchOrder {
+            near: VecDeque::new(),
+            streams: VecDeque::new(),
             trace: order,
             in_trace,
             next: 0,
@@ -364,7 +419,53 @@ impl PrefetchOrder {
         }
     }
 
+    /// Chunk `c` was first touched (`sequential`: right after the chunk
+    /// before it): reads ahead of it, far if it starts or continues a
+    /// stream. Not for
+    /// a chunk of the previous session's trace: while the guest follows the
+    /// trace, the trace knows better what comes next than the disk's layout.
+    fn touched(&mut self, c: u64, sequential: bool) {
+        if c >= self.n || self.in_trace[(c / 64) as usize] & (1 << (c % 64)) != 0 {
+            return;
+        }
+        let mut stream = match self.streams.iter().position(|s| s.next <= c && c <= s.end) {
+            Some(i) => {
+                let mut s = self.streams.remove(i).expect("an index of the streams");
+                s.depth = READAHEAD_STREAM;
+                s
+            }
+            None => Stream {
+                next: c + 1,
+                end: c,
+                depth: if sequential {
+                    READAHEAD_STREAM
+                } else {
+                    READAHEAD_SINGLE
+                },
+            },
+        };
+        stream.next = c + 1;
+        let target = c.saturating_add(stream.depth).min(self.n - 1);
+        for x in (stream.end + 1..=target).rev() {
+            self.near.push_front(x);
+        }
+        stream.end = stream.end.max(target);
+        self.streams.push_front(stream);
+        self.streams.truncate(STREAMS);
+        // Hints of long ago are stale: the guest has moved on.
+        self.near.truncate(256);
+    }
+
+    /// Whether the next chunk is one somebody asked for (read ahead of the
+    /// guest, or in the trace), not the ascending rest.
+    fn has_priority(&self) -> bool {
+        !self.near.is_empty() || !self.trace.is_empty()
+    }
+
     fn pop_front(&mut self) -> Option<u64> {
+        if let Some(c) = self.near.pop_front() {
+            return Some(c);
+        }
         if let Some(c) = self.trace.pop_front() {
             return Some(c);
         }
@@ -396,13 +497,17 @@ pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::Unbounde
     let mut prefetching = 0usize;
     let mut pause_until = Instant::now();
     let mut pause = Duration::from_secs(1);
+    let mut last_demand: Option<Instant> = None;
     loop {
         if shutting_down(&shared) {
             return;
         }
-        // Prefetch into the window.
+        // Prefetch into the window; the ascending rest only one at a time
+        // while demand fetches are recent.
+        let demanding = last_demand.is_some_and(|t| t.elapsed() < DEMAND_QUIET);
         while shared.prefetch_on.load(Ordering::Relaxed)
             && prefetching < window.size
+            && (!demanding || order.has_priority() || prefetching == 0)
             && Instant::now() >= pause_until
         {
             let Some(c) = order.pop_front() else { break };
@@ -444,6 +549,15 @@ pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::Unbounde
                 if c == u64::MAX {
                     continue; // a wake-up
                 }
+                if c == OPEN_WINDOW {
+                    window.open();
+                    continue;
+                }
+                if c & HINT != 0 {
+                    order.touched(c & !(HINT | SEQUENTIAL), c & SEQUENTIAL != 0);
+                    continue;
+                }
+                last_demand = Some(Instant::now());
                 let ChunkEntry::Data(key) = shared.base().entry(c) else { continue };
                 let slot = shared.inflight.lock().expect("inflight lock").get(&key).cloned();
                 if let Some(slot) = slot {
@@ -472,7 +586,7 @@ pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::Unbounde
                     Outcome::Permanent => {}
                 }
             }
-            _ = tokio::time::sleep(wait.max(Duration::from_millis(200))) => {}
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(if demanding { 50 } else { 200 }))) => {}
         }
     }
 }
@@ -487,6 +601,40 @@ mod tests {
         o.push_back(7);
         let got: Vec<u64> = std::iter::from_fn(|| o.pop_front()).collect();
         assert_eq!(got, [5, 2, 0, 1, 3, 4, 6, 7, 7]);
+    }
+
+    #[test]
+    fn readahead_follows_streams_and_not_the_trace() {
+        let mut o = PrefetchOrder::new(&[5], 60);
+        let near = |o: &mut PrefetchOrder| -> Vec<u64> { o.near.drain(..).collect() };
+        o.touched(5, true); // on the trace: the trace leads
+        assert!(near(&mut o).is_empty());
+        o.touched(9, false); // alone: the next chunk only
+        assert_eq!(near(&mut o), [10]);
+        o.touched(10, true); // after 9: a stream, 16 ahead
+        assert_eq!(near(&mut o), (11..=26).collect::<Vec<_>>());
+        o.touched(12, true); // into it: 16 ahead of 12
+        assert_eq!(near(&mut o), [27, 28]);
+        o.touched(40, false); // another, ahead of the others
+        o.touched(20, false); // into the first stream, though not after 19
+        assert_eq!(near(&mut o), [29, 30, 31, 32, 33, 34, 35, 36, 41]);
+        o.touched(50, true); // clipped at the end of the disk
+        assert_eq!(near(&mut o), (51..=59).collect::<Vec<_>>());
+        // Readahead goes before the trace, the trace before the rest.
+        o.touched(41, false);
+        assert!(o.has_priority());
+        let got: Vec<u64> = std::iter::from_fn(|| o.pop_front()).take(18).collect();
+        assert_eq!(got[..16], (42..=57).collect::<Vec<_>>());
+        assert_eq!(got[16..], [5, 0]);
+    }
+
+    #[test]
+    fn hints_are_not_demands() {
+        let h = readahead_hint(77, true);
+        assert_ne!(h & HINT, 0);
+        assert_ne!(h & SEQUENTIAL, 0);
+        assert_eq!(h & !(HINT | SEQUENTIAL), 77);
+        assert_eq!(readahead_hint(77, false) & SEQUENTIAL, 0);
     }
 
     #[test]

@@ -49,6 +49,9 @@ impl Engine {
     pub fn hoard(&self, progress: crate::Progress) -> Result<EngineStats, Error> {
         let s = &self.shared;
         self.set_prefetch(true);
+        // A hoard wants everything now: no slow start (on a 1 Gbit/s link
+        // 40 ms away the ramp from 4 cost a tenth of the throughput).
+        let _ = s.demand_tx.send(super::fetch::OPEN_WINDOW);
         let mut reported = 0u64;
         let (lock, cv) = &s.progress;
         let mut seen = lock.lock().expect("progress lock");

@@ -353,11 +353,20 @@ impl Engine {
         let s = &self.shared;
         s.note_io();
         let mut need = Vec::new();
+        let mut first = Vec::new();
         for span in s.spans(offset, len)? {
-            s.touch(span.chunk);
+            if s.touch(span.chunk) {
+                first.push(span.chunk);
+            }
             if !self.is_cached(span.chunk) && (!write || !span.covers(&s.geometry)) {
+                // Started here, so that the fetch is asked for before the
+                // readahead below (the device's `request` joins it).
+                s.demand(span.chunk, None);
                 need.push(span.chunk);
             }
+        }
+        for c in first {
+            s.readahead(c);
         }
         Ok(need)
     }
@@ -390,8 +399,12 @@ impl Engine {
         let s = &self.shared;
         s.note_io();
         for span in s.spans(offset, buf.len())? {
-            s.touch(span.chunk);
-            s.ensure_cached(span.chunk)?;
+            let first = s.touch(span.chunk);
+            s.ensure_cached_then(span.chunk, || {
+                if first {
+                    s.readahead(span.chunk);
+                }
+            })?;
             let dst = &mut buf[span.buf_offset..span.buf_offset + span.len as usize];
             let at = s.geometry.chunk_offset(span.chunk) + span.offset_in_chunk as u64;
             s.cache
@@ -689,20 +702,44 @@ impl Shared {
         self.last_io.fetch_max(ms, Ordering::Relaxed);
     }
 
-    /// Records the first touch of chunk `c` in the access trace.
-    fn touch(&self, c: u64) {
+    /// Records the first touch of chunk `c` in the access trace; true if
+    /// this was it.
+    fn touch(&self, c: u64) -> bool {
         let bit = 1u64 << (c % 64);
-        if self.touched[(c / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit == 0 {
-            let mut trace = self.trace.lock().expect("trace lock");
-            // A failed trace write loses only a prefetch hint.
-            let _ = self.cache.write_trace(trace.len(), c);
-            trace.push(c);
+        if self.touched[(c / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit != 0 {
+            return false;
         }
+        let mut trace = self.trace.lock().expect("trace lock");
+        // A failed trace write loses only a prefetch hint.
+        let _ = self.cache.write_trace(trace.len(), c);
+        trace.push(c);
+        true
+    }
+
+    fn touched(&self, c: u64) -> bool {
+        self.touched[(c / 64) as usize].load(Ordering::Relaxed) & (1 << (c % 64)) != 0
+    }
+
+    /// Asks the scheduler to read ahead of chunk `c`, first touched now:
+    /// the chunks after it, further when the chunk before was touched too
+    /// (a sequential stream: files are mostly contiguous on disk). Sent
+    /// after any demand for `c`, so that the demand goes first.
+    fn readahead(&self, c: u64) {
+        let sequential = c > 0 && self.touched(c - 1);
+        let _ = self.demand_tx.send(fetch::readahead_hint(c, sequential));
     }
 
     /// Waits until chunk `c` is cached, or fails naming it.
     fn ensure_cached(&self, c: u64) -> Result<(), Error> {
-        match self.demand(c, None) {
+        self.ensure_cached_then(c, || {})
+    }
+
+    /// [`ensure_cached`](Self::ensure_cached), running `asked` once the
+    /// fetch has been asked for (before waiting for it).
+    fn ensure_cached_then(&self, c: u64, asked: impl FnOnce()) -> Result<(), Error> {
+        let slot = self.demand(c, None);
+        asked();
+        match slot {
             None => Ok(()),
             Some(slot) => slot
                 .wait(self.options.miss_timeout)

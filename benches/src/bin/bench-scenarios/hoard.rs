@@ -100,7 +100,7 @@ pub fn run(work: &Path, s3s: &Path, cfg: &Config) -> Result<Vec<Row>, String> {
         let ratio = throughput / link_rate;
         let mbit = |b: f64| b * 8.0 / 1e6;
         rows.push(Row {
-            id: "P6",
+            id: "P6".into(),
             what: format!("hoard {} MiB (`isr hoard`)", cfg.mib),
             link: match rate {
                 Some(_) => format!("{name}, RTT {} ms", rtt.as_millis()),

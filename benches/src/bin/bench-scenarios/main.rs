@@ -8,6 +8,7 @@
 
 mod env;
 mod hoard;
+mod replay;
 mod report;
 mod suspend;
 
@@ -26,7 +27,14 @@ struct Args {
     /// Scratch space (servers' data, caches, images).
     #[arg(long, default_value = "target/bench-work")]
     work: PathBuf,
-    /// Run only these scenarios (P6, P4).
+    /// The realistic disk and its boot trace for P3 (made by
+    /// `scripts/make-boot-image` there if missing).
+    #[arg(long, default_value_os_t = default_boot_image())]
+    boot_image: PathBuf,
+    /// P3: run only these peers (isr, nbdkit, download).
+    #[arg(long, value_delimiter = ',')]
+    p3_peers: Vec<String>,
+    /// Run only these scenarios (P1 … P6).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Smaller sizes (a quick look, not for BENCHMARKS.md).
@@ -69,6 +77,23 @@ fn run(args: &Args) -> Result<(), String> {
     let q = args.quick;
     let rtt = Duration::from_millis(40);
     let mut rows = Vec::new();
+    let mut p3 = Vec::new();
+    if want("P3") {
+        make_boot_image(&args.repo, &args.boot_image)?;
+        let cfg = replay::Config {
+            image_dir: args.boot_image.clone(),
+            rates: if q {
+                vec![12_500_000]
+            } else {
+                vec![1_250_000, 12_500_000]
+            },
+            rtt,
+            peers: args.p3_peers.clone(),
+        };
+        let (r, points) = replay::run(&args.work, &s3s, &cfg)?;
+        rows.extend(r);
+        p3 = points;
+    }
     if want("P6") {
         let cfg = hoard::Config {
             mib: if q { 64 } else { 384 },
@@ -86,6 +111,26 @@ fn run(args: &Args) -> Result<(), String> {
         };
         rows.extend(suspend::run(&args.work, &s3s, &cfg)?);
     }
+    if want("P5") {
+        let size = if q { "256" } else { "1024" };
+        rows.extend(report::script_rows(
+            &args.repo,
+            "bench-import",
+            &["--json", size],
+        )?);
+    }
+    // The kernel tier's two, each in a throw-away guest of its own.
+    if want("P2") {
+        rows.extend(report::script_rows(
+            &args.repo,
+            "bench-resume",
+            &["--json"],
+        )?);
+    }
+    if want("P1") {
+        rows.extend(report::script_rows(&args.repo, "bench-ublk", &["--json"])?);
+    }
+    rows.sort_by(|a, b| a.id.cmp(&b.id));
     let table = report::table(&rows);
     println!("{table}");
     let took = started.elapsed().as_secs_f64();
@@ -101,13 +146,21 @@ fn run(args: &Args) -> Result<(), String> {
     }
     let results = args.repo.join("benches/results.jsonl");
     append(&results, &jsonl)?;
+    let plot = if p3.is_empty() {
+        String::new()
+    } else {
+        let png = args.repo.join("benches/p3.png");
+        report::plot_p3(&p3, &png, &args.work)?;
+        "![P3: time to the boot's working set against the link speed](benches/p3.png)\n\n"
+            .to_owned()
+    };
     let analysis =
         std::fs::read_to_string(args.repo.join("benches/analysis.md")).unwrap_or_default();
     let md = format!(
         "# Scenario benchmarks\n\n\
          Written by `scripts/bench-scenarios` on {date} (commit {commit}, {took:.0} s{quick}). \
          Every ratio is computed in the same run; the JSON lines of every run are in \
-         `benches/results.jsonl`.\n\n{table}\n\
+         `benches/results.jsonl`.\n\n{table}\n{plot}\
          ## Machine\n\n{machine}\n\n\
          ## How to reproduce\n\n    scripts/bench-scenarios            # all (installs what it needs)\n    \
          scripts/bench-scenarios --only P6  # one scenario\n    \
@@ -128,6 +181,31 @@ fn run(args: &Args) -> Result<(), String> {
         path.display(),
         results.display()
     );
+    Ok(())
+}
+
+fn default_boot_image() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    cache.join("isr-bench/boot-v1")
+}
+
+/// Runs `scripts/make-boot-image DIR` (it does nothing once DIR is made).
+fn make_boot_image(repo: &std::path::Path, dir: &std::path::Path) -> Result<(), String> {
+    let script = repo.join("scripts/make-boot-image");
+    let status = Command::new(&script)
+        .arg(dir)
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !status.success() {
+        return Err(format!(
+            "{} {} failed ({status})",
+            script.display(),
+            dir.display()
+        ));
+    }
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone)]
 pub struct Row {
     /// Scenario id (P6, P4 ...).
-    pub id: &'static str,
+    pub id: String,
     /// What ran, e.g. "hoard 384 MiB".
     pub what: String,
     /// The link, e.g. "100 Mbit/s, RTT 40 ms".
@@ -61,4 +61,115 @@ pub fn table(rows: &[Row]) -> String {
         ));
     }
     out
+}
+
+/// The P3 plot (time to the boot's working set against the link speed),
+/// drawn by gnuplot into `png`.
+pub fn plot_p3(
+    points: &[crate::replay::Point],
+    png: &std::path::Path,
+    work: &std::path::Path,
+) -> Result<(), String> {
+    let mut data = String::from("# Mbit/s limit isr_later isr_first nbdkit download\n");
+    for p in points {
+        data.push_str(&format!(
+            "{} {} {} {} {} {}\n",
+            p.rate as f64 * 8.0 / 1e6,
+            p.limit,
+            p.second,
+            p.first,
+            p.nbdkit,
+            p.download
+        ));
+    }
+    let dat = work.join("p3.dat");
+    std::fs::write(&dat, data).map_err(|e| format!("{}: {e}", dat.display()))?;
+    let script = format!(
+        "set terminal pngcairo size 900,560 noenhanced font ',11'\n\
+         set output '{png}'\n\
+         set title 'P3: a boot working set from a cold cache, RTT 40 ms'\n\
+         set xlabel 'link (Mbit/s)'\nset ylabel 'seconds to complete the working set'\n\
+         set logscale xy\nset grid\nset key top right\n\
+         set xtics ({xtics})\n\
+         plot '{dat}' using 1:6 with linespoints lw 2 title 'download the whole image first', \
+         '' using 1:5 with linespoints lw 2 title 'nbdkit curl + cache filter', \
+         '' using 1:4 with linespoints lw 2 title 'isr, first session', \
+         '' using 1:3 with linespoints lw 2 title 'isr, later session (trace order)', \
+         '' using 1:2 with lines dt 2 lw 2 title 'physical limit'\n",
+        png = png.display(),
+        dat = dat.display(),
+        xtics = points
+            .iter()
+            .map(|p| format!("{:.0}", p.rate as f64 * 8.0 / 1e6))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let out = std::process::Command::new("gnuplot")
+        .arg("-e")
+        .arg(&script)
+        .output()
+        .map_err(|e| format!("cannot run gnuplot (scripts/setup installs gnuplot-nox): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "gnuplot failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+impl Row {
+    /// A row printed by another benchmark script (`{"row": {...}}`).
+    pub fn from_json(v: &Value) -> Option<Row> {
+        let r = v.get("row")?;
+        let text = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        Some(Row {
+            id: text("id"),
+            what: text("what"),
+            link: text("link"),
+            figure: text("figure"),
+            ratio: r.get("ratio").and_then(Value::as_f64),
+            goal: text("goal"),
+            met: r.get("met").and_then(Value::as_bool),
+            details: r.get("details").cloned().unwrap_or(Value::Null),
+        })
+        .filter(|row| !row.id.is_empty())
+    }
+}
+
+/// Runs `script ARGS` (one of the repository's `scripts/bench-*` with
+/// `--json`) and takes the rows it prints, one `{"row": ...}` per line;
+/// its other output passes through to stderr.
+pub fn script_rows(
+    repo: &std::path::Path,
+    script: &str,
+    args: &[&str],
+) -> Result<Vec<Row>, String> {
+    let path = repo.join("scripts").join(script);
+    let out = std::process::Command::new(&path)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Row> = text
+        .lines()
+        .filter(|l| l.starts_with("{\"row\""))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| Row::from_json(&v))
+        .collect();
+    for l in text.lines().filter(|l| !l.starts_with("{\"row\"")) {
+        eprintln!("{l}");
+    }
+    if !out.status.success() {
+        return Err(format!(
+            "{script} {} failed ({})",
+            args.join(" "),
+            out.status
+        ));
+    }
+    if rows.is_empty() {
+        return Err(format!("{script} {} printed no rows", args.join(" ")));
+    }
+    Ok(rows)
 }

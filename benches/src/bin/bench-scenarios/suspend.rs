@@ -116,7 +116,7 @@ fn one(work: &Path, s3s: &Path, cfg: &Config, kind: &str, mib: u64) -> Result<Ro
     let time_ratio = summary.seconds / ideal;
     let met = ratio <= 1.05 && time_ratio <= 1.3;
     Ok(Row {
-        id: "P4",
+        id: "P4".into(),
         what: format!(
             "publish after {mib} MiB of {kind} writes ({} dirty chunks of {} KiB)",
             summary.dirty_chunks,
