@@ -152,18 +152,16 @@ fn memory_store() -> (Store, Arc<Counting>) {
     (store, counting)
 }
 
-/// Many threads read and write random ranges through a store with latency:
-/// every byte matches a reference model and each chunk is fetched once,
-/// including chunks that all threads read at the same moment.
-#[test]
-fn single_flight_many_threads_random_io_match_the_model() {
+/// A 16 MiB parcel (image seed `seed`) in a memory store whose every GET
+/// waits `ms` milliseconds, as from a distant store; its GETs are counted
+/// from here on.
+fn distant_parcel(seed: u64, ms: u64) -> (Parcel, Vec<u8>, Arc<Counting>) {
     let (store, counting) = memory_store();
-    let (parcel, image) = make_parcel(store.clone(), 16, 21);
-    // Latency on every GET, as from a distant store.
+    let (parcel, image) = make_parcel(store, 16, seed);
     let throttled: Arc<dyn ObjectStore> = Arc::new(object_store::throttle::ThrottledStore::new(
         counting.clone() as Arc<dyn ObjectStore>,
         object_store::throttle::ThrottleConfig {
-            wait_get_per_call: Duration::from_millis(20),
+            wait_get_per_call: Duration::from_millis(ms),
             ..Default::default()
         },
     ));
@@ -174,6 +172,16 @@ fn single_flight_many_threads_random_io_match_the_model() {
     )
     .unwrap();
     counting.gets.lock().unwrap().clear();
+    (parcel, image, counting)
+}
+
+/// Many threads read and write random ranges through a store with latency:
+/// every byte matches a reference model and each chunk is fetched once,
+/// including chunks that all threads read at the same moment.
+#[test]
+fn single_flight_many_threads_random_io_match_the_model() {
+    // Latency on every GET, as from a distant store.
+    let (parcel, image, counting) = distant_parcel(21, 20);
     let root = tempfile::tempdir().unwrap();
     let engine = Arc::new(Engine::open(parcel, options(root.path())).unwrap());
     let model = Arc::new(Mutex::new(image));
@@ -554,22 +562,7 @@ fn lease_steal_fences_the_old_holder_which_keeps_its_work_by_forking() {
 /// gets anywhere near them.
 #[test]
 fn readahead_runs_ahead_of_a_sequential_stream() {
-    let (store, counting) = memory_store();
-    let (parcel, image) = make_parcel(store.clone(), 16, 23);
-    let throttled: Arc<dyn ObjectStore> = Arc::new(object_store::throttle::ThrottledStore::new(
-        counting.clone() as Arc<dyn ObjectStore>,
-        object_store::throttle::ThrottleConfig {
-            wait_get_per_call: Duration::from_millis(30),
-            ..Default::default()
-        },
-    ));
-    let parcel = Parcel::new(
-        Store::from_object_store(throttled, "memory://throttled", true),
-        parcel.name(),
-        secret(),
-    )
-    .unwrap();
-    counting.gets.lock().unwrap().clear();
+    let (parcel, image, counting) = distant_parcel(23, 30);
     let root = tempfile::tempdir().unwrap();
     let mut opts = options(root.path());
     opts.prefetch = true;

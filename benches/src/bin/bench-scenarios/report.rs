@@ -104,9 +104,10 @@ pub fn plot_p3(
             .collect::<Vec<_>>()
             .join(", "),
     );
+    let gp = work.join("p3.gp");
+    std::fs::write(&gp, script).map_err(|e| format!("{}: {e}", gp.display()))?;
     let out = std::process::Command::new("gnuplot")
-        .arg("-e")
-        .arg(&script)
+        .arg(&gp)
         .output()
         .map_err(|e| format!("cannot run gnuplot (scripts/setup installs gnuplot-nox): {e}"))?;
     if !out.status.success() {
