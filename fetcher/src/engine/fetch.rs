@@ -493,21 +493,38 @@ pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::Unbounde
         PrefetchOrder::new(&base.manifest.access_trace, n)
     };
     let mut window = Window::new(shared.options.max_fetches);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, bool, Outcome)>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, bool, Outcome, Duration)>();
+    let mut min_latency = Duration::MAX;
     let mut prefetching = 0usize;
     let mut pause_until = Instant::now();
     let mut pause = Duration::from_secs(1);
     let mut last_demand: Option<Instant> = None;
+    let mut demands = 0usize;
     loop {
         if shutting_down(&shared) {
             return;
         }
         // Prefetch into the window; the ascending rest only one at a time
         // while demand fetches are recent.
-        let demanding = last_demand.is_some_and(|t| t.elapsed() < DEMAND_QUIET);
+        // A demand fetch still in flight counts however long it takes (on a
+        // slow link it may wait seconds behind prefetches: that is when the
+        // window must not fill up again).
+        let demanding = demands > 0 || last_demand.is_some_and(|t| t.elapsed() < DEMAND_QUIET);
+        // Beside demand fetches, the ascending rest may keep about the
+        // link's bandwidth-delay product in flight (the fetch rate seen at
+        // its fullest times the quickest fetch, in chunks; at least one):
+        // enough to use what the demands leave of a fast link, too little
+        // to queue them behind it on a slow one.
+        let beside_demand = if min_latency == Duration::MAX {
+            1
+        } else {
+            let chunks_per_s =
+                shared.fetch_meter.peak() as f64 / shared.geometry.chunk_size() as f64;
+            ((chunks_per_s * min_latency.as_secs_f64()) as usize).clamp(1, window.size.max(1))
+        };
         while shared.prefetch_on.load(Ordering::Relaxed)
             && prefetching < window.size
-            && (!demanding || order.has_priority() || prefetching == 0)
+            && (!demanding || order.has_priority() || prefetching < beside_demand)
             && Instant::now() >= pause_until
         {
             let Some(c) = order.pop_front() else { break };
@@ -538,8 +555,9 @@ pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::Unbounde
             prefetching += 1;
             let (s, tx) = (shared.clone(), done_tx.clone());
             tokio::spawn(async move {
+                let t0 = Instant::now();
                 let outcome = fetch_one(s, key, c, slot, true).await;
-                let _ = tx.send((c, true, outcome));
+                let _ = tx.send((c, true, outcome, t0.elapsed()));
             });
         }
         shared.window.store(window.size as u64, Ordering::Relaxed);
@@ -561,19 +579,25 @@ pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::Unbounde
                 let ChunkEntry::Data(key) = shared.base().entry(c) else { continue };
                 let slot = shared.inflight.lock().expect("inflight lock").get(&key).cloned();
                 if let Some(slot) = slot {
+                    demands += 1;
                     let (s, tx) = (shared.clone(), done_tx.clone());
                     tokio::spawn(async move {
+                        let t0 = Instant::now();
                         let outcome = fetch_one(s, key, c, slot, false).await;
-                        let _ = tx.send((c, false, outcome));
+                        let _ = tx.send((c, false, outcome, t0.elapsed()));
                     });
                 }
             }
-            Some((c, prefetch, outcome)) = done_rx.recv() => {
+            Some((c, prefetch, outcome, took)) = done_rx.recv() => {
                 if prefetch {
                     prefetching -= 1;
+                } else {
+                    demands -= 1;
+                    last_demand = Some(Instant::now());
                 }
                 match outcome {
                     Outcome::Fetched(bytes) => {
+                        min_latency = min_latency.min(took);
                         window.success(bytes);
                         pause = Duration::from_secs(1);
                     }
