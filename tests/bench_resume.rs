@@ -1,13 +1,20 @@
 //! Kernel-tier benchmark (not a test): how long `isr resume` takes to a
 //! usable device, cold (empty cache) and warm (after a clean suspend on the
 //! same host), and how long `isr recover` takes after a SIGKILL of the
-//! daemon, for a 1 GiB and a 64 GiB parcel holding the same 160 MiB of data.
-//! DESIGN.md invariant 9: resuming costs what changed, not what exists.
-//! Run by `scripts/bench-resume` in a guest with ublk; it prints a table
-//! and one JSON line per parcel size. Nothing is asserted on timings.
+//! daemon, for a 1 GiB and a 64 GiB parcel holding the same 160 MiB of data;
+//! and (P2 of the scenario benchmarks) cold and warm resume from an S3 store
+//! (s3s-fs) behind the shaping proxy at 40 ms RTT, 100 Mbit/s, beside the
+//! same resumes unshaped and the time of `isr --version`, references taken
+//! in the same guest. DESIGN.md invariant 9: resuming costs what changed,
+//! not what exists. Run by `scripts/bench-resume` in a guest with ublk; it
+//! prints a table and one JSON line per parcel size. Nothing is asserted
+//! on timings.
 
+mod support;
+
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -19,6 +26,10 @@ struct Parcel {
     dir: PathBuf,
     name: String,
     cache: PathBuf,
+    /// The store's URL (a file:// directory, or s3://bucket/prefix).
+    store: String,
+    /// Environment of every isr run (the S3 endpoint and keys).
+    env: Vec<(&'static str, String)>,
 }
 
 /// The isr binary: the guest's own copy (/usr/local/bin/isr, in RAM) when
@@ -30,6 +41,14 @@ fn isr_bin() -> PathBuf {
     } else {
         env!("CARGO_BIN_EXE_isr").into()
     }
+}
+
+/// Runs of each measurement (the median is reported).
+fn runs() -> usize {
+    std::env::var("ISR_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
 }
 
 /// The median of `n` runs of `f`.
@@ -45,14 +64,15 @@ impl Parcel {
         c.env("ISR_RUN_DIR", self.dir.join("run"))
             .env("ISR_CACHE_DIR", &self.cache)
             .env_remove("ISR_STORE")
-            .env_remove("ISR_KEY_FILE");
+            .env_remove("ISR_KEY_FILE")
+            .envs(self.env.iter().cloned());
         c
     }
 
     fn args(&self) -> Vec<String> {
         vec![
             "--store".into(),
-            format!("file://{}/store", self.dir.display()),
+            self.store.clone(),
             "--parcel".into(),
             self.name.clone(),
             "--key-file".into(),
@@ -99,8 +119,14 @@ impl Parcel {
 }
 
 /// A sparse image of `size` with `DATA_MIB` MiB of random data spread
-/// over it, imported as a parcel.
+/// over it, imported as a parcel into a file:// store.
 fn parcel(root: &Path, size: u64) -> Parcel {
+    let store = format!("file://{}/p{}g/store", root.display(), size >> 30);
+    parcel_in(root, size, store, Vec::new())
+}
+
+/// The same, imported into `store` with `env`.
+fn parcel_in(root: &Path, size: u64, store: String, env: Vec<(&'static str, String)>) -> Parcel {
     let name = format!("p{}g", size >> 30);
     let dir = root.join(&name);
     std::fs::create_dir_all(&dir).unwrap();
@@ -108,6 +134,8 @@ fn parcel(root: &Path, size: u64) -> Parcel {
         cache: dir.join("cache"),
         dir,
         name,
+        store,
+        env,
     };
     let image = p.dir.join("image");
     let f = std::fs::File::create(&image).unwrap();
@@ -146,10 +174,7 @@ fn bench_resume_cold_warm_recover() {
     let mut rows = Vec::new();
     for size in [1u64 << 30, 64 << 30] {
         let mut p = parcel(root.path(), size);
-        let runs: usize = std::env::var("ISR_BENCH_RUNS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(3);
+        let runs = runs();
         // Cold: an empty cache each time.
         let cold = median(runs, |i| {
             p.cache = p.dir.join(format!("cold-{i}"));
@@ -221,4 +246,154 @@ fn bench_resume_cold_warm_recover() {
         ratio("warm_s"),
         ratio("recover_s")
     );
+}
+
+/// The shaping proxy (`target/release/shaping-proxy`, named by
+/// `$ISR_SHAPING_PROXY`) in front of a server on 127.0.0.1; it stops when
+/// its standard input (held here) closes.
+struct Shaper {
+    child: Child,
+    addr: String,
+}
+
+impl Shaper {
+    fn start(to: u16, rtt: &str, rate: &str) -> Shaper {
+        let program = std::env::var_os("ISR_SHAPING_PROXY").expect(
+            "$ISR_SHAPING_PROXY must name the shaping proxy \
+             (cargo build --release -p isr-benches; scripts/bench-resume sets it)",
+        );
+        let mut child = Command::new(&program)
+            .args([
+                "--to",
+                &format!("127.0.0.1:{to}"),
+                "--rtt",
+                rtt,
+                "--rate",
+                rate,
+            ])
+            .arg("--stdin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", Path::new(&program).display()));
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "listening on 127.0.0.1:PORT (100 Mbit/s, RTT 40 ms)"
+        let addr = line
+            .strip_prefix("listening on ")
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("shaping-proxy said {line:?}"))
+            .to_owned();
+        Shaper { child, addr }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Shaper {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Seconds `isr --version` takes: what starting a process costs here (a
+/// reference for the times measured beside it, inflated alike by TCG).
+fn version_seconds(runs: usize) -> f64 {
+    median(runs, |_| {
+        let t = Instant::now();
+        let out = Command::new(isr_bin()).arg("--version").output().unwrap();
+        assert!(out.status.success());
+        t.elapsed().as_secs_f64()
+    })
+}
+
+#[test]
+#[ignore = "benchmark: run by scripts/bench-resume in a guest with ublk"]
+fn bench_resume_s3_shaped() {
+    assert!(
+        Path::new("/dev/ublk-control").exists(),
+        "/dev/ublk-control is missing: run scripts/bench-resume"
+    );
+    let rtt = std::env::var("ISR_BENCH_RTT").unwrap_or_else(|_| "40ms".into());
+    let rate = std::env::var("ISR_BENCH_RATE").unwrap_or_else(|_| "100Mbit".into());
+    let runs = runs();
+    let s3 = support::S3Server::start();
+    let shaper = Shaper::start(s3.port, &rtt, &rate);
+    let (direct, shaped) = (
+        support::s3_env(&s3.endpoint()),
+        support::s3_env(&shaper.endpoint()),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let version = version_seconds(runs.max(3));
+    let mut rows = Vec::new();
+    for size in [1u64 << 30, 64 << 30] {
+        let store = format!("s3://{}/p{}g", support::BUCKET, size >> 30);
+        // Made and filled over the direct endpoint; only resumes go through the link.
+        let mut p = parcel_in(root.path(), size, store, direct.clone());
+        let cold = |p: &mut Parcel, env: &[(&'static str, String)], tag: &str| {
+            median(runs, |i| {
+                p.cache = p.dir.join(format!("cold-{tag}-{i}"));
+                p.env = env.to_vec();
+                let (t, _) = p.timed(&["resume", "--json"], true);
+                p.ok(&["suspend", &p.name, "--json"], false);
+                t
+            })
+        };
+        let cold_shaped = cold(&mut p, &shaped, "shaped");
+        let cold_direct = cold(&mut p, &direct, "direct");
+        // Warm: a filled cache (hoarded unshaped), resumed right after a clean close.
+        p.cache = p.dir.join("cache");
+        p.env = direct.clone();
+        p.ok(&["hoard", "--json"], true);
+        p.ok(&["resume", "--json"], true);
+        p.ok(&["suspend", &p.name, "--json"], false);
+        let warm = |p: &mut Parcel, env: &[(&'static str, String)]| {
+            p.env = env.to_vec();
+            median(runs, |_| {
+                let (t, _) = p.timed(&["resume", "--json"], true);
+                p.ok(&["suspend", &p.name, "--json"], false);
+                t
+            })
+        };
+        let warm_shaped = warm(&mut p, &shaped);
+        let warm_direct = warm(&mut p, &direct);
+        let row = json!({
+            "scenario": "resume-s3-shaped",
+            "disk_bytes": size,
+            "data_mib": DATA_MIB,
+            "rtt": rtt,
+            "rate": rate,
+            "cold_s": cold_shaped,
+            "warm_s": warm_shaped,
+            "unshaped_cold_s": cold_direct,
+            "unshaped_warm_s": warm_direct,
+            "isr_version_s": version,
+            "runs": runs,
+        });
+        println!("{row}");
+        rows.push(row);
+    }
+    println!();
+    println!(
+        "| parcel | cold, {rtt} {rate} | warm, shaped | cold, unshaped | warm, unshaped |  (medians; isr --version {version:.3} s)"
+    );
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        let f = |k: &str| r[k].as_f64().unwrap();
+        println!(
+            "| {} GiB ({} MiB data) | {:.2} s | {:.2} s | {:.2} s | {:.2} s |",
+            r["disk_bytes"].as_u64().unwrap() >> 30,
+            DATA_MIB,
+            f("cold_s"),
+            f("warm_s"),
+            f("unshaped_cold_s"),
+            f("unshaped_warm_s"),
+        );
+    }
 }

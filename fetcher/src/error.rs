@@ -14,6 +14,10 @@ pub enum ChunkFault {
     /// It arrived but did not decode (corrupt, truncated, tampered with).
     #[error("{0}")]
     Decode(#[from] format::Error),
+    /// Its decoding was cancelled: the runtime shut down (a suspend with
+    /// fetches in flight).
+    #[error("not decoded: isr is shutting down")]
+    Cancelled,
 }
 
 /// An error of a store or parcel operation.

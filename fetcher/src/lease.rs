@@ -8,7 +8,10 @@
 //! win; a second taker is refused with the holder's name; `steal` takes the
 //! next generation over a live holder deliberately. Releasing creates the
 //! marker of one's own generation: it can never remove a lease that was
-//! stolen meanwhile (nothing is deleted).
+//! stolen meanwhile (nothing is deleted). A release also overwrites the
+//! hint `parcels/<name>/LEASE` with its generation, so that the next taker
+//! finds the highest generation in one round trip instead of probing for it
+//! (the hint is checked, never trusted alone).
 //!
 //! A lease alone cannot stop a holder that checked it a moment before it was
 //! stolen from committing. So a steal also *fences*: the stealer publishes a
@@ -232,9 +235,21 @@ impl Lease {
             return Err(e);
         }
         let marker = released_path(&self.parcel, self.generation);
-        self.store
-            .create("release lease", &marker, Bytes::from_static(b"released\n"))
-            .await?;
+        let hint = Store::lease_hint_path(&self.parcel);
+        let (released, hinted) = futures::join!(
+            self.store
+                .create("release lease", &marker, Bytes::from_static(b"released\n")),
+            self.store.overwrite(
+                "put lease hint",
+                &hint,
+                Bytes::from(self.generation.to_string())
+            )
+        );
+        released?;
+        if let Err(e) = hinted {
+            // Only the next resume's speed depends on it.
+            tracing::debug!(parcel = self.parcel, error = %e, "cannot write the lease hint");
+        }
         tracing::info!(
             parcel = self.parcel,
             generation = self.generation,
@@ -251,16 +266,44 @@ fn released_path(parcel: &str, generation: u64) -> String {
 /// The highest lease generation of `parcel` (0 if none) and its holder, if
 /// that generation is not released.
 async fn current(store: &Store, parcel: &str) -> Result<(u64, Option<LeaseInfo>), Error> {
-    let Some(generation) = store
-        .highest("find lease", None, |g| Store::lease_path(parcel, g))
-        .await?
-    else {
-        return Ok((0, None));
+    let hint = store
+        .get_number("get lease hint", &Store::lease_hint_path(parcel))
+        .await?;
+    // Usually the hint is the highest generation, released: its lease, the
+    // next one and its marker are checked at once, in one round trip.
+    let checked = match hint {
+        Some(h) if h > 0 && h < u64::MAX => {
+            let (this, next, marker) = (
+                Store::lease_path(parcel, h),
+                Store::lease_path(parcel, h + 1),
+                released_path(parcel, h),
+            );
+            let (here, after, released) = futures::join!(
+                store.exists("find lease", &this),
+                store.exists("find lease", &next),
+                store.exists("check lease", &marker)
+            );
+            let (here, after, released) = (here?, after?, released?);
+            (here && !after).then_some((h, released))
+        }
+        _ => None,
     };
-    if store
-        .exists("check lease", &released_path(parcel, generation))
-        .await?
-    {
+    let (generation, released) = match checked {
+        Some(found) => found,
+        None => {
+            let Some(generation) = store
+                .highest("find lease", hint, |g| Store::lease_path(parcel, g))
+                .await?
+            else {
+                return Ok((0, None));
+            };
+            let released = store
+                .exists("check lease", &released_path(parcel, generation))
+                .await?;
+            (generation, released)
+        }
+    };
+    if released {
         return Ok((generation, None));
     }
     let path = Store::lease_path(parcel, generation);

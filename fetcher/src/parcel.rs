@@ -228,11 +228,18 @@ impl Parcel {
             Err(e) => return Err(bad(ChunkFault::Store(Box::new(e)))),
         };
         let secret = self.secret.clone();
+        // A runtime that shuts down (a suspend with fetches in flight)
+        // cancels a decode not yet started: an error, not a panic.
         let decoded = tokio::task::spawn_blocking(move || {
             ChunkDecoder::new(secret).decode(&key, &object, len)
         })
         .await
-        .expect("chunk decoding does not panic");
+        .map_err(|e| {
+            if e.is_panic() {
+                std::panic::resume_unwind(e.into_panic())
+            }
+            bad(ChunkFault::Cancelled)
+        })?;
         decoded.map_err(|e| bad(ChunkFault::Decode(e)))
     }
 }

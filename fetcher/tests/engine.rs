@@ -40,6 +40,8 @@ fn secret() -> Secret {
 struct Counting {
     inner: Arc<dyn ObjectStore>,
     gets: Mutex<HashMap<String, usize>>,
+    /// HEAD requests (existence checks).
+    heads: std::sync::atomic::AtomicUsize,
     offline: AtomicBool,
 }
 
@@ -95,7 +97,9 @@ impl ObjectStore for Counting {
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
         self.check()?;
-        if !options.head {
+        if options.head {
+            self.heads.fetch_add(1, Ordering::Relaxed);
+        } else {
             *self
                 .gets
                 .lock()
@@ -146,6 +150,7 @@ fn memory_store() -> (Store, Arc<Counting>) {
     let counting = Arc::new(Counting {
         inner: Arc::new(object_store::memory::InMemory::new()),
         gets: Mutex::new(HashMap::new()),
+        heads: Default::default(),
         offline: AtomicBool::new(false),
     });
     let store = Store::from_object_store(counting.clone(), "memory://test", true);
@@ -393,6 +398,40 @@ fn roundtrip_publish_then_resume_in_a_fresh_cache() {
     let stats = c.hoard(no_progress()).unwrap();
     assert_eq!(stats.cached_chunks, stats.chunks);
     assert_eq!(read_all(&c), model);
+}
+
+/// A release leaves a hint naming its generation: the next taker finds the
+/// highest generation with one round of three checks however many sessions
+/// came before (probing from 1 takes about 2·log2(n)); a stale hint (a
+/// session that died holding the lease) is checked and still finds the
+/// holder.
+#[test]
+fn lease_hint_finds_the_generation_in_one_round_and_a_stale_one_is_checked() {
+    let (store, counting) = memory_store();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for i in 0..40 {
+        let l = rt
+            .block_on(Lease::acquire(&store, "vm", "host-a", i, None, false))
+            .unwrap();
+        rt.block_on(l.release()).unwrap();
+    }
+    counting.heads.store(0, Ordering::Relaxed);
+    let b = rt
+        .block_on(Lease::acquire(&store, "vm", "host-b", 100, None, false))
+        .unwrap();
+    // lease 40, lease 41, 40.released
+    assert_eq!(counting.heads.load(Ordering::Relaxed), 3);
+    // B dies holding generation 41; the hint still says 40.
+    drop(b);
+    let err = rt
+        .block_on(Lease::acquire(&store, "vm", "host-c", 200, None, false))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("host-b") && err.contains("since 100"), "{err}");
+    let c = rt
+        .block_on(Lease::acquire(&store, "vm", "host-c", 300, None, true))
+        .unwrap();
+    assert_eq!(c.stolen_from().map(|h| h.since_unix), Some(100));
 }
 
 /// Two hosts, one store: the lease refuses the second; after suspend on

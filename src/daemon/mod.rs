@@ -502,6 +502,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
             id = info.id,
             recovered = recover.is_some(),
             base_version = ready_base,
+            zero_copy = info.zero_copy,
             "device up"
         );
         let mut st = ready_state;

@@ -66,6 +66,11 @@ pub struct DeviceOptions {
     /// Reattach to this existing device (after its daemon died) instead of
     /// adding a new one.
     pub recover: Option<u32>,
+    /// Zero copy where the driver offers it (`UBLK_F_AUTO_BUF_REG`, Linux
+    /// 6.16+): the cache image is read into, and written from, the
+    /// request's own pages, registered in the queue's ring, instead of
+    /// through a buffer of the daemon's that the driver copies.
+    pub zero_copy: bool,
 }
 
 impl Default for DeviceOptions {
@@ -76,6 +81,7 @@ impl Default for DeviceOptions {
             depth: 128,
             max_io_bytes: 512 << 10,
             recover: None,
+            zero_copy: true,
         }
     }
 }
@@ -89,6 +95,8 @@ pub struct DeviceInfo {
     pub path: String,
     /// Features the kernel's driver reported.
     pub features: u64,
+    /// Whether the device serves its data with zero copy.
+    pub zero_copy: bool,
 }
 
 /// Stops device `id` from any thread (its queues drain and `serve` returns).
@@ -112,6 +120,12 @@ pub fn serve(
     let mut ctrl_flags = libublk::sys::UBLK_F_USER_RECOVERY as u64;
     if features & libublk::sys::UBLK_F_USER_RECOVERY_REISSUE as u64 != 0 {
         ctrl_flags |= libublk::sys::UBLK_F_USER_RECOVERY_REISSUE as u64;
+    }
+    // Zero copy where the driver has it; a queue sees from the device's
+    // flags which way it serves (so does a daemon that recovers it).
+    let zc = (libublk::sys::UBLK_F_SUPPORT_ZERO_COPY | libublk::sys::UBLK_F_AUTO_BUF_REG) as u64;
+    if options.zero_copy && features & zc == zc {
+        ctrl_flags |= zc;
     }
     let (id, dev_flags) = match options.recover {
         Some(id) => {
@@ -153,17 +167,52 @@ pub fn serve(
         Ok(())
     };
     let q_engine = engine.clone();
-    let queue_fn = move |qid: u16, dev: &UblkDev| queue::run(qid, dev, q_engine.clone());
+    let threads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let q_threads = threads.clone();
+    let queue_fn = move |qid: u16, dev: &UblkDev| {
+        // SAFETY: gettid takes no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        q_threads.lock().expect("queue thread list").push(tid);
+        queue::run(qid, dev, q_engine.clone())
+    };
     ctrl.run_target(tgt_init, queue_fn, move |c: &UblkCtrl| {
+        // libublk pinned each queue thread to its queue's CPUs before the
+        // device started; free them now.
+        widen_affinity(&threads.lock().expect("queue thread list"));
         let info = c.dev_info();
         started(DeviceInfo {
             id: info.dev_id,
             path: c.get_bdev_path(),
             features,
+            zero_copy: info.flags & libublk::sys::UBLK_F_AUTO_BUF_REG as u64 != 0,
         })
     })
     .map_err(ublk("run device"))?;
     Ok(())
+}
+
+/// Lets the queue threads run on every CPU this process may use.
+///
+/// libublk binds a queue's thread to the CPUs blk-mq maps to that queue,
+/// which are those of the threads submitting to it: with one queue per CPU
+/// (a guest or host with up to 4 CPUs, as isr has min(cores, 4) queues)
+/// the submitter and the thread serving it then take turns on one CPU
+/// while another idles. Free, the scheduler runs them side by side; in a
+/// 2-vCPU guest that took fio's 4 KiB random reads at qd 32 from 14.7k
+/// to 19.6k–22.5k IOPS. A failure leaves the binding as it was.
+fn widen_affinity(threads: &[libc::pid_t]) {
+    // SAFETY: cpu_set_t is plain data that may be zeroed; each call gets a
+    // pointer to it and its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        if libc::sched_getaffinity(0, size, &mut set) != 0 {
+            return;
+        }
+        for &tid in threads {
+            libc::sched_setaffinity(tid, size, &set);
+        }
+    }
 }
 
 /// The negative errno that completes a block request failed by `e`.

@@ -213,20 +213,49 @@ async fn read_loop(fd: i32, mut on_read: impl FnMut()) {
     }
 }
 
+/// Where a request's data is.
+enum Data<'a> {
+    /// The tag's own buffer, which the driver copies to or from the
+    /// request's pages.
+    Buf(&'a mut [u8]),
+    /// Zero copy: the request's pages, which the driver registered in the
+    /// queue's ring at this buffer index when it handed the request over
+    /// (`UBLK_F_AUTO_BUF_REG`) and unregisters when it is committed.
+    Fixed(u16),
+}
+
 async fn tag_task(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx) -> Result<(), UblkError> {
-    let mut buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
+    let max = q.dev.dev_info.max_io_buf_bytes as usize;
+    if q.support_auto_buf_zc() {
+        // Index `tag` of the ring's buffer table (libublk made it sparse,
+        // one entry per tag); no fallback flag: a failed registration
+        // fails the request rather than handing it over unregistered.
+        let reg = libublk::sys::ublk_auto_buf_reg {
+            index: tag,
+            ..Default::default()
+        };
+        q.submit_io_prep_cmd(tag, BufDesc::AutoReg(reg), 0, None)
+            .await?;
+        loop {
+            let res = handle(q, tag, ctx, Data::Fixed(tag), max).await;
+            q.submit_io_commit_cmd(tag, BufDesc::AutoReg(reg), res)
+                .await?;
+        }
+    }
+    let mut buf = IoBuf::<u8>::new(max);
     q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
         .await?;
     loop {
-        let res = handle(q, tag, ctx, buf.as_mut_slice()).await;
+        let res = handle(q, tag, ctx, Data::Buf(buf.as_mut_slice()), max).await;
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
             .await?;
     }
 }
 
-/// Serves one request; returns bytes done or a negative errno. Nothing here
-/// blocks the queue thread: misses and syncs are waited for in the ring.
-async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, buf: &mut [u8]) -> i32 {
+/// Serves one request of at most `max` bytes; returns bytes done or a
+/// negative errno. Nothing here blocks the queue thread: misses and syncs
+/// are waited for in the ring.
+async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, data: Data<'_>, max: usize) -> i32 {
     let iod = q.get_iod(tag);
     let op = iod.op_flags & 0xff;
     let engine = &ctx.engine;
@@ -239,7 +268,7 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, buf: &mut [u8]) -> 
     match op {
         libublk::sys::UBLK_IO_OP_READ | libublk::sys::UBLK_IO_OP_WRITE => {
             let write = op == libublk::sys::UBLK_IO_OP_WRITE;
-            if len > buf.len() {
+            if len > max {
                 return -libc::EINVAL;
             }
             if let Err(res) = wait_needed(ctx, offset, len, write).await {
@@ -251,7 +280,7 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, buf: &mut [u8]) -> 
             if write && let Err(e) = engine.mark_dirty(offset, len) {
                 return fail("write", offset, len, &e);
             }
-            let res = image_io(write, offset, &mut buf[..len]).await;
+            let res = image_io(write, offset, len, data).await;
             if write
                 && res >= 0
                 && let Err(e) = engine.mark_dirty(offset, len)
@@ -382,22 +411,41 @@ async fn wait_cached(ctx: &QueueCtx, c: u64, deadline: Instant) -> Result<(), i3
     }
 }
 
-/// Reads or writes the cache image through the queue's ring (fixed file 1;
-/// the image holds disk byte x at offset x, so one request is one op).
-async fn image_io(write: bool, offset: u64, buf: &mut [u8]) -> i32 {
+/// Reads or writes `len` bytes of the cache image at `offset` through the
+/// queue's ring (fixed file 1; the image holds disk byte x at offset x, so
+/// one request is one op, or more after a short transfer).
+async fn image_io(write: bool, offset: u64, len: usize, mut data: Data<'_>) -> i32 {
     let mut done = 0usize;
-    while done < buf.len() {
-        let ptr = buf[done..].as_mut_ptr();
-        let n = (buf.len() - done) as u32;
+    while done < len {
+        let n = (len - done) as u32;
         let at = offset + done as u64;
-        let sqe = if write {
-            opcode::Write::new(types::Fixed(1), ptr, n)
-                .offset(at)
-                .build()
-        } else {
-            opcode::Read::new(types::Fixed(1), ptr, n)
-                .offset(at)
-                .build()
+        let sqe = match &mut data {
+            Data::Buf(buf) => {
+                let ptr = buf[done..len].as_mut_ptr();
+                if write {
+                    opcode::Write::new(types::Fixed(1), ptr, n)
+                        .offset(at)
+                        .build()
+                } else {
+                    opcode::Read::new(types::Fixed(1), ptr, n)
+                        .offset(at)
+                        .build()
+                }
+            }
+            // A buffer the kernel registered is addressed from 0: the
+            // address is the offset into the request's data.
+            Data::Fixed(index) => {
+                let ptr = std::ptr::without_provenance_mut(done);
+                if write {
+                    opcode::WriteFixed::new(types::Fixed(1), ptr, n, *index)
+                        .offset(at)
+                        .build()
+                } else {
+                    opcode::ReadFixed::new(types::Fixed(1), ptr, n, *index)
+                        .offset(at)
+                        .build()
+                }
+            }
         };
         let r = ublk_submit_sqe_async(
             sqe.flags(squeue::Flags::FIXED_FILE),

@@ -164,6 +164,7 @@ fn is_permanent(e: &Error) -> bool {
         Error::BadChunk { fault, .. } => match fault {
             ChunkFault::Missing | ChunkFault::Decode(_) => true,
             ChunkFault::Store(inner) => matches!(**inner, Error::Denied { .. }),
+            ChunkFault::Cancelled => false,
         },
         Error::Io { .. } | Error::Invalid(_) => true,
         _ => false,

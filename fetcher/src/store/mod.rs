@@ -229,6 +229,12 @@ impl Store {
         format!("parcels/{parcel}/HEAD")
     }
 
+    /// The lease hint of a parcel: the generation its last release left
+    /// (it only speeds up finding the lease, which checks it).
+    pub(crate) fn lease_hint_path(parcel: &str) -> String {
+        format!("parcels/{parcel}/LEASE")
+    }
+
     /// The object name of generation `generation` of a parcel's lease.
     pub fn lease_path(parcel: &str, generation: u64) -> String {
         format!("parcels/{parcel}/leases/{generation:020}")
@@ -259,10 +265,13 @@ impl Store {
     /// if that finds nothing (both gone, and versions 1… removed by gc), the
     /// parcel's versions are listed (where the store can list).
     pub async fn head(&self, parcel: &str) -> Result<Option<u64>, Error> {
-        let hint = self
-            .get_number("get HEAD hint", &Self::head_path(parcel))
-            .await?;
-        let floor = self.floor(parcel).await?;
+        // Both at once: one round trip, not two.
+        let head_path = Self::head_path(parcel);
+        let (hint, floor) = futures::join!(
+            self.get_number("get HEAD hint", &head_path),
+            self.floor(parcel)
+        );
+        let (hint, floor) = (hint?, floor?);
         let found = self
             .highest("check manifest", hint.max(floor), |v| {
                 Self::manifest_path(parcel, v)
@@ -306,12 +315,19 @@ impl Store {
             let path = name(v);
             async move { self.exists(op, &path).await }
         };
-        // `lo` exists (or is 0), `hi` does not.
-        let mut lo = match hint {
-            Some(h) if h > 0 && exists(h).await? => h,
-            _ => 0,
+        // `lo` exists (or is 0), `hi` does not. The hint is usually the
+        // answer: it and the next are checked at once, in one round trip.
+        let (mut lo, mut step) = match hint {
+            Some(h) if h > 0 && h < u64::MAX => {
+                let (here, next) = futures::join!(exists(h), exists(h + 1));
+                match (here?, next?) {
+                    (true, false) => return Ok(Some(h)),
+                    (true, true) => (h + 1, 2),
+                    (false, _) => (0, 1),
+                }
+            }
+            _ => (0, 1),
         };
-        let mut step = 1u64;
         let mut hi = loop {
             let v = lo.saturating_add(step);
             if !exists(v).await? {
