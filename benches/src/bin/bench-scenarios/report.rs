@@ -90,7 +90,7 @@ pub fn plot_p3(
          set title 'P3: a boot working set from a cold cache, RTT 40 ms'\n\
          set xlabel 'link (Mbit/s)'\nset ylabel 'seconds to complete the working set'\n\
          set logscale xy\nset grid\nset key top right\n\
-         set xtics ({xtics})\n\
+         set xtics ({xtics})\nset xrange [{lo}:{hi}]\n\
          plot '{dat}' using 1:6 with linespoints lw 2 title 'download the whole image first', \
          '' using 1:5 with linespoints lw 2 title 'nbdkit curl + cache filter', \
          '' using 1:4 with linespoints lw 2 title 'isr, first session', \
@@ -98,6 +98,8 @@ pub fn plot_p3(
          '' using 1:2 with lines dt 2 lw 2 title 'physical limit'\n",
         png = png.display(),
         dat = dat.display(),
+        lo = points.iter().map(|p| p.rate).min().unwrap_or(1) as f64 * 8.0 / 1e6 * 0.7,
+        hi = points.iter().map(|p| p.rate).max().unwrap_or(1) as f64 * 8.0 / 1e6 * 1.4,
         xtics = points
             .iter()
             .map(|p| format!("{:.0}", p.rate as f64 * 8.0 / 1e6))
