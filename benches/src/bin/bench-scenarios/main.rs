@@ -71,6 +71,24 @@ fn run(args: &Args) -> Result<(), String> {
             env::isr_bin().display()
         ));
     }
+    const SCENARIOS: [&str; 6] = ["P1", "P2", "P3", "P4", "P5", "P6"];
+    const PEERS: [&str; 3] = ["isr", "nbdkit", "download"];
+    if let Some(bad) = args
+        .only
+        .iter()
+        .find(|o| !SCENARIOS.iter().any(|s| s.eq_ignore_ascii_case(o)))
+    {
+        return Err(format!(
+            "--only {bad}: no such scenario (there are {})",
+            SCENARIOS.join(", ")
+        ));
+    }
+    if let Some(bad) = args.p3_peers.iter().find(|p| !PEERS.contains(&p.as_str())) {
+        return Err(format!(
+            "--p3-peers {bad}: no such peer (there are {})",
+            PEERS.join(", ")
+        ));
+    }
     std::fs::create_dir_all(&args.work).map_err(|e| format!("{}: {e}", args.work.display()))?;
     let want =
         |id: &str| args.only.is_empty() || args.only.iter().any(|o| o.eq_ignore_ascii_case(id));
