@@ -359,20 +359,19 @@ const READAHEAD_SINGLE: u64 = 1;
 /// Streams followed at once (the most recent).
 const STREAMS: usize = 32;
 /// How long after a demand fetch the prefetch of chunks nobody hinted at
-/// (the ascending rest) is held to one in flight: while a guest is waiting
-/// for its data, the link is mostly its (a whole window of such prefetches
-/// queued every demand fetch behind it; none at all made a boot's first
-/// session slower at 100 Mbit/s, where the ascending order finds much of
-/// what a boot reads next).
+/// (the ascending rest) is held to about the link's bandwidth-delay
+/// product: while a guest is waiting for its data, the link is mostly its
+/// (a whole window of such prefetches queued every demand fetch behind it;
+/// none at all made a boot's first session slower at 100 Mbit/s, where the
+/// ascending order finds much of what a boot reads next).
 const DEMAND_QUIET: Duration = Duration::from_secs(1);
 
 /// What the guest is reading through: the chunks after `next` up to `end`
-/// have been read ahead, `depth` chunks ahead of the last touch.
+/// have been read ahead.
 #[derive(Debug, Clone, Copy)]
 struct Stream {
     next: u64,
     end: u64,
-    depth: u64,
 }
 
 /// The demand-channel message that opens the prefetch window fully (a
@@ -422,31 +421,36 @@ impl PrefetchOrder {
 
     /// Chunk `c` was first touched (`sequential`: right after the chunk
     /// before it): reads ahead of it, far if it starts or continues a
-    /// stream. Not for
-    /// a chunk of the previous session's trace: while the guest follows the
-    /// trace, the trace knows better what comes next than the disk's layout.
+    /// stream. Not for a chunk of the previous session's trace: while the
+    /// guest follows the trace, the trace knows better what comes next than
+    /// the disk's layout.
     fn touched(&mut self, c: u64, sequential: bool) {
         if c >= self.n || self.in_trace[(c / 64) as usize] & (1 << (c % 64)) != 0 {
             return;
         }
-        let mut stream = match self.streams.iter().position(|s| s.next <= c && c <= s.end) {
-            Some(i) => {
-                let mut s = self.streams.remove(i).expect("an index of the streams");
-                s.depth = READAHEAD_STREAM;
-                s
-            }
-            None => Stream {
-                next: c + 1,
-                end: c,
-                depth: if sequential {
-                    READAHEAD_STREAM
-                } else {
-                    READAHEAD_SINGLE
+        let (mut stream, depth) = match self.streams.iter().position(|s| s.next <= c && c <= s.end)
+        {
+            Some(i) => (
+                self.streams.remove(i).expect("an index of the streams"),
+                READAHEAD_STREAM,
+            ),
+            None if sequential => (
+                Stream {
+                    next: c + 1,
+                    end: c,
                 },
-            },
+                READAHEAD_STREAM,
+            ),
+            None => (
+                Stream {
+                    next: c + 1,
+                    end: c,
+                },
+                READAHEAD_SINGLE,
+            ),
         };
         stream.next = c + 1;
-        let target = c.saturating_add(stream.depth).min(self.n - 1);
+        let target = c.saturating_add(depth).min(self.n - 1);
         for x in (stream.end + 1..=target).rev() {
             self.near.push_front(x);
         }
@@ -505,18 +509,18 @@ pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::Unbounde
         if shutting_down(&shared) {
             return;
         }
-        // Prefetch into the window; the ascending rest only one at a time
-        // while demand fetches are recent.
-        // A demand fetch still in flight counts however long it takes (on a
-        // slow link it may wait seconds behind prefetches: that is when the
-        // window must not fill up again).
+        // Prefetch into the window. While demand fetches are recent, the
+        // ascending rest keeps only about the link's bandwidth-delay
+        // product in flight (the fetch rate seen at its fullest times the
+        // quickest fetch, in chunks; at least one): enough to use what the
+        // demands leave of a fast link, too little to queue them behind it
+        // on a slow one. A demand fetch still in flight counts however long
+        // it takes (on a slow link it may wait seconds behind prefetches:
+        // that is when the window must not fill up again).
         let demanding = demands > 0 || last_demand.is_some_and(|t| t.elapsed() < DEMAND_QUIET);
-        // Beside demand fetches, the ascending rest may keep about the
-        // link's bandwidth-delay product in flight (the fetch rate seen at
-        // its fullest times the quickest fetch, in chunks; at least one):
-        // enough to use what the demands leave of a fast link, too little
-        // to queue them behind it on a slow one.
-        let beside_demand = if min_latency == Duration::MAX {
+        let beside_demand = if !demanding {
+            usize::MAX
+        } else if min_latency == Duration::MAX {
             1
         } else {
             let chunks_per_s =
@@ -525,7 +529,7 @@ pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::Unbounde
         };
         while shared.prefetch_on.load(Ordering::Relaxed)
             && prefetching < window.size
-            && (!demanding || order.has_priority() || prefetching < beside_demand)
+            && (prefetching < beside_demand || order.has_priority())
             && Instant::now() >= pause_until
         {
             let Some(c) = order.pop_front() else { break };
@@ -611,6 +615,7 @@ pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::Unbounde
                     Outcome::Permanent => {}
                 }
             }
+            // Sooner while demanding: the rest waits for the quiet to begin.
             _ = tokio::time::sleep(wait.max(Duration::from_millis(if demanding { 50 } else { 200 }))) => {}
         }
     }
