@@ -115,15 +115,11 @@ pub fn run(work: &Path, s3s: &Path, cfg: &Config) -> Result<(Vec<Row>, Vec<Point
         &scratch.path().join("earlier"),
         &trace,
         None,
+        |engine| {
+            engine.write(trace[0].offset, &[0u8; 4096])?;
+            engine.publish(None, 2).map(drop)
+        },
     )?;
-    {
-        let parcel = Parcel::new(direct.clone(), "later", env::secret()).map_err(e)?;
-        let options = engine_options(&scratch.path().join("earlier"));
-        let engine = Engine::open(parcel, options).map_err(e)?;
-        engine.write(trace[0].offset, &[0u8; 4096]).map_err(e)?;
-        engine.publish(None, 2).map_err(e)?;
-        engine.close().map_err(e)?;
-    }
     let first_manifest = manifest(&direct, "first")?;
     let later_manifest = manifest(&direct, "later")?;
     if later_manifest.access_trace.is_empty() {
@@ -181,11 +177,23 @@ pub fn run(work: &Path, s3s: &Path, cfg: &Config) -> Result<(Vec<Row>, Vec<Point
                 if !want("isr") {
                     return Ok((skipped()?, skipped()?));
                 }
-                let first =
-                    replay_isr(&shaped, "first", &dir.join("first"), &trace, Some(&s3_link))?;
+                let first = replay_isr(
+                    &shaped,
+                    "first",
+                    &dir.join("first"),
+                    &trace,
+                    Some(&s3_link),
+                    |_| Ok(()),
+                )?;
                 eprintln!("P3 {link}: isr, first session {:.1} s", first.seconds);
-                let second =
-                    replay_isr(&shaped, "later", &dir.join("later"), &trace, Some(&s3_link))?;
+                let second = replay_isr(
+                    &shaped,
+                    "later",
+                    &dir.join("later"),
+                    &trace,
+                    Some(&s3_link),
+                    |_| Ok(()),
+                )?;
                 eprintln!("P3 {link}: isr, later session {:.1} s", second.seconds);
                 Ok((first, second))
             });
@@ -345,13 +353,15 @@ fn engine_options(cache_root: &Path) -> EngineOptions {
 /// Opens `name` with an empty cache under `cache_root` (prefetch on, as a
 /// resume does) and replays the trace, one read at a time; the time runs
 /// from the open to the last read's data. The engine stays open (prefetch
-/// going) until then, and is closed after.
+/// going) until then; `then` runs on it (the earlier boot writes and
+/// publishes there), and it is closed after.
 fn replay_isr(
     store: &Store,
     name: &str,
     cache_root: &Path,
     trace: &[Read],
     link: Option<&ShapingProxy>,
+    then: impl FnOnce(&Engine) -> Result<(), fetcher::Error>,
 ) -> Result<Run, String> {
     let e = |e: fetcher::Error| format!("isr replay of {name}: {e}");
     let parcel = Parcel::new(store.clone(), name, env::secret()).map_err(e)?;
@@ -377,6 +387,7 @@ fn replay_isr(
         _ => 0,
     };
     let stats = engine.stats();
+    then(&engine).map_err(e)?;
     engine.close().map_err(e)?;
     Ok(Run {
         seconds,
