@@ -696,3 +696,89 @@ fn touch_all(dir: &std::path::Path) {
         }
     }
 }
+
+/// `isr fork` of a cache whose base version gc removed, with its chunks:
+/// the fork writes the chunks it shares with that base again from the
+/// cache before it commits, so every chunk its version 1 names exists and
+/// it exports the cache's content. A shared chunk that is neither in the
+/// store nor in the cache fails the fork, naming it; nothing is published.
+#[test]
+fn fork_rewrites_the_base_chunks_gc_removed() {
+    let b = file_backend();
+    let store = b.store.clone().with_chunk_refresh(Duration::from_secs(1));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let blocks = vocabulary(32, 61);
+    let root = b._dir.path().join("cache");
+    let options = common::engine_options(&root, "host-f");
+    // "full": every chunk read into the cache; "part": chunk 0 only.
+    let full = Parcel::new(store.clone(), "full", secret()).unwrap();
+    let part = Parcel::new(store.clone(), "part", secret()).unwrap();
+    rt.block_on(import_blocks(&full, &refs(&blocks, 0..8)));
+    rt.block_on(import_blocks(&part, &refs(&blocks, 16..24)));
+
+    let engine = Engine::open(full.clone(), options.clone()).unwrap();
+    let mut expected = read_all(&engine);
+    assert_eq!(expected, blocks[0..8].concat());
+    engine.write(CHUNK, &vec![0xee; CHUNK as usize]).unwrap();
+    engine.write(3 * CHUNK + 100, b"local change").unwrap();
+    engine.flush().unwrap();
+    expected[CHUNK as usize..2 * CHUNK as usize].fill(0xee);
+    expected[3 * CHUNK as usize + 100..][..12].copy_from_slice(b"local change");
+    assert_eq!(read_all(&engine), expected);
+    drop(engine);
+    let engine = Engine::open(part.clone(), options.clone()).unwrap();
+    let mut first = vec![0u8; CHUNK as usize];
+    engine.read(0, &mut first).unwrap();
+    engine.write(CHUNK, b"part's change").unwrap();
+    engine.flush().unwrap();
+    drop(engine);
+
+    // Both parcels move on elsewhere, every chunk replaced; past the
+    // grace, gc removes version 1 of each and every chunk it named.
+    rt.block_on(import_blocks(&full, &refs(&blocks, 8..16)));
+    rt.block_on(import_blocks(&part, &refs(&blocks, 24..32)));
+    std::thread::sleep(Duration::from_millis(3300));
+    let r = rt
+        .block_on(gc(&store, &secret(), &gc_options(1, 2), quiet()))
+        .unwrap();
+    assert_eq!(r.removed_chunks, 16, "{r:?}");
+    let left = rt.block_on(chunk_objects(&store));
+    assert!(blocks[0..8].iter().all(|b| !left.contains(&chunk_id(b))));
+
+    let to = Parcel::new(store.clone(), "full-fork", secret()).unwrap();
+    let (summary, dir) = fetcher::engine::fork(&full, &to, options.clone(), 7).unwrap();
+    assert_eq!(summary.version, 1);
+    assert_eq!(summary.dirty_chunks, 2);
+    let m = rt.block_on(to.manifest(1)).unwrap();
+    let left = rt.block_on(chunk_objects(&store));
+    let missing: Vec<_> = named(&m).difference(&left).copied().collect();
+    assert!(
+        missing.is_empty(),
+        "the fork names missing chunks {missing:?}"
+    );
+    let report = rt.block_on(verify(&to, 1, &m, no_progress())).unwrap();
+    assert!(report.bad.is_empty(), "{:?}", report.bad);
+    let out = b._dir.path().join("fork.img");
+    rt.block_on(export(&to, 1, &m, &out, no_progress()))
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), expected);
+    assert!(dir.exists(), "the cache moved to the fork");
+    assert_eq!(summary.refreshed_chunks, 6, "{summary:?}");
+
+    let to = Parcel::new(store.clone(), "part-fork", secret()).unwrap();
+    match fetcher::engine::fork(&part, &to, options, 8) {
+        Err(e) => {
+            let text = e.to_string();
+            assert!(text.contains("neither in the store"), "{text}");
+            assert!(text.contains("nor in this cache"), "{text}");
+            assert!(text.contains("parcel part "), "{text}");
+            assert!(text.contains("nothing was published"), "{text}");
+            let named_one = blocks[18..24].iter().enumerate().any(|(i, b)| {
+                text.contains(&format!("chunk {} (disk chunk {})", chunk_id(b), i + 2))
+            });
+            assert!(named_one, "names a chunk not in the cache: {text}");
+        }
+        Ok(s) => panic!("a fork sharing chunks that are gone gave {s:?}"),
+    }
+    assert_eq!(rt.block_on(to.head()).unwrap(), None, "nothing published");
+}

@@ -413,6 +413,9 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         // moved on.
         options.reconcile = false;
     }
+    // Under a live device the cache may not move to another writer's
+    // version (the guest's page cache holds the old one).
+    options.reattach = recover.is_some();
     let engine = match Engine::open(parcel, options) {
         Ok(e) => Arc::new(e),
         Err(e) => {

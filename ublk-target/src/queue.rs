@@ -3,7 +3,7 @@
 //! eventfd in the ring so that a chunk fetched by the engine wakes the tags
 //! waiting for it.
 
-use std::cell::Cell;
+use std::cell::{Cell, UnsafeCell};
 use std::future::Future;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
@@ -203,12 +203,55 @@ async fn timer_task(ctx: &QueueCtx) {
 }
 
 async fn read_loop(fd: i32, mut on_read: impl FnMut()) {
-    let mut buf = Box::new([0u8; 8]);
+    let buf = RingBuf::new();
     loop {
-        let sqe = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), 8).build();
-        match ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await {
+        match buf.read(fd).await {
             Ok(r) if r >= 0 || r == -libc::EAGAIN || r == -libc::EINTR => on_read(),
             _ => return,
+        }
+    }
+}
+
+/// The 8 bytes a read of an eventfd or timerfd in the queue's ring lands
+/// in. The kernel writes there whenever the read completes, which may be
+/// after the future that queued it was dropped (the queue drops its
+/// eventfd and timer tasks at shutdown with their reads still in the
+/// ring): while a read that targets the buffer may be in the ring, the
+/// buffer must outlive it, so a guard dropped then leaks it instead of
+/// freeing it (8 bytes per task per device lifetime).
+struct RingBuf {
+    mem: Rc<UnsafeCell<[u8; 8]>>,
+    /// Set while an SQE that targets `mem` may be in the ring.
+    pending: Cell<bool>,
+}
+
+impl RingBuf {
+    fn new() -> RingBuf {
+        RingBuf {
+            mem: Rc::new(UnsafeCell::new([0; 8])),
+            pending: Cell::new(false),
+        }
+    }
+
+    /// Reads up to 8 bytes of `fd` into the buffer through the queue's
+    /// ring; the buffer counts as pending from before the SQE is queued
+    /// until its completion was reaped, and stays pending for good if the
+    /// future is dropped before that.
+    async fn read(&self, fd: i32) -> Result<i32, UblkError> {
+        let sqe = opcode::Read::new(types::Fd(fd), self.mem.get().cast::<u8>(), 8).build();
+        self.pending.set(true);
+        let r = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64).await;
+        self.pending.set(false);
+        r
+    }
+}
+
+impl Drop for RingBuf {
+    fn drop(&mut self) {
+        if self.pending.get() {
+            // The ring may still write into the buffer: keep it allocated
+            // for the rest of the process.
+            std::mem::forget(self.mem.clone());
         }
     }
 }
@@ -459,4 +502,77 @@ async fn image_io(write: bool, offset: u64, len: usize, mut data: Data<'_>) -> i
         done += r as usize;
     }
     done as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_buf_dropped_while_pending_stays_alive() {
+        let buf = RingBuf::new();
+        let weak = Rc::downgrade(&buf.mem);
+        buf.pending.set(true);
+        drop(buf);
+        let mem = weak
+            .upgrade()
+            .expect("a buffer the ring may still write into was freed");
+        // SAFETY: `mem` is alive (just upgraded) and nothing else reads or
+        // writes it; this stands for the kernel completing the read late.
+        unsafe { *mem.get() = [1; 8] };
+    }
+
+    #[test]
+    fn ring_buf_not_pending_is_freed() {
+        let buf = RingBuf::new();
+        let weak = Rc::downgrade(&buf.mem);
+        buf.pending.set(true);
+        buf.pending.set(false);
+        drop(buf);
+        assert!(weak.upgrade().is_none(), "an idle buffer was leaked");
+    }
+
+    /// The shutdown case in a real ring: the read future is dropped with
+    /// its SQE in the ring, then the eventfd is written and the kernel
+    /// completes the read into the buffer, which must still be allocated.
+    #[test]
+    fn ring_read_completing_after_its_future_was_dropped_lands_in_live_memory() {
+        libublk::io::ublk_init_task_ring(|cell| {
+            if cell.get().is_none() {
+                let ring = io_uring::IoUring::new(8)?;
+                let _ = cell.set(std::cell::RefCell::new(ring));
+            }
+            Ok(())
+        })
+        .expect("io_uring");
+        // SAFETY: eventfd takes no pointers; a negative return is an error.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` was just returned by eventfd and is owned by no one
+        // else.
+        let efd = unsafe { OwnedFd::from_raw_fd(fd) };
+
+        let buf = RingBuf::new();
+        let weak = Rc::downgrade(&buf.mem);
+        let mut read = Box::pin(async move { buf.read(fd).await });
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(read.as_mut().poll(&mut cx).is_pending());
+        drop(read);
+        libublk::io::with_task_io_ring_mut(|r| r.submit()).expect("submit");
+        let mem = weak
+            .upgrade()
+            .expect("the buffer of a read still in the ring was freed");
+
+        let value = 0x0102_0304_0506_0708u64;
+        // SAFETY: `value` lives across the call, which reads 8 bytes of it.
+        let n = unsafe { libc::write(efd.as_raw_fd(), (&raw const value).cast(), 8) };
+        assert_eq!(n, 8);
+        let res = libublk::io::with_task_io_ring_mut(|r| {
+            r.submit_and_wait(1).expect("wait");
+            r.completion().next().map(|cqe| cqe.result())
+        });
+        assert_eq!(res, Some(8));
+        // SAFETY: `mem` is alive and the read that wrote it completed.
+        assert_eq!(unsafe { *mem.get() }, value.to_ne_bytes());
+    }
 }

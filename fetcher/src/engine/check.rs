@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use super::reconcile::present_mismatches;
-use crate::cache::{self, ABSENT, Cache, DIRTY, PRESENT};
+use crate::cache::{self, Cache, DIRTY, PRESENT};
 use crate::{Error, Parcel, Progress};
 
 /// What a check found and did.
@@ -91,17 +91,15 @@ pub fn check(parcel: &Parcel, cache_root: &Path, progress: Progress) -> Result<C
         unclean: header.open,
         ..Default::default()
     };
-    let g = base.geometry();
     for c in found.mismatched {
         if header.open {
             cache.set(c, DIRTY)?;
             report.suspect.push(c);
         } else {
-            cache.punch_hole(g.chunk_offset(c), g.chunk_len(c) as u64)?;
-            cache.set(c, ABSENT)?;
             report.damaged.push(c);
         }
     }
+    cache.drop_chunks(&report.damaged)?;
     cache.sync_state()?;
     Ok(report)
 }

@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::cache::{self, ABSENT, Cache, DIRTY};
+use crate::cache::{self, Cache, DIRTY};
 use crate::{Error, Lease, Store};
 
 /// The file of dirty chunks `isr sync` uploaded already.
@@ -96,23 +96,8 @@ impl Discard {
     /// to [`release_cache_lease`] (it needs the store).
     pub fn apply(&self) -> Result<DiscardReport, Error> {
         let h = self.cache.header();
-        let g = format::Geometry::new(h.disk_size, h.chunk_size)
-            .map_err(|e| Error::Invalid(e.to_string()))?;
-        for &c in &self.dirty {
-            self.cache.set(c, ABSENT)?;
-        }
-        self.cache.sync_state()?;
-        for &c in &self.dirty {
-            self.cache
-                .punch_hole(g.chunk_offset(c), g.chunk_len(c) as u64)?;
-        }
-        self.cache.sync_image()?;
-        let synced = self.dir().join(SYNCED);
-        let synced_removed = match std::fs::remove_file(&synced) {
-            Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(Error::io("remove", &synced, e)),
-        };
+        self.cache.drop_chunks(&self.dirty)?;
+        let synced_removed = self.cache.remove_file(SYNCED)?;
         Ok(DiscardReport {
             base_version: h.base_version,
             dirty_chunks: self.dirty.len() as u64,

@@ -20,6 +20,10 @@ use crate::{ChunkFault, Error};
 pub struct Slot {
     state: Mutex<SlotState>,
     cv: Condvar,
+    /// Signalled when a new reader joins: a fetch waiting out its backoff
+    /// tries again at once (the store may be back, and this reader's
+    /// deadline may come before the backoff ends).
+    retry: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -95,8 +99,10 @@ impl Shared {
             return None;
         }
         let ChunkEntry::Data(key) = self.base().entry(c) else {
-            // Never stored: zeros. The image range is made a hole now.
-            let _ = self.fill_zero(c);
+            // Never stored: zeros. The image range is made a hole now
+            // (unless a write got there first: see `fill_zeros`).
+            self.cache.point("demand: absent zero chunk");
+            let _ = self.fill_zeros(&[c]);
             return None;
         };
         let mut map = self.inflight.lock().expect("inflight lock");
@@ -112,6 +118,7 @@ impl Shared {
                 (s, true)
             }
         };
+        let mut joined = notifier.is_none();
         {
             let mut st = slot.state.lock().expect("slot lock");
             st.demanded = true;
@@ -122,29 +129,85 @@ impl Shared {
                     // Deadlines are the waiter's own business (a ublk
                     // queue keeps one per request in its ring).
                     st.notifiers.push(n.clone());
+                    joined = true;
                 }
             }
         }
         drop(map);
+        if joined && !new {
+            // A fetch waiting out a backoff tries again now. Only for a
+            // waiter new to the slot: a queue asking again after every
+            // wake-up must not turn the backoff into a storm.
+            slot.retry.notify_one();
+        }
         if new {
             let _ = self.demand_tx.send(c);
         }
         Some(slot)
     }
 
-    fn fill_zero(&self, c: u64) -> Result<(), Error> {
-        let _g = self.stripe(c);
-        let len = self.geometry.chunk_len(c) as u64;
-        self.cache.punch_hole(self.geometry.chunk_offset(c), len)?;
-        if cache::state_of(self.cache.entry(c)) == ABSENT {
-            self.cache.set(c, cache::PRESENT)?;
+    /// Makes never-stored chunks that are still absent present holes. The
+    /// state is looked at under the chunk's stripe lock before anything is
+    /// punched: a full-chunk write may have made the chunk dirty since the
+    /// caller saw it absent, and punching then would erase that write
+    /// (acknowledged, perhaps flushed). The holes are durable before the
+    /// chunks are marked present (invariant 3), with one sync for them all.
+    pub(crate) fn fill_zeros(&self, chunks: &[u64]) -> Result<(), Error> {
+        let mut punched = Vec::new();
+        for &c in chunks {
+            let _g = self.stripe(c);
+            self.cache.point("fill_zeros: locked");
+            if cache::state_of(self.cache.entry(c)) != ABSENT {
+                continue;
+            }
+            let len = self.geometry.chunk_len(c) as u64;
+            self.cache.punch_hole(self.geometry.chunk_offset(c), len)?;
+            punched.push(c);
         }
+        if punched.is_empty() {
+            return Ok(());
+        }
+        self.cache.point("fill_zeros: punched");
+        self.cache.sync_image_shared()?;
+        for c in punched {
+            let _g = self.stripe(c);
+            if cache::state_of(self.cache.entry(c)) == ABSENT {
+                self.cache.set(c, cache::PRESENT)?;
+            }
+        }
+        let (lock, cv) = &self.progress;
+        *lock.lock().expect("progress lock") += 1;
+        cv.notify_all();
         Ok(())
+    }
+
+    /// Takes the fetch of `key` out of the in-flight map after a transient
+    /// error, unless a reader has joined it (then it goes on retrying):
+    /// decided under the in-flight lock, where [`demand`](Self::demand)
+    /// joins, so that no reader joins between the decision and the slot
+    /// leaving the map (it would receive a transient error as final, and
+    /// its read would fail with EIO). At shutdown (`force`) it leaves
+    /// regardless. The caller then [`finish`](Self::finish)es the slot.
+    fn leave_unless_demanded(&self, key: ChunkKey, slot: &Arc<Slot>, force: bool) -> bool {
+        self.cache.point("fetch: giving up");
+        let mut map = self.inflight.lock().expect("inflight lock");
+        if !force && slot.demanded() {
+            return false;
+        }
+        map.remove(&key);
+        true
     }
 
     /// Ends the fetch of `key`: the slot leaves the map, then waiters wake.
     fn finish(&self, key: ChunkKey, slot: &Arc<Slot>, result: Result<(), Arc<Error>>) {
-        self.inflight.lock().expect("inflight lock").remove(&key);
+        {
+            // Only this fetch's own slot: one that left the map already
+            // (see `leave_unless_demanded`) may have a successor there.
+            let mut map = self.inflight.lock().expect("inflight lock");
+            if map.get(&key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+                map.remove(&key);
+            }
+        }
         slot.complete(result);
         let (lock, cv) = &self.progress;
         *lock.lock().expect("progress lock") += 1;
@@ -225,7 +288,8 @@ async fn fetch_one(
             }
             Err(e) => {
                 slot.note_error(&e);
-                if shutting_down(&shared) || (prefetch && !slot.demanded()) {
+                let shutdown = shutting_down(&shared);
+                if (shutdown || prefetch) && shared.leave_unless_demanded(key, &slot, shutdown) {
                     tracing::debug!(
                         parcel = shared.parcel.name(),
                         chunk = c,
@@ -243,7 +307,10 @@ async fn fetch_one(
                     error = %e,
                     "a demanded chunk could not be fetched; trying again"
                 );
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = slot.retry.notified() => {}
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
@@ -356,6 +423,8 @@ const SEQUENTIAL: u64 = 1 << 61;
 /// too shallow: 14.4 s.
 const READAHEAD_STREAM: u64 = 16;
 const READAHEAD_SINGLE: u64 = 1;
+/// Never-stored chunks the prefetch makes holes of at once (one sync).
+const ZERO_BATCH: usize = 4096;
 /// Streams followed at once (the most recent).
 const STREAMS: usize = 32;
 /// How long after a demand fetch the prefetch of chunks nobody hinted at
@@ -527,6 +596,7 @@ pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::Unbounde
                 shared.fetch_meter.peak() as f64 / shared.geometry.chunk_size() as f64;
             ((chunks_per_s * min_latency.as_secs_f64()) as usize).clamp(1, window.size.max(1))
         };
+        let mut zeros = Vec::new();
         while shared.prefetch_on.load(Ordering::Relaxed)
             && prefetching < window.size
             && (prefetching < beside_demand || order.has_priority())
@@ -537,7 +607,10 @@ pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::Unbounde
                 continue;
             }
             let ChunkEntry::Data(key) = shared.base().entry(c) else {
-                let _ = shared.fill_zero(c);
+                zeros.push(c);
+                if zeros.len() >= ZERO_BATCH {
+                    break;
+                }
                 continue;
             };
             if shared
@@ -563,6 +636,14 @@ pub(crate) async fn scheduler(shared: Arc<Shared>, mut demand_rx: mpsc::Unbounde
                 let t0 = Instant::now();
                 let outcome = fetch_one(s, key, c, slot, true).await;
                 let _ = tx.send((c, true, outcome, t0.elapsed()));
+            });
+        }
+        if !zeros.is_empty() {
+            // Never-stored chunks: holes, made durable by one sync for the
+            // batch, off the scheduler's thread.
+            let s = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = s.fill_zeros(&zeros);
             });
         }
         shared.window.store(window.size as u64, Ordering::Relaxed);

@@ -11,6 +11,12 @@ use crate::{Error, Parcel, cache};
 /// changes, taken as they are, offline) as version 1 of the new parcel `to`
 /// in the same store, and moves the cache to `to`, so that resuming `to`
 /// on this host is warm. Returns the publish and the cache's new place.
+///
+/// The chunks the new parcel shares with the base version are made young
+/// in the store first: the base of a fenced cache is often old, and
+/// `isr gc` may have removed its chunks with its versions. A chunk gone
+/// from the store is written again from this cache; one that is in
+/// neither fails the fork, naming it, and nothing is published.
 pub fn fork(
     parcel: &Parcel,
     to: &Parcel,

@@ -7,7 +7,7 @@ use format::ChunkEntry;
 
 use super::{Engine, EngineStats, reconcile};
 use crate::Error;
-use crate::cache::{self, ABSENT, PRESENT};
+use crate::cache::{self, PRESENT};
 
 impl Engine {
     /// Re-hashes every chunk the cache holds as present against the base
@@ -28,14 +28,14 @@ impl Engine {
             &*progress,
         )?;
         for &c in &found.mismatched {
+            // Under the stripe lock: no fetch fills the chunk between its
+            // durable absent mark and the hole.
             let _g = s.stripe(c);
             if cache::state_of(s.cache.entry(c)) == PRESENT {
-                s.cache
-                    .punch_hole(s.geometry.chunk_offset(c), s.geometry.chunk_len(c) as u64)?;
-                s.cache.set(c, ABSENT)?;
+                s.cache.point("verify_cached: dropping");
+                s.cache.drop_chunks(&[c])?;
             }
         }
-        s.cache.sync_state()?;
         // The prefetch may have passed these chunks while they looked
         // present: ask for them now.
         for &c in &found.mismatched {

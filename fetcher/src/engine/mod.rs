@@ -26,7 +26,6 @@ mod report;
 mod sync;
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -65,6 +64,14 @@ pub struct EngineOptions {
     /// Bring the cache up to date with the store's HEAD at open (false:
     /// take the cache as it is, offline; it must exist).
     pub reconcile: bool,
+    /// The cache is being re-attached to a live device whose daemon died
+    /// (`isr recover`): the guest holds the device's content in its page
+    /// cache, so the cache may move on only to a version of its own
+    /// publish; another writer's version is refused (see `reconcile.rs`).
+    pub reattach: bool,
+    /// This boot of the host (default: [`cache::current_boot_id`]); the
+    /// explorer plays host crashes with it.
+    pub boot_id: Option<[u8; 16]>,
 }
 
 impl Default for EngineOptions {
@@ -76,6 +83,8 @@ impl Default for EngineOptions {
             max_fetches: 64,
             host: String::new(),
             reconcile: true,
+            reattach: false,
+            boot_id: None,
         }
     }
 }
@@ -185,10 +194,12 @@ impl Engine {
             .map_err(|e| Error::Invalid(format!("cannot start the fetcher runtime: {e}")))?;
         let dir = cache::cache_dir(&options.cache_root, parcel.store().url(), parcel.name());
         let mut report = OpenReport::default();
+        let boot_id = options.boot_id.unwrap_or_else(cache::current_boot_id);
         let (cache, base) = runtime.block_on(reconcile::open_cache(
             &parcel,
             &dir,
-            options.reconcile,
+            &options,
+            boot_id,
             &mut report,
         ))?;
         let geometry = base.1.geometry();
@@ -200,7 +211,6 @@ impl Engine {
         for &c in &trace {
             touched[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::Relaxed);
         }
-        let boot_id = cache::current_boot_id();
         cache.update_header(|h| {
             h.open = true;
             h.boot_id = boot_id;
@@ -327,7 +337,7 @@ impl Engine {
 
     /// The cache image, for a device that does its own I/O on it.
     pub fn image_file(&self) -> &std::fs::File {
-        &self.shared.cache.image
+        self.shared.cache.image.file()
     }
 
     /// How long a read of a missing chunk may wait.
@@ -348,10 +358,7 @@ impl Engine {
             })?;
             let dst = &mut buf[span.buf_offset..span.buf_offset + span.len as usize];
             let at = s.geometry.chunk_offset(span.chunk) + span.offset_in_chunk as u64;
-            s.cache
-                .image
-                .read_exact_at(dst, at)
-                .map_err(|e| Error::io("read", &s.cache.dir().join("image"), e))?;
+            s.cache.read_image(dst, at)?;
         }
         Ok(())
     }
@@ -373,10 +380,8 @@ impl Engine {
             // image: after a crash of this process the page cache holds both,
             // in that order, so no chunk with new data is found unmarked.
             s.cache.set(span.chunk, DIRTY)?;
-            s.cache
-                .image
-                .write_all_at(src, at)
-                .map_err(|e| Error::io("write", &s.cache.dir().join("image"), e))?;
+            s.cache.point("write: marked dirty");
+            s.cache.write_image(src, at)?;
         }
         Ok(())
     }
@@ -714,14 +719,13 @@ impl Shared {
                 continue;
             }
             self.cache
-                .image
-                .write_all_at(data, self.geometry.chunk_offset(c))
-                .map_err(|e| Error::io("write", &self.cache.dir().join("image"), e))?;
+                .write_image(data, self.geometry.chunk_offset(c))?;
             written.push(c);
         }
         if written.is_empty() {
             return Ok(());
         }
+        self.cache.point("fill: written");
         // Shared with the fetches completing at the same time: the data is
         // durable once a sync begun after these writes has ended.
         self.cache.sync_image_shared()?;

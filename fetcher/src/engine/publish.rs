@@ -9,21 +9,20 @@
 //! place; the next open recognises a committed-but-unrecorded publish as its
 //! own and a rerun completes it.
 
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use format::chunk::ChunkEncoder;
-use format::{ChunkEntry, VmSettings};
+use format::{ChunkEntry, ChunkKey, VmSettings};
 use futures::{StreamExt, TryStreamExt, stream};
 
-use super::{Engine, Shared};
-use crate::cache::{DIRTY, PRESENT};
+use super::{Base, Engine, Shared};
+use crate::cache::{DIRTY, PRESENT, state_of};
 use crate::lease::Lease;
-use crate::ops::{DEFAULT_CONCURRENCY, ImageUpload};
-use crate::{Error, Parcel, PutOutcome};
+use crate::ops::{DEFAULT_CONCURRENCY, Image, ImageUpload};
+use crate::{ChunkFault, Error, Parcel, PutOutcome};
 
 /// What a publish did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -38,6 +37,10 @@ pub struct PublishSummary {
     pub bytes_uploaded: u64,
     /// Dirty chunks not uploaded again because a sync had (`isr sync`).
     pub synced_chunks: u64,
+    /// Chunks of the base version that a fork shares, written to the store
+    /// again because they were old or gone (from the cache, else from the
+    /// store; see [`Store::has_chunk`](crate::Store::has_chunk)).
+    pub refreshed_chunks: u64,
     /// The memory image published with the disk, if any (its chunk table
     /// left out).
     pub memory: Option<ImageUpload>,
@@ -61,8 +64,10 @@ impl Engine {
     /// Publishes this cache (its base version with its local changes) as
     /// version 1 of a new parcel `to` in the same store, with the same key:
     /// the way to keep the work of a session that was fenced. Only the
-    /// changed chunks upload; the others are shared. The cache is then
-    /// based on `to` (move it with [`fork`](super::fork)).
+    /// changed chunks upload; the others are shared, once made young in
+    /// the store (written again, from this cache or the store's old copy,
+    /// if they are old or gc removed them). The cache is then based on
+    /// `to` (move it with [`fork`](super::fork)).
     pub fn publish_fork(&self, to: &Parcel, created_unix: i64) -> Result<PublishSummary, Error> {
         let (shared, to) = (self.shared.clone(), to.clone());
         self.flush_and_run(async move {
@@ -219,6 +224,9 @@ async fn publish(
     if let Some(vm) = new_vm {
         manifest.vm = Some(vm.clone());
     }
+    if let Some(to) = fork_to {
+        summary.refreshed_chunks = keep_inherited_young(&shared, &base, &uploaded, to).await?;
+    }
     manifest.parent = fork_to.is_none().then_some(*base_version);
     manifest.created_unix = created_unix;
     manifest.host = shared.options.host.clone();
@@ -266,7 +274,7 @@ async fn publish(
         record.base_version = version;
         record.chunks.clear();
         // Only a hint: a stale file is ignored at the next open (other base).
-        let _ = record.save(shared.cache.dir());
+        let _ = record.save(&shared.cache);
     }
     shared.cache.update_header(|h| h.base_version = version)?;
     *shared.base.write().expect("base lock") = Arc::new(super::Base::new(version, manifest));
@@ -340,6 +348,121 @@ pub(super) async fn upload_chunk(shared: Arc<Shared>, c: u64) -> Result<Uploaded
         shared.note_uploaded(size);
     }
     Ok(done)
+}
+
+/// Makes every stored chunk that a fork's version 1 shares with the base
+/// version (every disk chunk not uploaded now) young in the store before
+/// the fork commits; returns how many were written again. The base is
+/// usually old when a cache is forked (a fenced session's), and `isr gc`
+/// may have deleted its chunks once its versions went, or may be about to:
+/// a chunk is reused only through the freshness rule (see
+/// `store/fresh.rs`), as rollback does.
+async fn keep_inherited_young(
+    shared: &Arc<Shared>,
+    base: &Arc<Base>,
+    uploaded: &[Uploaded],
+    to: &Parcel,
+) -> Result<u64, Error> {
+    // The uploaded chunks' keys are young already (checked or put now).
+    let mut young: std::collections::HashSet<ChunkKey> = uploaded
+        .iter()
+        .filter_map(|u| match u.table_entry {
+            ChunkEntry::Data(k) => Some(k),
+            ChunkEntry::Zero => None,
+        })
+        .collect();
+    let replaced: std::collections::HashSet<u64> = uploaded.iter().map(|u| u.chunk).collect();
+    let mut inherited = Vec::new();
+    for (c, e) in base.manifest.chunks.iter().enumerate() {
+        if let ChunkEntry::Data(k) = e
+            && !replaced.contains(&(c as u64))
+            && young.insert(*k)
+        {
+            inherited.push((*k, c as u64));
+        }
+    }
+    let refreshed: Vec<bool> = stream::iter(inherited)
+        .map(|(key, c)| keep_young(shared.clone(), base.clone(), key, c, to))
+        .buffer_unordered(DEFAULT_CONCURRENCY)
+        .try_collect()
+        .await?;
+    Ok(refreshed.iter().filter(|&&r| r).count() as u64)
+}
+
+/// Makes the base's chunk `key` (at disk chunk `c`, among others) young:
+/// true if it was written again, from this cache if it holds it, else from
+/// the store's old copy. A chunk in neither fails the fork.
+async fn keep_young(
+    shared: Arc<Shared>,
+    base: Arc<Base>,
+    key: ChunkKey,
+    c: u64,
+    to: &Parcel,
+) -> Result<bool, Error> {
+    let id = key.id();
+    let store = shared.parcel.store();
+    if store.has_chunk(&id).await? {
+        return Ok(false);
+    }
+    let (s, b) = (shared.clone(), base.clone());
+    let cached = tokio::task::spawn_blocking(move || encode_from_cache(&s, &b, key))
+        .await
+        .expect("encoding does not panic")?;
+    let object = match cached {
+        Some(object) => Bytes::from(object),
+        None => match store.get_chunk(&id).await {
+            Ok(object) => object,
+            Err(Error::NotFound { .. }) => {
+                return Err(Error::Invalid(format!(
+                    "cannot fork parcel {} (version {}) to {}: chunk {id} (disk chunk {c}), which the fork shares with version {}, is neither in the store (isr gc removed it) nor in this cache ({}); nothing was published",
+                    shared.parcel.name(),
+                    base.version,
+                    to.name(),
+                    base.version,
+                    shared.cache.dir().display()
+                )));
+            }
+            Err(e) => {
+                return Err(Error::BadChunk {
+                    id,
+                    image: Image::Disk,
+                    index: c,
+                    parcel: shared.parcel.name().to_owned(),
+                    version: base.version,
+                    fault: ChunkFault::Store(Box::new(e)),
+                });
+            }
+        },
+    };
+    store.put_chunk(&id, object).await?;
+    Ok(true)
+}
+
+/// The base's chunk `key` encoded from this cache's image, if a place the
+/// base names it at is present (holds the base's data) and hashes to it.
+fn encode_from_cache(s: &Shared, base: &Base, key: ChunkKey) -> Result<Option<Vec<u8>>, Error> {
+    let secret = s.parcel.secret();
+    for &c in base.by_key.get(&key).into_iter().flatten() {
+        let mut buf = vec![0u8; s.geometry.chunk_len(c) as usize];
+        {
+            let _g = s.stripe(c);
+            if state_of(s.cache.entry(c)) != PRESENT {
+                continue;
+            }
+            s.cache
+                .image
+                .read_exact_at(&mut buf, s.geometry.chunk_offset(c))
+                .map_err(|e| Error::io("read", &s.cache.dir().join("image"), e))?;
+        }
+        if secret.chunk_key(&buf) != key {
+            continue;
+        }
+        let chunk = ChunkEncoder::new(secret.clone(), 1)
+            .encode(&buf)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        return Ok(Some(chunk.object));
+    }
+    Ok(None)
 }
 
 /// The error of a session whose lease is gone (`lost`, from

@@ -8,12 +8,11 @@
 //!   invalidated (refetched on use); with local changes, it is a conflict,
 //!   reported and never merged.
 
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use format::{ChunkEntry, Manifest};
 
-use super::{OpenReport, new_header};
+use super::{EngineOptions, OpenReport, new_header};
 use crate::cache::{self, Cache, DIRTY, PRESENT};
 use crate::{Error, Parcel};
 
@@ -22,9 +21,11 @@ use crate::{Error, Parcel};
 pub(crate) async fn open_cache(
     parcel: &Parcel,
     dir: &Path,
-    reconcile: bool,
+    options: &EngineOptions,
+    boot_id: [u8; 16],
     report: &mut OpenReport,
 ) -> Result<(Cache, (u64, Manifest)), Error> {
+    let reconcile = options.reconcile;
     if !reconcile && !Cache::exists(dir) {
         return Err(Error::Invalid(format!(
             "parcel {} has no cache on this host (looked in {})",
@@ -72,7 +73,7 @@ pub(crate) async fn open_cache(
         report.recovered = true;
         // Same boot: the process died, the page cache did not; every write
         // was marked dirty before its data went in. Nothing is in doubt.
-        if header.boot_id != cache::current_boot_id() {
+        if header.boot_id != boot_id {
             let started = std::time::Instant::now();
             let (scanned, dirtied) = recover(parcel, &cache, &base)?;
             report.scanned_chunks = scanned;
@@ -154,6 +155,10 @@ pub(crate) async fn open_cache(
         }
         if ours {
             adopt_own(parcel, &cache, &manifest)?;
+        } else if options.reattach {
+            return Err(moved_under_device(
+                parcel, &cache, base.0, version, &manifest,
+            ));
         } else if dirty_count(&cache) > 0 {
             return Err(conflict(parcel, &cache, base.0, version, &manifest));
         }
@@ -196,8 +201,7 @@ async fn create(
         .iter()
         .map(|e| *e == ChunkEntry::Zero)
         .collect();
-    let cache = Cache::create(lock, dir, new_header(head, &manifest)?, &present)?;
-    cache.save_manifest(head, &object)?;
+    let cache = Cache::create(lock, dir, new_header(head, &manifest)?, &object, &present)?;
     Ok((cache, (head, manifest)))
 }
 
@@ -212,10 +216,7 @@ fn matches(parcel: &Parcel, data: &[u8], entry: &ChunkEntry) -> bool {
 fn read_chunk(cache: &Cache, m: &Manifest, c: u64, buf: &mut Vec<u8>) -> Result<(), Error> {
     let g = m.geometry();
     buf.resize(g.chunk_len(c) as usize, 0);
-    cache
-        .image
-        .read_exact_at(buf, g.chunk_offset(c))
-        .map_err(|e| Error::io("read", &cache.dir().join("image"), e))
+    cache.read_image(buf, g.chunk_offset(c))
 }
 
 /// After a host crash: a chunk marked present may hold data whose dirty
@@ -224,6 +225,14 @@ fn read_chunk(cache: &Cache, m: &Manifest, c: u64, buf: &mut Vec<u8>) -> Result<
 /// that do not match become dirty. Returns (chunks hashed, chunks made
 /// dirty).
 fn recover(parcel: &Parcel, cache: &Cache, base: &Manifest) -> Result<(u64, u64), Error> {
+    // A dirty chunk's content at its generation is in doubt after a host
+    // crash: its map entry may have gone back to an older generation while
+    // its data did not (or the other way round), so a generation `isr sync`
+    // recorded as uploaded could come round again for other data. Every
+    // dirty chunk takes a generation no record can name.
+    for c in cache.chunks_in(DIRTY) {
+        cache.set(c, DIRTY)?;
+    }
     let found = present_mismatches(parcel, cache, base, &cache.chunks_in(PRESENT), &|_| {})?;
     for &c in &found.mismatched {
         cache.set(c, DIRTY)?;
@@ -254,7 +263,7 @@ pub(crate) fn present_mismatches(
 ) -> Result<Mismatches, Error> {
     let g = base.geometry();
     let image_path = cache.dir().join("image");
-    let extents = crate::sparse::data_extents(&cache.image, g.disk_size())
+    let extents = crate::sparse::data_extents(cache.image.file(), g.disk_size())
         .map_err(|e| Error::io("seek", &image_path, e))?;
     let mut allocated = vec![false; cache.len()];
     for r in &extents {
@@ -322,25 +331,44 @@ fn adopt_own(parcel: &Parcel, cache: &Cache, next: &Manifest) -> Result<(), Erro
 }
 
 /// Chunks that `next` changed and the cache holds clean: dropped (zero
-/// chunks become present holes). Dirty chunks are left alone.
+/// chunks become present holes, once the holes are durable). Dirty chunks
+/// are left alone.
 fn invalidate_changed(cache: &Cache, base: &Manifest, next: &Manifest) -> Result<u64, Error> {
-    let g = next.geometry();
-    let mut n = 0;
-    for c in 0..cache.len() as u64 {
-        let i = c as usize;
-        if base.chunks[i] == next.chunks[i] || cache::state_of(cache.entry(c)) == DIRTY {
-            continue;
+    let changed: Vec<u64> = (0..cache.len() as u64)
+        .filter(|&c| {
+            let i = c as usize;
+            base.chunks[i] != next.chunks[i] && cache::state_of(cache.entry(c)) != DIRTY
+        })
+        .collect();
+    cache.drop_chunks(&changed)?;
+    for &c in &changed {
+        if next.chunks[c as usize] == ChunkEntry::Zero {
+            cache.set(c, PRESENT)?;
         }
-        cache.punch_hole(g.chunk_offset(c), g.chunk_len(c) as u64)?;
-        let state = if next.chunks[i] == ChunkEntry::Zero {
-            PRESENT
-        } else {
-            cache::ABSENT
-        };
-        cache.set(c, state)?;
-        n += 1;
     }
-    Ok(n)
+    Ok(changed.len() as u64)
+}
+
+/// Re-attaching a live device (its daemon died) to a parcel that another
+/// writer moved on: the guest still holds the old version's data in its
+/// page cache, so bringing the cache under it to the new version would mix
+/// the two. The cache is kept as it is.
+fn moved_under_device(
+    parcel: &Parcel,
+    cache: &Cache,
+    base: u64,
+    version: u64,
+    m: &Manifest,
+) -> Error {
+    Error::Conflict(format!(
+        "parcel {} moved on while its device was without a daemon: the device serves version {base}, but host {} published version {version} (at {} Unix time), so the lease was taken over meanwhile; refusing to re-attach the device to another writer's version under the guest. The cache ({}) is kept with its {} unpublished chunks: stop the guest, remove the device, and `isr fork --parcel {} --to NEW` keeps this host's work",
+        parcel.name(),
+        m.host,
+        m.created_unix,
+        cache.dir().display(),
+        dirty_count(cache),
+        parcel.name()
+    ))
 }
 
 fn dirty_count(cache: &Cache) -> usize {

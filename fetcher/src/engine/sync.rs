@@ -26,13 +26,15 @@ use format::{ChunkEntry, ChunkKey};
 use futures::{StreamExt, stream};
 
 use super::{Engine, Shared};
-use crate::cache::DIRTY;
+use crate::cache::{Cache, DIRTY};
 use crate::ops::DEFAULT_CONCURRENCY;
-use crate::{Error, Progress, private};
+use crate::{Error, Progress};
 
 const MAGIC: &[u8; 4] = b"ISRy";
 const FORMAT: u32 = 1;
 const RECORD_LEN: usize = 8 + 8 + 1 + 32;
+/// The record's file in the cache directory.
+const SYNCED: &str = "synced";
 /// How often a long sync saves what it has done so far.
 const CHECKPOINT: Duration = Duration::from_secs(2);
 
@@ -47,7 +49,7 @@ pub(crate) struct SyncRecord {
 
 impl SyncRecord {
     pub(crate) fn path(cache_dir: &Path) -> PathBuf {
-        cache_dir.join("synced")
+        cache_dir.join(SYNCED)
     }
 
     /// Loads the record of `base_version` (an empty one if the file is
@@ -118,22 +120,17 @@ impl SyncRecord {
         b
     }
 
-    /// Writes the record atomically; an empty one removes the file.
-    pub(crate) fn save(&self, cache_dir: &Path) -> Result<(), Error> {
-        let path = Self::path(cache_dir);
+    /// Writes the record atomically; an empty one removes the file. The
+    /// map is made durable first: a record must never name a map entry
+    /// that a host crash can take back (the chunk's generation would then
+    /// come round again for other data, and the record would vouch for it).
+    pub(crate) fn save(&self, cache: &Cache) -> Result<(), Error> {
         if self.chunks.is_empty() {
-            return match std::fs::remove_file(&path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(Error::io("remove", &path, e)),
-            };
+            return cache.remove_file(SYNCED).map(|_| ());
         }
-        let tmp = path.with_extension("tmp");
-        private::write(&tmp, self.encode())
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .and_then(|()| std::fs::File::open(cache_dir)?.sync_all())
-            .map_err(|e| Error::io("write", &path, e))
+        cache.sync_state()?;
+        cache.point("sync: map durable, record next");
+        cache.replace_file(SYNCED, &self.encode())
     }
 
     /// The table entry recorded for chunk `c`, if the store holds the
@@ -253,7 +250,7 @@ async fn sync(
                 }
                 if saved_at.elapsed() >= CHECKPOINT {
                     // A checkpoint failing costs only uploads later.
-                    let _ = record.save(shared.cache.dir());
+                    let _ = record.save(&shared.cache);
                     saved_at = Instant::now();
                 }
             }
@@ -274,7 +271,7 @@ async fn sync(
             .retain(|&c, &mut (e, _)| shared.cache.entry(c) == e);
         record.clone()
     };
-    let saved = record.save(shared.cache.dir());
+    let saved = record.save(&shared.cache);
     match failure {
         Some(e) => Err(e),
         None => saved.map(|()| summary),
@@ -288,30 +285,38 @@ mod tests {
     #[test]
     fn records_round_trip_and_damage_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("c");
+        let header = crate::cache::Header {
+            base_version: 4,
+            disk_size: 10 * 65536,
+            chunk_size: 65536,
+            cache_id: [1; 16],
+            open: true,
+            boot_id: [2; 16],
+        };
+        let cache =
+            Cache::create(Cache::lock(&d).unwrap(), &d, header, b"m", &[false; 10]).unwrap();
         let mut r = SyncRecord {
             base_version: 4,
             chunks: HashMap::new(),
         };
         r.chunks.insert(7, (9, ChunkEntry::Data(ChunkKey([3; 32]))));
         r.chunks.insert(2, (5, ChunkEntry::Zero));
-        r.save(dir.path()).unwrap();
-        assert_eq!(SyncRecord::load(dir.path(), 4), r);
+        r.save(&cache).unwrap();
+        assert_eq!(SyncRecord::load(&d, 4), r);
         assert_eq!(r.current(7, 9), Some(ChunkEntry::Data(ChunkKey([3; 32]))));
         assert_eq!(r.current(7, 13), None, "written again since");
-        assert!(
-            SyncRecord::load(dir.path(), 5).chunks.is_empty(),
-            "other base"
-        );
-        let path = SyncRecord::path(dir.path());
+        assert!(SyncRecord::load(&d, 5).chunks.is_empty(), "other base");
+        let path = SyncRecord::path(&d);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.truncate(bytes.len() - 1);
         std::fs::write(&path, &bytes).unwrap();
-        assert!(SyncRecord::load(dir.path(), 4).chunks.is_empty());
+        assert!(SyncRecord::load(&d, 4).chunks.is_empty());
         SyncRecord {
             base_version: 4,
             chunks: HashMap::new(),
         }
-        .save(dir.path())
+        .save(&cache)
         .unwrap();
         assert!(!path.exists(), "an empty record removes the file");
     }

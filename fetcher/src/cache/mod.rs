@@ -32,10 +32,14 @@
 //!   and so every later FLUSH, fails too.
 //!
 //! The directory is 0700 and its files 0600 (they hold the plaintext disk).
+//! Every change to them goes through `file.rs` (a seam that can record it).
+
+mod file;
+
+pub use file::{CacheFile, FileLog, FileOp, Recording, record};
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -132,9 +136,9 @@ pub struct Repaired {
 pub struct Cache {
     dir: PathBuf,
     _lock: File,
-    pub(crate) image: File,
-    state: File,
-    trace: File,
+    pub(crate) image: CacheFile,
+    state: CacheFile,
+    trace: CacheFile,
     entries: Box<[AtomicU64]>,
     header: std::sync::Mutex<Header>,
     /// The first failed sync of the image, kept until the cache is closed.
@@ -181,43 +185,57 @@ impl Cache {
         dir.join("state").is_file()
     }
 
-    /// Creates a fresh cache in the locked `dir`: an empty sparse image and a
-    /// map in which chunks listed in `present` are present (all-zero chunks:
-    /// the sparse image already reads them as zeros) and the rest absent.
+    /// Creates a fresh cache in the locked `dir` based on `manifest` (the
+    /// encrypted manifest object of the header's base version): an empty
+    /// sparse image and a map in which chunks listed in `present` are
+    /// present (all-zero chunks: the sparse image already reads them as
+    /// zeros) and the rest absent. The map appears last, whole and durable
+    /// (written aside and renamed into place): a cache exists
+    /// ([`exists`](Self::exists)) only once it is complete, so a creation
+    /// cut short by a crash is simply done again.
     pub fn create(
         lock: File,
         dir: &Path,
         header: Header,
+        manifest: &[u8],
         present: &[bool],
     ) -> Result<Cache, Error> {
-        for name in ["image", "state", "trace"] {
+        for name in ["state", "image", "trace"] {
             let p = dir.join(name);
             if p.exists() {
                 std::fs::remove_file(&p).map_err(io_err("remove", &p))?;
             }
         }
+        let version = header.base_version;
+        file::replace(dir, &format!("manifests/{version}"), manifest).map_err(io_err(
+            "write",
+            &dir.join("manifests").join(version.to_string()),
+        ))?;
         let image_path = dir.join("image");
-        let image = open_rw(&image_path)?;
+        let image = CacheFile::open(dir, "image")?;
+        let trace = CacheFile::open(dir, "trace")?;
+        // Fresh files (the old ones were removed): a recording log starts
+        // them empty too.
+        for f in [&image, &trace] {
+            f.set_len(0).map_err(io_err("size", f.path()))?;
+        }
         image
             .set_len(header.disk_size)
             .map_err(io_err("size", &image_path))?;
-        let state_path = dir.join("state");
-        let state = open_rw(&state_path)?;
-        let mut bytes = vec![0u8; present.len() * 8];
-        for (i, &p) in present.iter().enumerate() {
-            if p {
-                bytes[i * 8..i * 8 + 8].copy_from_slice(&PRESENT.to_le_bytes());
-            }
-        }
-        state
-            .write_all_at(&bytes, HEADER_LEN)
-            .map_err(io_err("write", &state_path))?;
-        let cache = Cache {
+        image.sync_data().map_err(io_err("sync", &image_path))?;
+        let mut bytes = encode_header(&header);
+        bytes.extend(
+            present
+                .iter()
+                .flat_map(|&p| if p { PRESENT } else { ABSENT }.to_le_bytes()),
+        );
+        file::replace(dir, "state", &bytes).map_err(io_err("write", &dir.join("state")))?;
+        Ok(Cache {
             dir: dir.to_owned(),
             _lock: lock,
             image,
-            trace: open_rw(&dir.join("trace"))?,
-            state,
+            trace,
+            state: CacheFile::open(dir, "state")?,
             entries: present
                 .iter()
                 .map(|&p| AtomicU64::new(if p { PRESENT } else { ABSENT }))
@@ -225,19 +243,13 @@ impl Cache {
             header: std::sync::Mutex::new(header),
             sync_failure: OnceLock::new(),
             group: Default::default(),
-        };
-        cache.write_header()?;
-        cache
-            .image
-            .sync_all()
-            .map_err(io_err("sync", &image_path))?;
-        Ok(cache)
+        })
     }
 
     /// Opens the existing cache in the locked `dir`.
     pub fn open(lock: File, dir: &Path) -> Result<Cache, Error> {
         let state_path = dir.join("state");
-        let state = open_rw(&state_path)?;
+        let state = CacheFile::open(dir, "state")?;
         let mut head = [0u8; 128];
         state
             .read_exact_at(&mut head, 0)
@@ -272,8 +284,8 @@ impl Cache {
         let cache = Cache {
             dir: dir.to_owned(),
             _lock: lock,
-            image: open_rw(&dir.join("image"))?,
-            trace: open_rw(&dir.join("trace"))?,
+            image: CacheFile::open(dir, "image")?,
+            trace: CacheFile::open(dir, "trace")?,
             state,
             entries,
             header: std::sync::Mutex::new(header),
@@ -299,7 +311,12 @@ impl Cache {
             }
         }
         let path = self.dir.join("image");
-        let len = self.image.metadata().map_err(io_err("stat", &path))?.len();
+        let len = self
+            .image
+            .file()
+            .metadata()
+            .map_err(io_err("stat", &path))?
+            .len();
         if len < h.disk_size {
             for c in g.chunk_of(len)..g.chunk_count() {
                 match state_of(self.entry(c)) {
@@ -345,19 +362,9 @@ impl Cache {
     }
 
     fn write_header(&self) -> Result<(), Error> {
-        let h = self.header();
-        let mut b = vec![0u8; HEADER_LEN as usize];
-        b[0..4].copy_from_slice(MAGIC);
-        b[4..8].copy_from_slice(&FORMAT.to_le_bytes());
-        b[8..12].copy_from_slice(&(if h.open { FLAG_OPEN } else { 0 }).to_le_bytes());
-        b[16..24].copy_from_slice(&h.base_version.to_le_bytes());
-        b[24..32].copy_from_slice(&h.disk_size.to_le_bytes());
-        b[32..36].copy_from_slice(&h.chunk_size.to_le_bytes());
-        b[40..56].copy_from_slice(&h.cache_id);
-        b[56..72].copy_from_slice(&h.boot_id);
         let path = self.dir.join("state");
         self.state
-            .write_all_at(&b, 0)
+            .write_all_at(&encode_header(&self.header()), 0)
             .and_then(|()| self.state.sync_data())
             .map_err(io_err("write", &path))
     }
@@ -451,7 +458,7 @@ impl Cache {
 
     /// The files whose sync makes a flush durable: image, map, trace.
     pub fn sync_files(&self) -> [&File; 3] {
-        [&self.image, &self.state, &self.trace]
+        [self.image.file(), self.state.file(), self.trace.file()]
     }
 
     /// Makes the map and the trace durable.
@@ -464,39 +471,87 @@ impl Cache {
             .map_err(io_err("sync", &self.dir.join("state")))
     }
 
-    /// Deallocates `len` bytes of the image at `offset`: they read as zeros.
-    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), Error> {
-        // SAFETY: fallocate on an fd we own; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                self.image.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
+    /// The disk's geometry, from the header.
+    pub fn geometry(&self) -> Result<format::Geometry, Error> {
+        let h = self.header();
+        format::Geometry::new(h.disk_size, h.chunk_size)
+            .map_err(|e| Error::Invalid(format!("cache {}: {e}", self.dir.display())))
+    }
+
+    /// Drops `chunks` from the cache: each is marked absent, the marks are
+    /// made durable, and only then are their bytes deallocated (and that
+    /// made durable too). The other order is unsafe: a power loss between
+    /// the hole and a durable mark leaves a chunk marked present over a
+    /// hole, which an open trusting the map serves as zeros and a recovery
+    /// after a host crash turns into an all-zero dirty chunk that the next
+    /// publish sends. Callers keep fetches away (no device yet, or the
+    /// chunks' stripe locks held).
+    pub fn drop_chunks(&self, chunks: &[u64]) -> Result<(), Error> {
+        if chunks.is_empty() {
             return Ok(());
         }
-        // A file system without hole punching: write the zeros.
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(Error::io("punch hole", &self.dir.join("image"), err));
+        let g = self.geometry()?;
+        for &c in chunks {
+            self.set(c, ABSENT)?;
         }
-        let zeros = vec![0u8; len as usize];
+        self.sync_state()?;
+        for &c in chunks {
+            self.punch_hole(g.chunk_offset(c), g.chunk_len(c) as u64)?;
+        }
+        self.sync_image()
+    }
+
+    /// Deallocates `len` bytes of the image at `offset`: they read as zeros.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), Error> {
         self.image
-            .write_all_at(&zeros, offset)
+            .punch_hole(offset, len)
+            .map_err(io_err("punch hole", &self.dir.join("image")))
+    }
+
+    /// Writes `data` into the image at `offset`.
+    pub fn write_image(&self, data: &[u8], offset: u64) -> Result<(), Error> {
+        self.image
+            .write_all_at(data, offset)
             .map_err(io_err("write", &self.dir.join("image")))
+    }
+
+    /// Reads `buf.len()` bytes of the image at `offset`.
+    pub fn read_image(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        self.image
+            .read_exact_at(buf, offset)
+            .map_err(io_err("read", &self.dir.join("image")))
+    }
+
+    /// The engine reached synchronisation point `name` (the explorer
+    /// perturbs the threads' order there; nothing happens otherwise).
+    pub(crate) fn point(&self, name: &'static str) {
+        self.image.point(name);
+    }
+
+    /// Replaces the cache file `name` durably with `bytes` (see
+    /// [`file`](self) for the order).
+    pub(crate) fn replace_file(&self, name: &str, bytes: &[u8]) -> Result<(), Error> {
+        file::replace(&self.dir, name, bytes).map_err(io_err("write", &self.dir.join(name)))
+    }
+
+    /// Removes the cache file `name`; true if it was there.
+    pub(crate) fn remove_file(&self, name: &str) -> Result<bool, Error> {
+        file::remove(&self.dir, name).map_err(io_err("remove", &self.dir.join(name)))
     }
 
     /// The trace recorded so far (chunk indices in first-touch order).
     pub fn read_trace(&self) -> Result<Vec<u64>, Error> {
         let path = self.dir.join("trace");
         let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
+        // First touches only, each chunk once: after a host crash the file
+        // may hold entries of an earlier session under this one's (its
+        // truncation was not durable), and a manifest's trace is never
+        // longer than the disk.
+        let mut seen = vec![false; self.entries.len()];
         Ok(bytes
             .chunks_exact(8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8")))
-            .filter(|&c| c < self.entries.len() as u64)
+            .filter(|&c| c < seen.len() as u64 && !std::mem::replace(&mut seen[c as usize], true))
             .collect())
     }
 
@@ -521,25 +576,33 @@ impl Cache {
 
     /// Stores the encrypted manifest of `version` durably (write, sync, rename).
     pub fn save_manifest(&self, version: u64, bytes: &[u8]) -> Result<(), Error> {
-        let path = self.manifest_path(version);
-        let tmp = path.with_extension("tmp");
-        private::write(&tmp, bytes)
-            .and_then(|()| File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .and_then(|()| File::open(self.dir.join("manifests"))?.sync_all())
-            .map_err(io_err("write", &path))
+        self.replace_file(&format!("manifests/{version}"), bytes)
     }
 
     /// Removes local manifests other than `keep`.
     pub fn prune_manifests(&self, keep: u64) {
         if let Ok(dir) = std::fs::read_dir(self.dir.join("manifests")) {
             for e in dir.flatten() {
-                if e.file_name().to_string_lossy() != keep.to_string() {
-                    let _ = std::fs::remove_file(e.path());
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name != keep.to_string() {
+                    let _ = self.remove_file(&format!("manifests/{name}"));
                 }
             }
         }
     }
+}
+
+fn encode_header(h: &Header) -> Vec<u8> {
+    let mut b = vec![0u8; HEADER_LEN as usize];
+    b[0..4].copy_from_slice(MAGIC);
+    b[4..8].copy_from_slice(&FORMAT.to_le_bytes());
+    b[8..12].copy_from_slice(&(if h.open { FLAG_OPEN } else { 0 }).to_le_bytes());
+    b[16..24].copy_from_slice(&h.base_version.to_le_bytes());
+    b[24..32].copy_from_slice(&h.disk_size.to_le_bytes());
+    b[32..36].copy_from_slice(&h.chunk_size.to_le_bytes());
+    b[40..56].copy_from_slice(&h.cache_id);
+    b[56..72].copy_from_slice(&h.boot_id);
+    b
 }
 
 fn open_rw(path: &Path) -> Result<File, Error> {
@@ -569,7 +632,7 @@ mod tests {
         assert!(matches!(Cache::lock(&d), Err(Error::CacheBusy { .. })));
         let mut present = vec![false; 10];
         present[4] = true;
-        let cache = Cache::create(lock, &d, header(), &present).unwrap();
+        let cache = Cache::create(lock, &d, header(), b"m", &present).unwrap();
         assert_eq!(state_of(cache.entry(4)), PRESENT);
         let e = cache.set(2, DIRTY).unwrap();
         assert_eq!((state_of(e), generation_of(e)), (DIRTY, 1));

@@ -1,0 +1,409 @@
+//! The defects of issue 16, each reproduced on its own: the interleaving
+//! forced through the engine's synchronisation points (the file log's
+//! hook), or the crash state built from the recorded file operations.
+//! Each fails on the code before its fix.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use fetcher::cache::{FileLog, FileOp};
+use fetcher::{Engine, EngineOptions, Error, Parcel, no_progress};
+
+use super::crash::{self, Files};
+use super::model::{BLOCK, block_data};
+use super::store::{self as xstore, Objects, URL};
+
+const CHUNK: u64 = 64 * 1024;
+const CHUNKS: u64 = 6;
+const PER_CHUNK: u64 = CHUNK / BLOCK as u64;
+
+/// Chunk kinds of the test parcel: 0 data, 1 all zero.
+const KINDS: [u8; CHUNKS as usize] = [0, 1, 0, 0, 1, 0];
+
+fn secret() -> format::Secret {
+    format::Secret::new(&[0xd1; 32])
+}
+
+struct Fixture {
+    rt: tokio::runtime::Runtime,
+    tmp: tempfile::TempDir,
+    objects: Objects,
+    image: Vec<u8>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut image = Vec::new();
+        for c in 0..CHUNKS {
+            for b in c * PER_CHUNK..(c + 1) * PER_CHUNK {
+                let tag = if KINDS[c as usize] == 1 {
+                    0
+                } else {
+                    7 << 40 | b
+                };
+                image.extend_from_slice(&block_data(tag, b));
+            }
+        }
+        let path = tmp.path().join("disk.img");
+        std::fs::write(&path, &image).unwrap();
+        let (store, mem) = xstore::store(&rt, &Objects::new(), None, 0, 1);
+        let parcel = Parcel::new(store, "vm", secret()).unwrap();
+        let opts = fetcher::ops::ImportOptions {
+            chunk_size: Some(CHUNK as u32),
+            ..Default::default()
+        };
+        rt.block_on(fetcher::ops::import(&parcel, &path, &opts, no_progress()))
+            .unwrap();
+        let objects = xstore::objects(&rt, &mem);
+        Fixture {
+            rt,
+            tmp,
+            objects,
+            image,
+        }
+    }
+
+    /// A parcel over a store holding the fixture's objects; the store's
+    /// switch sets the per-mille of chunk GETs that fail.
+    fn parcel(&self, fail: u64) -> (Parcel, Arc<std::sync::atomic::AtomicU64>) {
+        let (store, _, switch) = xstore::store_with_switch(&self.rt, &self.objects, None, fail, 3);
+        (Parcel::new(store, "vm", secret()).unwrap(), switch)
+    }
+
+    fn root(&self, name: &str) -> std::path::PathBuf {
+        self.tmp.path().join(name)
+    }
+}
+
+fn options(root: &Path) -> EngineOptions {
+    EngineOptions {
+        cache_root: root.to_owned(),
+        miss_timeout: Duration::from_secs(30),
+        prefetch: false,
+        host: "defects".into(),
+        boot_id: Some([1; 16]),
+        ..Default::default()
+    }
+}
+
+fn chunk_of(image: &[u8], c: u64) -> &[u8] {
+    &image[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize]
+}
+
+fn pattern(byte: u8) -> Vec<u8> {
+    vec![byte; CHUNK as usize]
+}
+
+/// Blocks at the first time the engine reaches point `name`, until
+/// released; tells when it got there.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<(bool, bool)>,
+    cv: Condvar,
+}
+
+impl Gate {
+    fn hook(self: &Arc<Self>, log: &FileLog, name: &'static str) {
+        let gate = self.clone();
+        log.on_point(move |p| {
+            if p != name {
+                return;
+            }
+            let mut st = gate.state.lock().unwrap();
+            if st.0 {
+                return; // only the first time
+            }
+            st.0 = true;
+            gate.cv.notify_all();
+            // Bounded: a fixed engine may never let the other side in.
+            let _ = gate
+                .cv
+                .wait_timeout_while(st, Duration::from_secs(10), |s| !s.1)
+                .unwrap();
+        });
+    }
+    fn wait_reached(&self) {
+        let st = self.state.lock().unwrap();
+        let (st, to) = self
+            .cv
+            .wait_timeout_while(st, Duration::from_secs(20), |s| !s.0)
+            .unwrap();
+        assert!(
+            !to.timed_out() && st.0,
+            "the engine never reached the point"
+        );
+    }
+    fn release(&self) {
+        self.state.lock().unwrap().1 = true;
+        self.cv.notify_all();
+    }
+}
+
+/// Defect 1: a read of an absent never-stored chunk saw it absent, then a
+/// full-chunk write made it dirty (and was flushed); the zero fill that
+/// follows must not punch the write away.
+#[test]
+fn defect1_a_zero_fill_never_erases_a_full_chunk_write() {
+    let fx = Fixture::new();
+    let (parcel, _) = fx.parcel(0);
+    let root = fx.root("a");
+    let c = 1; // never stored (all zero)
+    // Make chunk 1 absent: write it, then `isr discard`.
+    {
+        let e = Engine::open(parcel.clone(), options(&root)).unwrap();
+        e.write(c * CHUNK, &pattern(1)).unwrap();
+        e.close().unwrap();
+    }
+    fetcher::engine::Discard::open(URL, "vm", &root)
+        .unwrap()
+        .apply()
+        .unwrap();
+    let log = Arc::new(FileLog::new());
+    let gate = Arc::new(Gate::default());
+    gate.hook(&log, "demand: absent zero chunk");
+    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let _rec = fetcher::cache::record(&dir, log.clone());
+    let e = Arc::new(Engine::open(parcel, options(&root)).unwrap());
+    assert!(!e.is_cached(c));
+    let reader = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; BLOCK];
+            e.read(c * CHUNK, &mut buf).unwrap();
+        })
+    };
+    gate.wait_reached();
+    let data = pattern(0x77);
+    e.write(c * CHUNK, &data).unwrap();
+    e.flush().unwrap();
+    gate.release();
+    reader.join().unwrap();
+    let mut got = vec![0u8; CHUNK as usize];
+    e.read(c * CHUNK, &mut got).unwrap();
+    assert!(got == data, "the flushed write was erased by the zero fill");
+}
+
+/// Defect 2: `isr sync` recorded a generation whose map entry was only in
+/// the page cache; after a host crash the generation came round again for
+/// a newer, flushed write, and the publish sent the older data.
+#[test]
+fn defect2_a_sync_record_never_publishes_older_data_after_a_host_crash() {
+    let fx = Fixture::new();
+    let (parcel, _) = fx.parcel(0);
+    let root = fx.root("a");
+    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let c = 2;
+    {
+        let e = Engine::open(parcel.clone(), options(&root)).unwrap();
+        e.write(c * CHUNK, &pattern(0xa0)).unwrap();
+        e.flush().unwrap();
+        e.close().unwrap();
+    }
+    let base = crash::read_dir(&dir);
+    let log = Arc::new(FileLog::new());
+    let rec = fetcher::cache::record(&dir, log.clone());
+    {
+        let e = Engine::open(parcel.clone(), options(&root)).unwrap();
+        e.write(c * CHUNK, &pattern(0xa1)).unwrap(); // A, not flushed
+        e.sync(no_progress(), &AtomicBool::new(false)).unwrap();
+        std::mem::forget(e); // the host dies here
+    }
+    drop(rec);
+    // What reached the disk: everything synced, nothing else.
+    let files = crash::crash_keeping(&base, &log.snapshot(), |_| false);
+    let root2 = fx.root("b");
+    crash::materialize(&files, &fetcher::cache::cache_dir(&root2, URL, "vm"));
+    let mut o = options(&root2);
+    o.boot_id = Some([2; 16]);
+    let e = Engine::open(parcel.clone(), o).unwrap();
+    let b = pattern(0xb0);
+    e.write(c * CHUNK, &b).unwrap();
+    e.flush().unwrap();
+    let v = e.publish(None, 0).unwrap().version;
+    let stored = fx.rt.block_on(async {
+        let m = parcel.manifest(v).await.unwrap();
+        match m.chunks[c as usize] {
+            format::ChunkEntry::Data(k) => {
+                parcel.fetch_chunk(k, CHUNK as usize, c, v).await.unwrap()
+            }
+            format::ChunkEntry::Zero => vec![0; CHUNK as usize],
+        }
+    });
+    assert!(
+        stored == b,
+        "version {v} holds {:#x}.. for chunk {c}, not the flushed write",
+        stored[0]
+    );
+}
+
+/// Defect 6: `isr check` dropping a damaged chunk punched its hole before
+/// the chunk's absent mark was durable; a crash in between left a chunk
+/// marked present over a hole, served as zeros. Every crash point of the
+/// check, with the image's unsynced changes on disk and the map's not.
+#[test]
+fn defect6_no_crash_during_a_repair_leaves_a_present_chunk_over_a_hole() {
+    let fx = Fixture::new();
+    let (parcel, _) = fx.parcel(0);
+    let root = fx.root("a");
+    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let c = 3;
+    {
+        let e = Engine::open(parcel.clone(), options(&root)).unwrap();
+        let mut all = vec![0u8; (CHUNKS * CHUNK) as usize];
+        e.read(0, &mut all).unwrap();
+        e.close().unwrap();
+    }
+    // Damage one block of chunk 3.
+    let junk = block_data(0xbad << 40, c * PER_CHUNK);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("image"))
+        .map(|f| std::os::unix::fs::FileExt::write_all_at(&f, &junk, c * CHUNK).unwrap())
+        .unwrap();
+    let base: Files = crash::read_dir(&dir);
+    let log = Arc::new(FileLog::new());
+    let rec = fetcher::cache::record(&dir, log.clone());
+    let report = fetcher::engine::check(&parcel, &root, no_progress()).unwrap();
+    assert_eq!(report.damaged, [c]);
+    drop(rec);
+    let ops = log.snapshot();
+    assert!(ops.iter().any(|o| matches!(o, FileOp::Punch { .. })));
+    let original = chunk_of(&fx.image, c);
+    for at in 0..=ops.len() {
+        let files = crash::crash_keeping(&base, &ops[..at], |f| f == "image");
+        let root2 = fx.root(&format!("s{at}"));
+        crash::materialize(&files, &fetcher::cache::cache_dir(&root2, URL, "vm"));
+        let e = Engine::open(parcel.clone(), options(&root2)).unwrap();
+        let mut got = vec![0u8; CHUNK as usize];
+        e.read(c * CHUNK, &mut got).unwrap();
+        let first_ok = got[..BLOCK] == junk[..] || got[..BLOCK] == original[..BLOCK];
+        assert!(
+            first_ok && got[BLOCK..] == original[BLOCK..],
+            "crash after {at} of {} operations of the check: chunk {c} reads {:#x}.. (zeros: a present chunk over a hole)",
+            ops.len(),
+            got[BLOCK]
+        );
+        e.close().unwrap();
+    }
+}
+
+/// Defect 4: a read that joined a prefetch's fetch just as it was giving
+/// up after a transient error received that error as final (EIO).
+#[test]
+fn defect4_a_read_joining_a_failing_prefetch_is_not_failed_for_a_transient_error() {
+    let fx = Fixture::new();
+    let (parcel, fail) = fx.parcel(1000);
+    let root = fx.root("a");
+    let log = Arc::new(FileLog::new());
+    let gate = Arc::new(Gate::default());
+    gate.hook(&log, "fetch: giving up");
+    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let _rec = fetcher::cache::record(&dir, log.clone());
+    let mut o = options(&root);
+    o.prefetch = true;
+    o.max_fetches = 1;
+    let e = Arc::new(Engine::open(parcel, o).unwrap());
+    // The prefetch goes ascending: chunk 0 (stored) first.
+    gate.wait_reached();
+    fail.store(0, Ordering::Relaxed);
+    let reader = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; BLOCK];
+            e.read(0, &mut buf).map(|()| buf)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300)); // the read joins
+    gate.release();
+    let got = reader.join().unwrap();
+    match got {
+        Ok(buf) => assert!(buf[..] == fx.image[..BLOCK]),
+        Err(e) => panic!("the read failed for a transient error: {e}"),
+    }
+}
+
+/// Defect 8: a demanded fetch waiting out its backoff did not try again
+/// when a new reader came, so a read whose deadline fell inside the
+/// backoff failed although the store was back.
+#[test]
+fn defect8_a_new_reader_wakes_a_fetch_in_backoff() {
+    let fx = Fixture::new();
+    let (parcel, fail) = fx.parcel(1000);
+    let root = fx.root("a");
+    let mut o = options(&root);
+    o.miss_timeout = Duration::from_secs(2);
+    let e = Arc::new(Engine::open(parcel, o).unwrap());
+    let first = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; BLOCK];
+            e.read(0, &mut buf)
+        })
+    };
+    // The first read times out at 2 s; the fetch goes on, its backoff
+    // doubling from 0.1 s (tries at about 0, 0.1, 0.3, 0.7, 1.5, 3.1, 6.3 s).
+    assert!(matches!(
+        first.join().unwrap(),
+        Err(Error::MissTimeout { .. })
+    ));
+    std::thread::sleep(Duration::from_millis(1400));
+    fail.store(0, Ordering::Relaxed);
+    // Deadline about 5.4 s: before the fetch's next try on its own.
+    let mut buf = vec![0u8; BLOCK];
+    e.read(0, &mut buf)
+        .expect("the store is back: a new read gets its chunk");
+    assert!(buf[..] == fx.image[..BLOCK]);
+}
+
+/// Defect 7: re-attaching a device whose daemon died must not move the
+/// cache to another writer's version under the guest.
+#[test]
+fn defect7_reattach_refuses_another_writers_version_and_keeps_the_cache() {
+    let fx = Fixture::new();
+    let (store, mem) = xstore::store(&fx.rt, &fx.objects, None, 0, 5);
+    let parcel = Parcel::new(store, "vm", secret()).unwrap();
+    let root = fx.root("a");
+    {
+        let e = Engine::open(parcel.clone(), options(&root)).unwrap();
+        let mut buf = vec![0u8; (CHUNKS * CHUNK) as usize];
+        e.read(0, &mut buf).unwrap();
+        e.close().unwrap();
+    }
+    // Another host publishes version 2 meanwhile.
+    {
+        let e = Engine::open(parcel.clone(), options(&fx.root("other"))).unwrap();
+        e.write(0, &pattern(0x99)).unwrap();
+        assert_eq!(e.publish(None, 0).unwrap().version, 2);
+        e.close().unwrap();
+    }
+    let _ = mem;
+    let mut o = options(&root);
+    o.reattach = true;
+    let err = Engine::open(parcel.clone(), o).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Conflict(_)), "{msg}");
+    assert!(
+        msg.contains("version 2") && msg.contains("isr fork"),
+        "{msg}"
+    );
+    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    assert!(
+        dir.join("manifests/1").exists(),
+        "the cache stays on version 1"
+    );
+    // Resuming normally (no live device) moves on.
+    let e = Engine::open(parcel, options(&root)).unwrap();
+    assert_eq!(e.base_version(), 2);
+    let mut got = vec![0u8; BLOCK];
+    e.read(0, &mut got).unwrap();
+    assert_eq!(got, vec![0x99; BLOCK]);
+    let _: BTreeSet<u64> = BTreeSet::new();
+}
