@@ -610,18 +610,24 @@ fn open_rw(path: &Path) -> Result<File, Error> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn header() -> Header {
+    /// The header of the unit tests' caches: 10 chunks of 64 KiB based on
+    /// `base_version`.
+    pub(crate) fn header_of(base_version: u64) -> Header {
         Header {
-            base_version: 3,
+            base_version,
             disk_size: 10 * 65536,
             chunk_size: 65536,
             cache_id: [9; 16],
             open: true,
             boot_id: [7; 16],
         }
+    }
+
+    fn header() -> Header {
+        header_of(3)
     }
 
     #[test]

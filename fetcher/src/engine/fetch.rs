@@ -146,38 +146,15 @@ impl Shared {
         Some(slot)
     }
 
-    /// Makes never-stored chunks that are still absent present holes. The
-    /// state is looked at under the chunk's stripe lock before anything is
-    /// punched: a full-chunk write may have made the chunk dirty since the
-    /// caller saw it absent, and punching then would erase that write
-    /// (acknowledged, perhaps flushed). The holes are durable before the
-    /// chunks are marked present (invariant 3), with one sync for them all.
+    /// Makes never-stored chunks that are still absent present holes
+    /// (see [`fill_absent`](Self::fill_absent): a full-chunk write that made
+    /// one dirty since the caller saw it absent is not punched away).
     pub(crate) fn fill_zeros(&self, chunks: &[u64]) -> Result<(), Error> {
-        let mut punched = Vec::new();
-        for &c in chunks {
-            let _g = self.stripe(c);
-            self.cache.point("fill_zeros: locked");
-            if cache::state_of(self.cache.entry(c)) != ABSENT {
-                continue;
-            }
+        self.fill_absent(chunks, |c| {
             let len = self.geometry.chunk_len(c) as u64;
-            self.cache.punch_hole(self.geometry.chunk_offset(c), len)?;
-            punched.push(c);
-        }
-        if punched.is_empty() {
-            return Ok(());
-        }
-        self.cache.point("fill_zeros: punched");
-        self.cache.sync_image_shared()?;
-        for c in punched {
-            let _g = self.stripe(c);
-            if cache::state_of(self.cache.entry(c)) == ABSENT {
-                self.cache.set(c, cache::PRESENT)?;
-            }
-        }
-        let (lock, cv) = &self.progress;
-        *lock.lock().expect("progress lock") += 1;
-        cv.notify_all();
+            self.cache.punch_hole(self.geometry.chunk_offset(c), len)
+        })?;
+        self.note_progress();
         Ok(())
     }
 
@@ -209,9 +186,7 @@ impl Shared {
             }
         }
         slot.complete(result);
-        let (lock, cv) = &self.progress;
-        *lock.lock().expect("progress lock") += 1;
-        cv.notify_all();
+        self.note_progress();
     }
 }
 

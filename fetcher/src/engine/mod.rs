@@ -709,33 +709,54 @@ impl Shared {
     }
 
     /// Fills every not-yet-cached place of a fetched chunk with `data`
-    /// (where a write got there first, the write wins); the data is durable
-    /// before a chunk is marked present (invariant 3).
+    /// (where a write got there first, the write wins).
     fn fill(&self, places: &[u64], data: &[u8]) -> Result<(), Error> {
-        let mut written = Vec::with_capacity(places.len());
-        for &c in places {
+        self.fill_absent(places, |c| {
+            self.cache.write_image(data, self.geometry.chunk_offset(c))
+        })
+    }
+
+    /// Puts the content of each chunk of `chunks` that is still absent into
+    /// the image with `put`, under the chunk's stripe lock (a write that
+    /// got there first, having made the chunk dirty, wins: nothing is put
+    /// over it), makes all of it durable with one shared sync, and only
+    /// then marks those chunks present (invariant 3).
+    fn fill_absent(
+        &self,
+        chunks: &[u64],
+        put: impl Fn(u64) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut filled = Vec::with_capacity(chunks.len());
+        for &c in chunks {
             let _g = self.stripe(c);
+            self.cache.point("fill: locked");
             if cache::state_of(self.cache.entry(c)) != ABSENT {
                 continue;
             }
-            self.cache
-                .write_image(data, self.geometry.chunk_offset(c))?;
-            written.push(c);
+            put(c)?;
+            filled.push(c);
         }
-        if written.is_empty() {
+        if filled.is_empty() {
             return Ok(());
         }
-        self.cache.point("fill: written");
+        self.cache.point("fill: put");
         // Shared with the fetches completing at the same time: the data is
         // durable once a sync begun after these writes has ended.
         self.cache.sync_image_shared()?;
-        for c in written {
+        for c in filled {
             let _g = self.stripe(c);
             if cache::state_of(self.cache.entry(c)) == ABSENT {
                 self.cache.set(c, PRESENT)?;
             }
         }
         Ok(())
+    }
+
+    /// Wakes whoever waits for fetches to complete (`hoard`).
+    fn note_progress(&self) {
+        let (lock, cv) = &self.progress;
+        *lock.lock().expect("progress lock") += 1;
+        cv.notify_all();
     }
 }
 

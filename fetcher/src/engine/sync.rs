@@ -286,14 +286,7 @@ mod tests {
     fn records_round_trip_and_damage_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("c");
-        let header = crate::cache::Header {
-            base_version: 4,
-            disk_size: 10 * 65536,
-            chunk_size: 65536,
-            cache_id: [1; 16],
-            open: true,
-            boot_id: [2; 16],
-        };
+        let header = crate::cache::tests::header_of(4);
         let cache =
             Cache::create(Cache::lock(&d).unwrap(), &d, header, b"m", &[false; 10]).unwrap();
         let mut r = SyncRecord {

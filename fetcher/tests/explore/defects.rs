@@ -3,7 +3,6 @@
 //! hook), or the crash state built from the recorded file operations.
 //! Each fails on the code before its fix.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -52,17 +51,7 @@ impl Fixture {
                 image.extend_from_slice(&block_data(tag, b));
             }
         }
-        let path = tmp.path().join("disk.img");
-        std::fs::write(&path, &image).unwrap();
-        let (store, mem) = xstore::store(&rt, &Objects::new(), None, 0, 1);
-        let parcel = Parcel::new(store, "vm", secret()).unwrap();
-        let opts = fetcher::ops::ImportOptions {
-            chunk_size: Some(CHUNK as u32),
-            ..Default::default()
-        };
-        rt.block_on(fetcher::ops::import(&parcel, &path, &opts, no_progress()))
-            .unwrap();
-        let objects = xstore::objects(&rt, &mem);
+        let objects = xstore::imported(&rt, tmp.path(), &image, "vm", secret(), CHUNK as u32);
         Fixture {
             rt,
             tmp,
@@ -368,7 +357,7 @@ fn defect8_a_new_reader_wakes_a_fetch_in_backoff() {
 #[test]
 fn defect7_reattach_refuses_another_writers_version_and_keeps_the_cache() {
     let fx = Fixture::new();
-    let (store, mem) = xstore::store(&fx.rt, &fx.objects, None, 0, 5);
+    let (store, _) = xstore::store(&fx.rt, &fx.objects, None, 0, 5);
     let parcel = Parcel::new(store, "vm", secret()).unwrap();
     let root = fx.root("a");
     {
@@ -384,7 +373,6 @@ fn defect7_reattach_refuses_another_writers_version_and_keeps_the_cache() {
         assert_eq!(e.publish(None, 0).unwrap().version, 2);
         e.close().unwrap();
     }
-    let _ = mem;
     let mut o = options(&root);
     o.reattach = true;
     let err = Engine::open(parcel.clone(), o).unwrap_err();
@@ -405,5 +393,4 @@ fn defect7_reattach_refuses_another_writers_version_and_keeps_the_cache() {
     let mut got = vec![0u8; BLOCK];
     e.read(0, &mut got).unwrap();
     assert_eq!(got, vec![0x99; BLOCK]);
-    let _: BTreeSet<u64> = BTreeSet::new();
 }

@@ -108,6 +108,36 @@ pub fn store_with_switch(
     )
 }
 
+/// The objects of a store into which `image` was imported as version 1
+/// of parcel `name` under `secret`, in chunks of `chunk` bytes (`dir`
+/// holds the image file meanwhile).
+pub fn imported(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    image: &[u8],
+    name: &str,
+    secret: format::Secret,
+    chunk: u32,
+) -> Objects {
+    let path = dir.join("disk.img");
+    std::fs::write(&path, image).unwrap();
+    let (store, mem) = store(rt, &Objects::new(), None, 0, 0);
+    let parcel = fetcher::Parcel::new(store, name, secret).unwrap();
+    let opts = fetcher::ops::ImportOptions {
+        chunk_size: Some(chunk),
+        ..Default::default()
+    };
+    rt.block_on(fetcher::ops::import(
+        &parcel,
+        &path,
+        &opts,
+        fetcher::no_progress(),
+    ))
+    .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    objects(rt, &mem)
+}
+
 /// Every object of `os`.
 pub fn objects(rt: &tokio::runtime::Runtime, os: &InMemory) -> Objects {
     rt.block_on(async {
