@@ -317,17 +317,15 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, data: Data<'_>, max
             if let Err(res) = wait_needed(ctx, offset, len, write).await {
                 return res;
             }
-            // A write is marked dirty before its data goes in (fencing off
-            // a fetch that completes meanwhile) and after (so that a publish
-            // that read the chunk in between keeps it dirty).
-            if write && let Err(e) = engine.mark_dirty(offset, len) {
+            // A write is marked before its data goes in (fencing off a
+            // fetch that completes meanwhile) and after, failed or not (so
+            // that a publish that read the chunk in between keeps it dirty,
+            // and the readers of a chunk written whole go on).
+            if write && let Err(e) = engine.begin_write(offset, len) {
                 return fail("write", offset, len, &e);
             }
             let res = image_io(write, offset, len, data).await;
-            if write
-                && res >= 0
-                && let Err(e) = engine.mark_dirty(offset, len)
-            {
+            if write && let Err(e) = engine.end_write(offset, len) {
                 return fail("write", offset, len, &e);
             }
             res
@@ -391,6 +389,9 @@ async fn sync_files(ctx: &QueueCtx) {
         return;
     }
     let [_, state, trace] = ctx.engine.sync_files();
+    // Dirty entries that must not reach the map before their data is
+    // durable: taken now, written once the image's sync has ended.
+    let settling = ctx.engine.settling();
     let image_sqe = opcode::Fsync::new(types::Fixed(1))
         .flags(types::FsyncFlags::DATASYNC)
         .build()
@@ -398,6 +399,11 @@ async fn sync_files(ctx: &QueueCtx) {
     let r = submit(image_sqe).await;
     // A failure is remembered by the engine: this and every later flush fail.
     if ctx.engine.note_sync_result(r).is_err() {
+        return;
+    }
+    if let Err(e) = ctx.engine.settle(&settling) {
+        eprintln!("isr: writing the cache map failed: {e}");
+        let _ = ctx.engine.note_sync_result(-libc::EIO);
         return;
     }
     for f in [state, trace] {

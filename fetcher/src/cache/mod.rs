@@ -53,6 +53,13 @@ pub const ABSENT: u64 = 0;
 pub const PRESENT: u64 = 1;
 /// The chunk was written since the base version; it must be uploaded.
 pub const DIRTY: u64 = 2;
+/// The chunk is being written whole while its base content is not local
+/// (the write skipped the fetch): until that data is in the image, the
+/// chunk holds neither the old content nor the new, so nothing reads it
+/// (readers and partial writers wait), and on disk it stays in this state
+/// until a flush has made the data durable (see [`Cache::settle`]). Found
+/// after a crash, it goes back to the base (see [`Cache::resolve_writing`]).
+pub const WRITING: u64 = 3;
 const STATE_MASK: u64 = 3;
 
 const MAGIC: &[u8; 4] = b"ISRs";
@@ -123,7 +130,8 @@ pub fn current_boot_id() -> [u8; 16] {
 /// What [`Cache::repair`] fixed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Repaired {
-    /// Map entries with an impossible state (made absent).
+    /// Map entries with an impossible state (made absent): a chunk being
+    /// written whole in a cache that was closed cleanly.
     pub bad_entries: u64,
     /// Chunks present in the map but cut off a truncated image (absent now).
     pub truncated: Vec<u64>,
@@ -140,6 +148,9 @@ pub struct Cache {
     state: CacheFile,
     trace: CacheFile,
     entries: Box<[AtomicU64]>,
+    /// Chunks written whole while not local whose data no flush has made
+    /// durable yet: their map entries say WRITING on disk (see `settle`).
+    unsettled: Box<[std::sync::atomic::AtomicBool]>,
     header: std::sync::Mutex<Header>,
     /// The first failed sync of the image, kept until the cache is closed.
     sync_failure: OnceLock<String>,
@@ -240,6 +251,7 @@ impl Cache {
                 .iter()
                 .map(|&p| AtomicU64::new(if p { PRESENT } else { ABSENT }))
                 .collect(),
+            unsettled: present.iter().map(|_| Default::default()).collect(),
             header: std::sync::Mutex::new(header),
             sync_failure: OnceLock::new(),
             group: Default::default(),
@@ -287,6 +299,7 @@ impl Cache {
             image: CacheFile::open(dir, "image")?,
             trace: CacheFile::open(dir, "trace")?,
             state,
+            unsettled: (0..count).map(|_| Default::default()).collect(),
             entries,
             header: std::sync::Mutex::new(header),
             sync_failure: OnceLock::new(),
@@ -305,7 +318,8 @@ impl Cache {
         let g = format::Geometry::new(h.disk_size, h.chunk_size)
             .map_err(|e| Error::Invalid(e.to_string()))?;
         for c in 0..self.len() as u64 {
-            if state_of(self.entry(c)) == STATE_MASK {
+            // After an unclean stop they are `resolve_writing`'s.
+            if !h.open && state_of(self.entry(c)) == WRITING {
                 self.set(c, ABSENT)?;
                 r.bad_entries += 1;
             }
@@ -321,7 +335,7 @@ impl Cache {
             for c in g.chunk_of(len)..g.chunk_count() {
                 match state_of(self.entry(c)) {
                     ABSENT => {}
-                    DIRTY => r.lost_dirty.push(c),
+                    DIRTY | WRITING => r.lost_dirty.push(c),
                     _ => r.truncated.push(c),
                 }
                 self.set(c, ABSENT)?;
@@ -392,18 +406,103 @@ impl Cache {
     }
 
     /// Sets chunk `c` to `state`, bumping the generation when it becomes or
-    /// stays dirty, and writes the entry to the map (durable at the next
-    /// [`sync_state`](Self::sync_state)). Callers hold the chunk's stripe lock.
+    /// stays dirty (or being written), and writes the entry to the map
+    /// (durable at the next [`sync_state`](Self::sync_state)). A chunk
+    /// written whole while not local stays [`WRITING`] on disk, whatever
+    /// it is in memory, until [`settle`](Self::settle)d. Callers hold the
+    /// chunk's stripe lock.
     pub fn set(&self, c: u64, state: u64) -> Result<u64, Error> {
         let old = self.entry(c);
-        let generation = generation_of(old) + u64::from(state == DIRTY);
+        let generation = generation_of(old) + u64::from(state == DIRTY || state == WRITING);
         let new = entry(state, generation);
+        let unsettled = &self.unsettled[c as usize];
+        match state {
+            WRITING => unsettled.store(true, Ordering::Release),
+            DIRTY => {}
+            _ => unsettled.store(false, Ordering::Release),
+        }
         self.entries[c as usize].store(new, Ordering::Release);
-        let path = self.dir.join("state");
-        self.state
-            .write_all_at(&new.to_le_bytes(), HEADER_LEN + c * 8)
-            .map_err(io_err("write", &path))?;
+        let on_disk = if state == DIRTY && unsettled.load(Ordering::Acquire) {
+            entry(WRITING, generation)
+        } else {
+            new
+        };
+        self.write_entry(c, on_disk)?;
         Ok(new)
+    }
+
+    fn write_entry(&self, c: u64, e: u64) -> Result<(), Error> {
+        self.state
+            .write_all_at(&e.to_le_bytes(), HEADER_LEN + c * 8)
+            .map_err(io_err("write", &self.dir.join("state")))
+    }
+
+    /// The chunks whose whole write has landed in the image (they are dirty
+    /// in memory) but that still say WRITING on disk. A flush takes them
+    /// before it syncs the image, then [`settle`](Self::settle)s each.
+    pub fn unsettled(&self) -> Vec<u64> {
+        (0..self.len() as u64)
+            .filter(|&c| {
+                self.unsettled[c as usize].load(Ordering::Acquire)
+                    && state_of(self.entry(c)) == DIRTY
+            })
+            .collect()
+    }
+
+    /// Writes chunk `c`'s dirty entry to the map, now that a sync of the
+    /// image begun after its data landed has ended: its data can no longer
+    /// be lost to a host crash that keeps the entry. (Only the order
+    /// matters: an entry that said dirty before its data was durable
+    /// would, after such a crash, present holes as the guest's data.)
+    /// Callers hold the chunk's stripe lock.
+    pub fn settle(&self, c: u64) -> Result<(), Error> {
+        let e = self.entry(c);
+        if state_of(e) != DIRTY || !self.unsettled[c as usize].swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.write_entry(c, e)
+    }
+
+    /// After an unclean stop: every chunk found WRITING was being written
+    /// whole while not local. If `landed` (the same boot: the page cache
+    /// kept everything) and the image holds data all over its range, the
+    /// write got there and the chunk is dirty (a write that landed was
+    /// perhaps acknowledged, and the guest may still be running on it);
+    /// otherwise it goes back to the base version, absent: the write was
+    /// never acknowledged, or (after a host crash) no flush covered it.
+    /// Returns (made dirty, made absent).
+    pub fn resolve_writing(&self, landed: bool) -> Result<(Vec<u64>, Vec<u64>), Error> {
+        let writing = self.chunks_in(WRITING);
+        if writing.is_empty() {
+            return Ok(Default::default());
+        }
+        let g = self.geometry()?;
+        let full = if landed {
+            let extents = crate::sparse::data_extents(self.image.file(), g.disk_size())
+                .map_err(io_err("seek", &self.dir.join("image")))?;
+            writing
+                .iter()
+                .map(|&c| {
+                    let (start, end) =
+                        (g.chunk_offset(c), g.chunk_offset(c) + g.chunk_len(c) as u64);
+                    extents.iter().any(|r| r.start <= start && end <= r.end)
+                })
+                .collect()
+        } else {
+            vec![false; writing.len()]
+        };
+        let (mut dirty, mut absent) = (Vec::new(), Vec::new());
+        for (c, full) in writing.into_iter().zip(full) {
+            if full {
+                self.set(c, DIRTY)?;
+                dirty.push(c);
+            } else {
+                absent.push(c);
+            }
+        }
+        self.drop_chunks(&absent)?;
+        self.sync_state()?;
+        Ok((dirty, absent))
     }
 
     /// Makes image data durable. Once a sync of the image has failed, every

@@ -77,6 +77,9 @@ pub fn check(parcel: &Parcel, cache_root: &Path, progress: Progress) -> Result<C
             base.chunk_size
         )));
     }
+    if header.open {
+        cache.resolve_writing(header.boot_id == cache::current_boot_id())?;
+    }
     let present = cache.chunks_in(PRESENT);
     let found = present_mismatches(parcel, &cache, &base, &present, &*progress)?;
     let mut report = CheckReport {

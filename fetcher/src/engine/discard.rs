@@ -58,7 +58,9 @@ impl Discard {
         let h = cache.header();
         let g = format::Geometry::new(h.disk_size, h.chunk_size)
             .map_err(|e| Error::Invalid(format!("cache {}: {e}", dir.display())))?;
-        let dirty = cache.chunks_in(DIRTY);
+        let mut dirty = cache.chunks_in(DIRTY);
+        // Written whole when a session stopped: unpublished too.
+        dirty.extend(cache.chunks_in(cache::WRITING));
         let dirty_bytes = dirty.iter().map(|&c| g.chunk_len(c) as u64).sum();
         Ok(Discard {
             cache,

@@ -73,13 +73,32 @@ impl Slot {
         }
     }
 
-    fn complete(&self, result: Result<(), Arc<Error>>) {
+    pub(super) fn complete(&self, result: Result<(), Arc<Error>>) {
         let mut st = self.state.lock().expect("slot lock");
         st.done = Some(result);
         for n in st.notifiers.drain(..) {
             n.signal();
         }
         self.cv.notify_all();
+    }
+
+    /// A reader joins: the fetch is demanded now, and `notifier` (if any)
+    /// is signalled when it completes (at once if it has). True if the
+    /// reader is new to the slot (a notifier it did not have, or a thread
+    /// that will wait on it).
+    fn join(&self, notifier: Option<&Arc<Notifier>>) -> bool {
+        let mut st = self.state.lock().expect("slot lock");
+        st.demanded = true;
+        let Some(n) = notifier else { return true };
+        if st.done.is_some() {
+            n.signal();
+        } else if !st.notifiers.iter().any(|m| Arc::ptr_eq(m, n)) {
+            // Deadlines are the waiter's own business (a ublk queue keeps
+            // one per request in its ring).
+            st.notifiers.push(n.clone());
+            return true;
+        }
+        false
     }
 
     fn demanded(&self) -> bool {
@@ -95,8 +114,15 @@ impl Shared {
     /// `None` if chunk `c` is cached; else the slot of its fetch, started
     /// now if none is in flight.
     pub(crate) fn demand(&self, c: u64, notifier: Option<&Arc<Notifier>>) -> Option<Arc<Slot>> {
-        if cache::state_of(self.cache.entry(c)) != ABSENT {
-            return None;
+        match cache::state_of(self.cache.entry(c)) {
+            ABSENT => {}
+            // Written whole right now: wait for that write, not the store.
+            cache::WRITING => {
+                let slot = self.writing_slot(c)?;
+                slot.join(notifier);
+                return Some(slot);
+            }
+            _ => return None,
         }
         let ChunkEntry::Data(key) = self.base().entry(c) else {
             // Never stored: zeros. The image range is made a hole now
@@ -118,21 +144,7 @@ impl Shared {
                 (s, true)
             }
         };
-        let mut joined = notifier.is_none();
-        {
-            let mut st = slot.state.lock().expect("slot lock");
-            st.demanded = true;
-            if let Some(n) = notifier {
-                if st.done.is_some() {
-                    n.signal();
-                } else if !st.notifiers.iter().any(|m| Arc::ptr_eq(m, n)) {
-                    // Deadlines are the waiter's own business (a ublk
-                    // queue keeps one per request in its ring).
-                    st.notifiers.push(n.clone());
-                    joined = true;
-                }
-            }
-        }
+        let joined = slot.join(notifier);
         drop(map);
         if joined && !new {
             // A fetch waiting out a backoff tries again now. Only for a

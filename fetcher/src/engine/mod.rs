@@ -24,6 +24,7 @@ mod publish;
 mod reconcile;
 mod report;
 mod sync;
+mod write;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -128,6 +129,9 @@ pub(crate) struct Shared {
     stripes: Box<[Mutex<()>]>,
     /// Fetches in flight, one per stored chunk (single flight).
     inflight: Mutex<HashMap<ChunkKey, Arc<Slot>>>,
+    /// Chunks being written whole while not local: the writes in flight
+    /// and the slot their readers wait on (see `write.rs`).
+    writing: Mutex<HashMap<u64, (usize, Arc<Slot>)>>,
     demand_tx: mpsc::UnboundedSender<u64>,
     touched: Box<[AtomicU64]>,
     trace: Mutex<Vec<u64>>,
@@ -223,6 +227,7 @@ impl Engine {
             base: RwLock::new(Arc::new(Base::new(base.0, base.1))),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             inflight: Mutex::new(HashMap::new()),
+            writing: Mutex::new(HashMap::new()),
             demand_tx,
             touched,
             trace: Mutex::new(trace),
@@ -281,9 +286,10 @@ impl Engine {
         &self.shared.parcel
     }
 
-    /// Whether chunk `c` can be served from the cache now (lock-free).
+    /// Whether chunk `c` can be served from the cache now (lock-free): not
+    /// absent, and not being written whole while not local.
     pub fn is_cached(&self, c: u64) -> bool {
-        cache::state_of(self.shared.cache.entry(c)) != ABSENT
+        self.shared.is_cached(c)
     }
 
     /// Asks for chunk `c` without waiting: `None` if it is cached, else the
@@ -297,9 +303,10 @@ impl Engine {
     /// data straight to or from the cache image (the block device does that
     /// through its own io_uring): records the access, and returns the chunks
     /// that must be fetched first — for a read every chunk not cached, for
-    /// a write those it covers only in part. Before a write's data is
-    /// submitted, call [`mark_dirty`](Self::mark_dirty); call it again once
-    /// the data is in the image.
+    /// a write those it covers only in part (or that another whole write is
+    /// filling: it waits for that one). Before a write's data is submitted,
+    /// call [`begin_write`](Self::begin_write); once it is in the image (or
+    /// the write failed), [`end_write`](Self::end_write).
     pub fn prepare_io(&self, offset: u64, len: usize, write: bool) -> Result<Vec<u64>, Error> {
         let s = &self.shared;
         s.note_io();
@@ -320,19 +327,6 @@ impl Engine {
             s.readahead(c);
         }
         Ok(need)
-    }
-
-    /// Marks every chunk under `len` bytes at `offset` dirty, bumping its
-    /// generation. Called before a write's data goes to the image (a fetch
-    /// completing meanwhile then leaves the chunk alone) and after it landed
-    /// (a publish that read the chunk in between keeps it dirty).
-    pub fn mark_dirty(&self, offset: u64, len: usize) -> Result<(), Error> {
-        let s = &self.shared;
-        for span in s.spans(offset, len)? {
-            let _g = s.stripe(span.chunk);
-            s.cache.set(span.chunk, DIRTY)?;
-        }
-        Ok(())
     }
 
     /// The cache image, for a device that does its own I/O on it.
@@ -363,37 +357,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Writes `data` at `offset`. A write covering only part of a chunk that
-    /// is not cached fetches it first; one covering whole chunks does not.
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
-        let s = &self.shared;
-        s.note_io();
-        for span in s.spans(offset, data.len())? {
-            s.touch(span.chunk);
-            if !span.covers(&s.geometry) {
-                s.ensure_cached(span.chunk)?;
-            }
-            let src = &data[span.buf_offset..span.buf_offset + span.len as usize];
-            let at = s.geometry.chunk_offset(span.chunk) + span.offset_in_chunk as u64;
-            let _g = s.stripe(span.chunk);
-            // The dirty mark goes to the map before the data goes to the
-            // image: after a crash of this process the page cache holds both,
-            // in that order, so no chunk with new data is found unmarked.
-            s.cache.set(span.chunk, DIRTY)?;
-            s.cache.point("write: marked dirty");
-            s.cache.write_image(src, at)?;
-        }
-        Ok(())
-    }
-
-    /// Makes every write so far durable, data and dirty marks both. Once a
-    /// sync of the image failed, every later flush fails
-    /// ([`Error::SyncFailed`]).
-    pub fn flush(&self) -> Result<(), Error> {
-        self.shared.cache.sync_image()?;
-        self.shared.cache.sync_state()
-    }
-
     /// The files a flush must sync (image, map, trace), for a device that
     /// syncs through its own ring; it reports the outcome with
     /// [`note_sync_result`](Self::note_sync_result).
@@ -415,28 +378,6 @@ impl Engine {
             self.shared.cache.note_sync_failure(&e);
         }
         self.check_synced()
-    }
-
-    /// Zeroes `len` bytes at `offset` (discard and write-zeroes): whole
-    /// chunks are deallocated and become zero and dirty; partial ones are
-    /// written with zeros.
-    pub fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {
-        let s = &self.shared;
-        s.note_io();
-        let len = usize::try_from(len).map_err(|_| Error::Invalid("discard too long".into()))?;
-        for span in s.spans(offset, len)? {
-            let at = s.geometry.chunk_offset(span.chunk) + span.offset_in_chunk as u64;
-            if span.covers(&s.geometry) {
-                s.touch(span.chunk);
-                let _g = s.stripe(span.chunk);
-                // Marked before the hole is made, as writes are.
-                s.cache.set(span.chunk, DIRTY)?;
-                s.cache.punch_hole(at, span.len as u64)?;
-            } else {
-                self.write(at, &vec![0u8; span.len as usize])?;
-            }
-        }
-        Ok(())
     }
 
     /// How long the device has done no I/O (since the engine opened, if
@@ -485,7 +426,7 @@ impl Engine {
         for c in 0..s.geometry.chunk_count() {
             match cache::state_of(s.cache.entry(c)) {
                 ABSENT => {}
-                DIRTY => {
+                DIRTY | cache::WRITING => {
                     cached += 1;
                     dirty += 1;
                     dirty_bytes += s.geometry.chunk_len(c) as u64;

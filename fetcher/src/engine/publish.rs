@@ -261,6 +261,10 @@ async fn publish(
     // Committed. Record it locally; a crash from here on is recognised at
     // the next open (the manifest names this cache as its writer).
     shared.cache.save_manifest(version, &published.object)?;
+    // What was read and uploaded is durable in the image before any chunk
+    // is marked present (invariant 3): a write that landed after the
+    // flush this publish began with was read in its new generation.
+    shared.cache.sync_image()?;
     for u in &uploaded {
         let _g = shared.stripe(u.chunk);
         if shared.cache.entry(u.chunk) == u.map_entry {

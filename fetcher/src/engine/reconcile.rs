@@ -73,6 +73,17 @@ pub(crate) async fn open_cache(
         report.recovered = true;
         // Same boot: the process died, the page cache did not; every write
         // was marked dirty before its data went in. Nothing is in doubt.
+        // Whole writes of chunks not local that were in flight, or whose
+        // data no flush covered (see `write.rs`).
+        let (landed, undone) = cache.resolve_writing(header.boot_id == boot_id)?;
+        if !landed.is_empty() || !undone.is_empty() {
+            tracing::info!(
+                parcel = parcel.name(),
+                landed = ?landed,
+                undone = ?undone,
+                "chunks written whole when the session stopped: those whose data landed are dirty, the others back to the base version"
+            );
+        }
         if header.boot_id != boot_id {
             let started = std::time::Instant::now();
             let (scanned, dirtied) = recover(parcel, &cache, &base)?;

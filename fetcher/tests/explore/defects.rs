@@ -394,3 +394,85 @@ fn defect7_reattach_refuses_another_writers_version_and_keeps_the_cache() {
     e.read(0, &mut got).unwrap();
     assert_eq!(got, vec![0x99; BLOCK]);
 }
+
+/// Found by the explorer: a write covering a whole chunk that is not local
+/// skips the fetch; until its data is in the image the chunk is holes. A
+/// reader meanwhile, a crash of the process before the data, or a crash
+/// of the host that kept the dirty mark and lost the data, all showed
+/// zeros: neither the old content nor the new.
+#[test]
+fn whole_chunk_write_over_an_absent_chunk_never_shows_holes() {
+    let fx = Fixture::new();
+    let (parcel, _) = fx.parcel(0);
+    let root = fx.root("a");
+    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let c = 2; // stored data, not cached
+    {
+        let e = Engine::open(parcel.clone(), options(&root)).unwrap();
+        e.close().unwrap();
+    }
+    let base = crash::read_dir(&dir);
+    let log = Arc::new(FileLog::new());
+    let gate = Arc::new(Gate::default());
+    gate.hook(&log, "write: marked dirty");
+    let rec = fetcher::cache::record(&dir, log.clone());
+    let e = Arc::new(Engine::open(parcel.clone(), options(&root)).unwrap());
+    assert!(!e.is_cached(c));
+    let new = pattern(0x5a);
+    let writer = {
+        let (e, new) = (e.clone(), new.clone());
+        std::thread::spawn(move || e.write(c * CHUNK, &new).unwrap())
+    };
+    // The write is marked, its data not in yet: a reader gets the old
+    // content or the new, never the holes between.
+    gate.wait_reached();
+    let reader = {
+        let e = e.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; CHUNK as usize];
+            e.read(c * CHUNK, &mut buf).unwrap();
+            buf
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    gate.release();
+    writer.join().unwrap();
+    let got = reader.join().unwrap();
+    let old = chunk_of(&fx.image, c);
+    assert!(
+        got == new || got == old,
+        "a read during the write saw {:#x}..",
+        got[0]
+    );
+    drop(rec);
+    let ops = log.snapshot();
+    std::mem::forget(e); // the process or the host dies here
+    let check = |name: &str, files: &Files, boot: u8| {
+        let root2 = fx.root(name);
+        crash::materialize(files, &fetcher::cache::cache_dir(&root2, URL, "vm"));
+        let mut o = options(&root2);
+        o.boot_id = Some([boot; 16]);
+        let e = Engine::open(parcel.clone(), o).unwrap();
+        let mut buf = vec![0u8; CHUNK as usize];
+        e.read(c * CHUNK, &mut buf).unwrap();
+        assert!(
+            buf == old || buf == new,
+            "{name}: chunk {c} reads {:#x}.. (holes)",
+            buf[0]
+        );
+        e.close().unwrap();
+    };
+    // The process dies after the mark, before the data.
+    let data_at = ops
+        .iter()
+        .position(|o| matches!(o, FileOp::Write { file, .. } if file == "image"))
+        .expect("the write's data was logged");
+    check("process", &crash::process_crash(&base, &ops[..data_at]), 1);
+    // The host dies after the write, unflushed: the map's page reached the
+    // disk, the image's did not.
+    check(
+        "host",
+        &crash::crash_keeping(&base, &ops, |f| f != "image"),
+        2,
+    );
+}

@@ -10,7 +10,7 @@ use fetcher::cache::FileOp;
 
 use super::model::{BLOCK, Event, Recorder, block_data, tag_of};
 use super::splitmix;
-use crate::{BLOCKS, CHUNKS, PER_CHUNK, explore_all};
+use crate::{BLOCKS, CHUNKS, PER_CHUNK};
 
 /// A seeded generator.
 pub struct Rng(pub u64);
@@ -50,19 +50,6 @@ impl Guest<'_> {
         let (offset, len) = (first * BLOCK as u64, (n * BLOCK as u64) as usize);
         match self.rng.below(10) {
             0..=3 => {
-                // A write over the whole of a chunk not cached skips its
-                // fetch; interrupted, it leaves holes that read as zeros
-                // (the open defect of the closing note): explored only
-                // with ISR_EXPLORE_ALL=1 until it is fixed.
-                let (first, n) = if n == PER_CHUNK
-                    && !self.engine.is_cached(first / PER_CHUNK)
-                    && !explore_all()
-                {
-                    (first, PER_CHUNK - 1)
-                } else {
-                    (first, n)
-                };
-                let (offset, _) = (first * BLOCK as u64, (n * BLOCK as u64) as usize);
                 self.tag += 1;
                 let tag = self.tag;
                 let data: Vec<u8> = (first..first + n)
@@ -128,8 +115,8 @@ impl Guest<'_> {
                     .map_err(|w| format!("waiting for chunk {c}: {w:?}"))?;
             }
         }
-        e.mark_dirty(offset, data.len())
-            .map_err(|e| format!("mark dirty: {e}"))?;
+        e.begin_write(offset, data.len())
+            .map_err(|e| format!("begin write: {e}"))?;
         self.rec
             .log
             .run(
@@ -141,7 +128,7 @@ impl Guest<'_> {
                 || e.image_file().write_all_at(data, offset),
             )
             .map_err(|e| format!("image write: {e}"))?;
-        e.mark_dirty(offset, data.len())
-            .map_err(|e| format!("mark dirty: {e}"))
+        e.end_write(offset, data.len())
+            .map_err(|e| format!("end write: {e}"))
     }
 }

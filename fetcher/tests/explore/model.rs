@@ -56,6 +56,11 @@ pub enum Event {
     StorePut(String, Bytes),
     /// A publish returned (the store holds this content as its HEAD).
     Published,
+    /// The cache's copy of a chunk was damaged (as a failing disk might),
+    /// and later repaired by `isr check`: in between, the cache serves
+    /// bytes the store does not hold.
+    Damaged(u64),
+    Repaired(u64),
 }
 
 /// The payloads of the events in a log (the log holds their indices).
@@ -138,6 +143,8 @@ pub struct Model {
     pub read_violations: Vec<String>,
     /// Store objects committed so far.
     pub puts: Vec<(String, Bytes)>,
+    /// Chunks damaged in the cache and not repaired yet.
+    pub damaged: BTreeSet<u64>,
 }
 
 impl Model {
@@ -162,6 +169,7 @@ impl Model {
             reads: HashMap::new(),
             read_violations: Vec::new(),
             puts: Vec::new(),
+            damaged: BTreeSet::new(),
         }
     }
 
@@ -223,6 +231,12 @@ impl Model {
             }
             Event::StorePut(p, b) => self.puts.push((p, b)),
             Event::Published => {}
+            Event::Damaged(c) => {
+                self.damaged.insert(c);
+            }
+            Event::Repaired(c) => {
+                self.damaged.remove(&c);
+            }
         }
     }
 
