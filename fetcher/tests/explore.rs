@@ -126,6 +126,11 @@ struct Run {
     /// The cache was closed cleanly (`isr check` may damage and repair it).
     clean: bool,
     boot: u64,
+    /// The chunk the guests meet on (a never-stored one if the parcel has
+    /// one: the zero fill's races are there).
+    hot: u64,
+    /// The chunk the last failed check was about (for the history dump).
+    failed_chunk: Option<u64>,
     tally: Tally,
     next_tag: u64,
     n_dirs: u64,
@@ -176,6 +181,15 @@ impl Run {
             initial.push(BTreeSet::from([tag]));
             image.extend_from_slice(&block_data(tag, b));
         }
+        let zero_chunks: Vec<u64> = (0..CHUNKS)
+            .filter(|&c| {
+                (c * PER_CHUNK..(c + 1) * PER_CHUNK).all(|b| initial[b as usize].contains(&0))
+            })
+            .collect();
+        let hot = match zero_chunks.len() {
+            0 => rng.below(CHUNKS),
+            n => zero_chunks[rng.below(n as u64) as usize],
+        };
         let objects = xstore::imported(&rt, tmp.path(), &image, NAME, secret(), CHUNK as u32);
         Run {
             seed,
@@ -188,6 +202,8 @@ impl Run {
             initial,
             clean: true,
             boot: 1,
+            hot,
+            failed_chunk: None,
             tally: Tally::default(),
             next_tag: 1,
             n_dirs: 0,
@@ -279,6 +295,7 @@ impl Run {
                 .map_err(|e| format!("open: {e}"))?,
         );
         let threads = 2 + self.rng.below(2);
+        let hot = self.hot;
         let ops_each = 6 + self.rng.below(18);
         let with_sync = self.rng.chance(2);
         let with_hoard = self.rng.chance(5);
@@ -298,6 +315,7 @@ impl Run {
                         ids,
                         rng: Rng(seed),
                         tag: (tag_base << 24) | (t << 20) | (1 << 48),
+                        hot,
                     };
                     for _ in 0..ops_each {
                         if let Err(e) = g.op() {
@@ -378,8 +396,9 @@ impl Run {
                 self.check_state(&files, &objects, &model, boot)
                     .map_err(|e| {
                         format!(
-                            "process crash at log entry {at} of {}, reopened on boot {boot}: {e}",
-                            ops.len()
+                            "process crash at log entry {at} of {}, reopened on boot {boot}: {e}{}",
+                            ops.len(),
+                            history(prefix, &events, self.failed_chunk)
                         )
                     })?;
             }
@@ -388,7 +407,11 @@ impl Run {
                 let tags = self
                     .check_state(&files, &objects, &model, self.boot + 1)
                     .map_err(|e| {
-                        format!("host crash {k} at log entry {at} of {}: {e}", ops.len())
+                        format!(
+                            "host crash {k} at log entry {at} of {}: {e}{}",
+                            ops.len(),
+                            history(prefix, &events, self.failed_chunk)
+                        )
                     })?;
                 if go_on.is_none() && crng.chance(8) {
                     let initial = tags.iter().map(|&t| BTreeSet::from([t])).collect();
@@ -547,6 +570,7 @@ impl Run {
             match tag_of(data, b) {
                 Ok(t) if possible.contains(&t) => tags.push(t),
                 Ok(t) => {
+                    self.failed_chunk = Some(b / PER_CHUNK);
                     return Err(format!(
                         "block {b} (chunk {}) holds tag {t:#x}; possible: {possible:x?}; {}",
                         b / PER_CHUNK,
@@ -554,6 +578,7 @@ impl Run {
                     ));
                 }
                 Err(what) => {
+                    self.failed_chunk = Some(b / PER_CHUNK);
                     return Err(format!(
                         "block {b} (chunk {}) holds {what}; possible: {possible:x?}",
                         b / PER_CHUNK
@@ -589,8 +614,20 @@ impl Run {
                     != disk[c * CHUNK as usize..(c + 1) * CHUNK as usize]
         });
         if let Some(c) = differs {
+            self.failed_chunk = Some(c as u64);
+            let b = (c as u64 * PER_CHUNK..(c as u64 + 1) * PER_CHUNK)
+                .find(|&b| {
+                    let r = b as usize * BLOCK..(b as usize + 1) * BLOCK;
+                    stored[r.clone()] != disk[r]
+                })
+                .unwrap_or(0);
+            let r = b as usize * BLOCK..(b as usize + 1) * BLOCK;
             return Err(format!(
-                "the version published after recovery ({version}) differs from the recovered disk at chunk {c}"
+                "the version published after recovery ({version}) differs from the recovered disk at chunk {c}: block {b} holds {:?} there, {:?} in the store ({} chunks dirty before the publish, {} uploaded)",
+                tag_of(&disk[r.clone()], b),
+                tag_of(&stored[r], b),
+                published.dirty_chunks,
+                published.uploaded_chunks
             ));
         }
         engine.close().map_err(|e| format!("close: {e}"))?;
@@ -598,6 +635,68 @@ impl Run {
         let _ = std::fs::remove_dir_all(&root);
         Ok(tags)
     }
+}
+
+/// With `ISR_EXPLORE_HISTORY` set: what the log holds about chunk `c` —
+/// its map entries, its image ranges, the syncs, and the model's events on
+/// its blocks — one line each, for the failure message.
+fn history(ops: &[FileOp], events: &Events, c: Option<u64>) -> String {
+    let Some(c) = c.filter(|_| std::env::var_os("ISR_EXPLORE_HISTORY").is_some()) else {
+        return String::new();
+    };
+    let (lo, hi) = (c * CHUNK, (c + 1) * CHUNK);
+    let blocks = c * PER_CHUNK..(c + 1) * PER_CHUNK;
+    let mut out = format!("\n  history of chunk {c}:");
+    let mut ids = std::collections::HashSet::new();
+    for (i, op) in ops.iter().enumerate() {
+        let line = match op {
+            FileOp::Write { file, offset, data } if file == "state" && *offset == 4096 + c * 8 => {
+                let e = u64::from_le_bytes(data[..8].try_into().unwrap());
+                Some(format!(
+                    "map entry {e:#x} (state {}, generation {})",
+                    e & 3,
+                    e >> 2
+                ))
+            }
+            FileOp::Write { file, offset, data }
+                if file == "image" && *offset < hi && offset + data.len() as u64 > lo =>
+            {
+                Some(format!("image write {offset}+{}", data.len()))
+            }
+            FileOp::Punch { file, offset, len }
+                if file == "image" && *offset < hi && offset + len > lo =>
+            {
+                Some(format!("image punch {offset}+{len}"))
+            }
+            FileOp::Sync { file } => Some(format!("sync {file}")),
+            FileOp::Replace { file, .. } => Some(format!("replace {file}")),
+            FileOp::Event(_) => match events.get(op) {
+                Some(Event::WriteStart { id, first, n, tag })
+                    if first < blocks.end && first + n > blocks.start =>
+                {
+                    ids.insert(id);
+                    Some(format!(
+                        "write {id} of {tag:#x} to blocks {first}+{n} begins"
+                    ))
+                }
+                Some(Event::WriteEnd { id }) if ids.contains(&id) => {
+                    Some(format!("write {id} ends"))
+                }
+                Some(
+                    e @ (Event::FlushStart { .. } | Event::FlushEnd { .. } | Event::Published),
+                ) => Some(format!("{e:?}")),
+                Some(Event::StorePut(p, _)) if !p.starts_with("chunks/") => {
+                    Some(format!("store put {p}"))
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(l) = line {
+            out.push_str(&format!("\n    {:>4} {l}", i + 1));
+        }
+    }
+    out
 }
 
 fn env_u64(name: &str) -> Option<u64> {

@@ -162,6 +162,7 @@ impl Shared {
     /// (see [`fill_absent`](Self::fill_absent): a full-chunk write that made
     /// one dirty since the caller saw it absent is not punched away).
     pub(crate) fn fill_zeros(&self, chunks: &[u64]) -> Result<(), Error> {
+        self.cache.point("fill_zeros: begin");
         self.fill_absent(chunks, |c| {
             let len = self.geometry.chunk_len(c) as u64;
             self.cache.punch_hole(self.geometry.chunk_offset(c), len)

@@ -132,6 +132,8 @@ pub(crate) struct Shared {
     /// Chunks being written whole while not local: the writes in flight
     /// and the slot their readers wait on (see `write.rs`).
     writing: Mutex<HashMap<u64, (usize, Arc<Slot>)>>,
+    /// Per chunk, the writes between their two marks (see `write.rs`).
+    writes_in_flight: Box<[std::sync::atomic::AtomicU32]>,
     demand_tx: mpsc::UnboundedSender<u64>,
     touched: Box<[AtomicU64]>,
     trace: Mutex<Vec<u64>>,
@@ -228,6 +230,9 @@ impl Engine {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             inflight: Mutex::new(HashMap::new()),
             writing: Mutex::new(HashMap::new()),
+            writes_in_flight: (0..geometry.chunk_count())
+                .map(|_| Default::default())
+                .collect(),
             demand_tx,
             touched,
             trace: Mutex::new(trace),

@@ -177,7 +177,7 @@ async fn publish(
                 let u = if reused {
                     Uploaded {
                         chunk: c,
-                        map_entry: entry,
+                        map_entry: Some(entry),
                         table_entry: synced.expect("reused"),
                         sent: None,
                         synced: true,
@@ -267,7 +267,7 @@ async fn publish(
     shared.cache.sync_image()?;
     for u in &uploaded {
         let _g = shared.stripe(u.chunk);
-        if shared.cache.entry(u.chunk) == u.map_entry {
+        if Some(shared.cache.entry(u.chunk)) == u.map_entry {
             shared.cache.set(u.chunk, PRESENT)?;
         }
     }
@@ -295,8 +295,11 @@ async fn publish(
 /// One dirty chunk, held by the store in the generation read.
 pub(super) struct Uploaded {
     pub(super) chunk: u64,
-    /// The chunk's map entry (state and generation) when it was read.
-    pub(super) map_entry: u64,
+    /// The chunk's map entry (state and generation) when it was read;
+    /// `None` if a write of it was in flight then (between its two marks:
+    /// its data may land without a generation of its own if the process
+    /// dies before the second, so what was read stands for no generation).
+    pub(super) map_entry: Option<u64>,
     /// Its entry in the new chunk table.
     pub(super) table_entry: ChunkEntry,
     /// Bytes sent, if this created the object.
@@ -314,7 +317,7 @@ pub(super) async fn upload_chunk(shared: Arc<Shared>, c: u64) -> Result<Uploaded
     let (map_entry, encoded) = tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; s.geometry.chunk_len(c) as usize];
         let _g = s.stripe(c);
-        let entry = s.cache.entry(c);
+        let entry = (!s.write_in_flight(c)).then(|| s.cache.entry(c));
         s.cache
             .image
             .read_exact_at(&mut buf, s.geometry.chunk_offset(c))

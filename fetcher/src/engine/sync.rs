@@ -245,8 +245,10 @@ async fn sync(
                     summary.bytes_uploaded += size;
                 }
                 let mut record = shared.synced.lock().expect("synced lock");
-                if record.base_version == base_version {
-                    record.chunks.insert(u.chunk, (u.map_entry, u.table_entry));
+                if record.base_version == base_version
+                    && let Some(entry) = u.map_entry
+                {
+                    record.chunks.insert(u.chunk, (entry, u.table_entry));
                 }
                 if saved_at.elapsed() >= CHECKPOINT {
                     // A checkpoint failing costs only uploads later.

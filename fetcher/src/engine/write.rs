@@ -24,6 +24,7 @@
 //! base version (that write was never acknowledged, or no flush covered it).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::{Engine, Shared, Slot};
 use crate::Error;
@@ -36,11 +37,22 @@ impl Engine {
     /// whole, being written (see the module docs). Call
     /// [`end_write`](Self::end_write) once the data is in the image, or the
     /// write failed.
+    /// On an error, what it marked is ended again (nothing waits for a
+    /// write that will not come).
     pub fn begin_write(&self, offset: u64, len: usize) -> Result<(), Error> {
         let s = &self.shared;
+        let mut begun = Vec::new();
         for span in s.spans(offset, len)? {
             let _g = s.stripe(span.chunk);
-            s.begin_chunk_write(span.chunk, span.covers(&s.geometry))?;
+            begun.push(span.chunk);
+            if let Err(e) = s.begin_chunk_write(span.chunk, span.covers(&s.geometry)) {
+                drop(_g);
+                for c in begun {
+                    let _g = s.stripe(c);
+                    let _ = s.end_chunk_write(c);
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -73,11 +85,16 @@ impl Engine {
             // The mark goes to the map before the data goes to the image:
             // after a crash of this process the page cache holds both, in
             // that order, so no chunk with new data is found unmarked.
-            s.begin_chunk_write(span.chunk, span.covers(&s.geometry))?;
-            s.cache.point("write: marked dirty");
-            let written = s.cache.write_image(src, at);
-            s.end_chunk_write(span.chunk)?;
+            let written = s
+                .begin_chunk_write(span.chunk, span.covers(&s.geometry))
+                .and_then(|()| {
+                    s.cache.point("write: marked dirty");
+                    s.cache.write_image(src, at)
+                });
+            // Ended whatever happened: nothing waits for a write that failed.
+            let ended = s.end_chunk_write(span.chunk);
             written?;
+            ended?;
         }
         Ok(())
     }
@@ -143,6 +160,12 @@ impl Shared {
         !matches!(cache::state_of(self.cache.entry(c)), ABSENT | WRITING)
     }
 
+    /// Whether a write of chunk `c` is between its two marks (its data may
+    /// be landing). Callers hold the stripe lock.
+    pub(crate) fn write_in_flight(&self, c: u64) -> bool {
+        self.writes_in_flight[c as usize].load(Ordering::Relaxed) > 0
+    }
+
     /// The slot the readers of chunk `c` wait on while it is written whole.
     pub(crate) fn writing_slot(&self, c: u64) -> Option<Arc<Slot>> {
         let map = self.writing.lock().expect("writing lock");
@@ -152,6 +175,7 @@ impl Shared {
     /// Marks chunk `c` before a write's data goes in; `whole`: the write
     /// covers all of it. Caller holds the stripe lock.
     fn begin_chunk_write(&self, c: u64, whole: bool) -> Result<(), Error> {
+        self.writes_in_flight[c as usize].fetch_add(1, Ordering::Relaxed);
         let state = cache::state_of(self.cache.entry(c));
         if !whole || !matches!(state, ABSENT | WRITING) {
             self.cache.set(c, DIRTY)?;
@@ -173,6 +197,7 @@ impl Shared {
     /// whole write of a chunk being written makes it dirty and lets its
     /// readers go on. Caller holds the stripe lock.
     fn end_chunk_write(&self, c: u64) -> Result<(), Error> {
+        self.writes_in_flight[c as usize].fetch_sub(1, Ordering::Relaxed);
         let done = {
             let mut map = self.writing.lock().expect("writing lock");
             match map.get_mut(&c) {

@@ -476,3 +476,66 @@ fn whole_chunk_write_over_an_absent_chunk_never_shows_holes() {
         2,
     );
 }
+
+/// Found by the explorer: `isr sync` read a chunk while a device write of
+/// it was between its two marks, and recorded the old data under the
+/// write's generation; the process died after the data landed and before
+/// the second mark, and the next publish sent the old data while the
+/// cache held the new (the two hosts would then disagree).
+#[test]
+fn a_sync_never_records_a_chunk_whose_write_is_in_flight() {
+    let fx = Fixture::new();
+    let (parcel, _) = fx.parcel(0);
+    let root = fx.root("a");
+    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let c = 3;
+    {
+        let e = Engine::open(parcel.clone(), options(&root)).unwrap();
+        e.write(c * CHUNK, &pattern(0x31)).unwrap(); // old, dirty
+        e.close().unwrap();
+    }
+    let base = crash::read_dir(&dir);
+    let log = Arc::new(FileLog::new());
+    let rec = fetcher::cache::record(&dir, log.clone());
+    let e = Engine::open(parcel.clone(), options(&root)).unwrap();
+    // The queue's sequence for a write of the whole chunk: marked...
+    let new = pattern(0x32);
+    e.begin_write(c * CHUNK, CHUNK as usize).unwrap();
+    // ... a sync reads the chunk meanwhile ...
+    e.sync(no_progress(), &AtomicBool::new(false)).unwrap();
+    // ... the data lands (through the queue's ring: logged by hand) ...
+    log.run(
+        FileOp::Write {
+            file: "image".into(),
+            offset: c * CHUNK,
+            data: new.clone(),
+        },
+        || std::os::unix::fs::FileExt::write_all_at(e.image_file(), &new, c * CHUNK),
+    )
+    .unwrap();
+    // ... and the daemon dies before the second mark.
+    std::mem::forget(e);
+    drop(rec);
+    let files = crash::process_crash(&base, &log.snapshot());
+    let root2 = fx.root("b");
+    crash::materialize(&files, &fetcher::cache::cache_dir(&root2, URL, "vm"));
+    let e = Engine::open(parcel.clone(), options(&root2)).unwrap();
+    let mut disk = vec![0u8; CHUNK as usize];
+    e.read(c * CHUNK, &mut disk).unwrap();
+    let v = e.publish(None, 0).unwrap().version;
+    let stored = fx.rt.block_on(async {
+        let m = parcel.manifest(v).await.unwrap();
+        match m.chunks[c as usize] {
+            format::ChunkEntry::Data(k) => {
+                parcel.fetch_chunk(k, CHUNK as usize, c, v).await.unwrap()
+            }
+            format::ChunkEntry::Zero => vec![0; CHUNK as usize],
+        }
+    });
+    assert!(
+        stored == disk,
+        "version {v} holds {:#x}.. for chunk {c}, the cache {:#x}..",
+        stored[0],
+        disk[0]
+    );
+}

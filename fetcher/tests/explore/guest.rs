@@ -35,16 +35,25 @@ pub struct Guest<'a> {
     pub ids: &'a AtomicU64,
     pub rng: Rng,
     pub tag: u64,
+    /// The session's hot chunk: half the I/O of every thread goes there,
+    /// so that the threads (and the fetcher) meet on one chunk.
+    pub hot: u64,
 }
 
 impl Guest<'_> {
     pub fn op(&mut self) -> Result<(), String> {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        // A range of blocks: a whole chunk, or a few blocks anywhere.
-        let (first, n) = if self.rng.chance(2) {
-            (self.rng.below(CHUNKS) * PER_CHUNK, PER_CHUNK)
+        // A range of blocks: a whole chunk, or a few blocks, in the hot
+        // chunk or anywhere.
+        let chunk = if self.rng.chance(2) {
+            self.hot
         } else {
-            let first = self.rng.below(BLOCKS);
+            self.rng.below(CHUNKS)
+        };
+        let (first, n) = if self.rng.chance(2) {
+            (chunk * PER_CHUNK, PER_CHUNK)
+        } else {
+            let first = chunk * PER_CHUNK + self.rng.below(PER_CHUNK);
             (first, (1 + self.rng.below(6)).min(BLOCKS - first))
         };
         let (offset, len) = (first * BLOCK as u64, (n * BLOCK as u64) as usize);
@@ -71,14 +80,23 @@ impl Guest<'_> {
                 self.engine
                     .read(offset, &mut buf)
                     .map_err(|e| format!("read: {e}"))?;
+                let mut torn = Vec::new();
                 let tags = (0..n)
                     .map(|i| {
                         let b = first + i;
                         let block = &buf[(i as usize) * BLOCK..(i as usize + 1) * BLOCK];
-                        tag_of(block, b).unwrap_or(u64::MAX)
+                        tag_of(block, b).unwrap_or_else(|_| {
+                            torn.push((b, block.to_vec()));
+                            u64::MAX
+                        })
                     })
                     .collect();
-                self.rec.push(Event::ReadEnd { id, first, tags });
+                self.rec.push(Event::ReadEnd {
+                    id,
+                    first,
+                    tags,
+                    torn,
+                });
             }
             7 => {
                 self.rec.push(Event::WriteStart {
