@@ -252,11 +252,20 @@ impl Run {
         {
             let seed = self.seed ^ 0x5eed;
             let n = AtomicU64::new(0);
-            log.on_point(move |_| {
+            log.on_point(move |point| {
                 let r = splitmix(seed ^ n.fetch_add(1, Ordering::Relaxed));
-                match r % 8 {
-                    0 => std::thread::sleep(Duration::from_micros((r >> 8) % 400)),
-                    1 | 2 => std::thread::yield_now(),
+                // Where a decision was taken on a chunk's state that the
+                // next step relies on, stall more often.
+                let window = matches!(
+                    point,
+                    "demand: absent zero chunk" | "fill_zeros: begin" | "fetch: giving up"
+                );
+                match if window { r % 8 } else { r % 64 } {
+                    // Now and then a long stall (a descheduled thread):
+                    // long enough for another to write, FLUSH and go on.
+                    0 => std::thread::sleep(Duration::from_millis(2 + (r >> 8) % 10)),
+                    1..=8 => std::thread::sleep(Duration::from_micros((r >> 8) % 400)),
+                    9..=24 => std::thread::yield_now(),
                     _ => {}
                 }
             });
@@ -498,7 +507,13 @@ impl Run {
         if present.is_empty() {
             return Ok(());
         }
-        let c = present[self.rng.below(present.len() as u64) as usize];
+        // The hot chunk when it can be (dropped, it is absent at the next
+        // session, where the threads meet), else any.
+        let c = if present.contains(&self.hot) && self.rng.chance(2) {
+            self.hot
+        } else {
+            present[self.rng.below(present.len() as u64) as usize]
+        };
         let b = c * PER_CHUNK + self.rng.below(PER_CHUNK);
         let junk = (0xbad << 40) | self.rng.below(1 << 20);
         let before = held[b as usize].clone();

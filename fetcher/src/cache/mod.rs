@@ -5,28 +5,42 @@
 //! <root>/<blake3(store URL)[..16]>/<parcel>/
 //!     lock            flock held by the one process using the cache
 //!     image           sparse plaintext disk image
-//!     state           4 KiB header + one u64 per chunk: state (2 bits) | generation
+//!     state           4 KiB header + one u64 per chunk: state (2 bits: absent,
+//!                     present, dirty, writing) | generation
+//!     synced          what `isr sync` uploaded (engine/sync.rs)
 //!     trace           u64 chunk indices, first touches of this session, in order
 //!     manifests/<v>   the encrypted manifest the cache is based on
 //!     lease           nonce of the store lease this cache holds, if any
 //! ```
 //!
 //! Durability rules (DESIGN.md invariants 2 and 3):
-//! * a fetched chunk's data is fdatasync'ed before its entry says present;
+//! * a fetched chunk's data is fdatasync'ed before its entry says present
+//!   (and a publish syncs the image before it marks chunks present);
 //! * a write's data and dirty mark are written at once and made durable by
 //!   the next flush (data first, then the map), before the flush completes;
 //! * a write marks its chunk dirty in the map *before* its data goes to the
 //!   image (and again after), so that whatever of the data reached the page
 //!   cache, the dirty mark did too;
+//! * a write covering a whole chunk that is not local marks it
+//!   [`WRITING`], and the map on disk keeps saying so until a flush has
+//!   synced the image ([`Cache::settle`]): a dirty entry never reaches the
+//!   disk before the data it stands for;
+//! * a chunk is dropped absent durably before its hole is punched
+//!   ([`Cache::drop_chunks`]);
+//! * the map appears whole, renamed into place after the base manifest
+//!   ([`Cache::create`]): a cache exists only once it is complete;
 //! * the header's `open` flag and the boot id are set (and synced) while a
 //!   process uses the cache. Finding the flag set on open means an unclean
 //!   stop. On the same boot (the daemon died, the kernel did not) the page
 //!   cache kept every write and every dirty mark in that order: nothing is in
-//!   doubt and nothing is re-read. After a host crash (another boot id),
+//!   doubt and nothing is re-read but a whole write still in flight
+//!   ([`Cache::resolve_writing`]). After a host crash (another boot id),
 //!   data may have reached the disk without its dirty mark: the chunks
 //!   marked present that hold data are re-hashed against the manifest (holes
 //!   are never read), and one that does not match becomes dirty, so nothing
-//!   the guest wrote is silently dropped;
+//!   the guest wrote is silently dropped; every dirty chunk takes a new
+//!   generation (an `isr sync` record cannot vouch for one whose content a
+//!   crash put in doubt);
 //! * a failed sync of the image is remembered for the whole session (Linux
 //!   reports a writeback error to the first fsync only): every later sync,
 //!   and so every later FLUSH, fails too.
