@@ -469,12 +469,20 @@ impl Cache {
     /// matters: an entry that said dirty before its data was durable
     /// would, after such a crash, present holes as the guest's data.)
     /// Callers hold the chunk's stripe lock.
+    /// The flag is cleared only once the entry is written: a flush that
+    /// finds the chunk settled can rely on its entry being in the map (a
+    /// flush that cleared it first let another, begun later, complete
+    /// before the entry was written).
     pub fn settle(&self, c: u64) -> Result<(), Error> {
         let e = self.entry(c);
-        if state_of(e) != DIRTY || !self.unsettled[c as usize].swap(false, Ordering::AcqRel) {
+        let unsettled = &self.unsettled[c as usize];
+        if state_of(e) != DIRTY || !unsettled.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.write_entry(c, e)
+        self.point("settle: writing the entry");
+        self.write_entry(c, e)?;
+        unsettled.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// After an unclean stop: every chunk found WRITING was being written

@@ -111,11 +111,22 @@ impl Engine {
             if span.covers(&s.geometry) {
                 s.touch(span.chunk);
                 let _g = s.stripe(span.chunk);
-                // Marked before the hole is made, as writes are. A whole
-                // write still in flight lands over zeros from here on: each
-                // page is then the one or the other, so its readers go on.
-                s.cache.set(span.chunk, DIRTY)?;
-                s.cache.punch_hole(at, span.len as u64)?;
+                if cache::state_of(s.cache.entry(span.chunk)) == ABSENT {
+                    // An absent chunk's bytes may be anything (a write a
+                    // crash undid): the hole is durable before the chunk is
+                    // marked, or a host crash could keep the mark and lose
+                    // the hole. (Under the stripe lock: no fill meanwhile.)
+                    s.cache.punch_hole(at, span.len as u64)?;
+                    s.cache.sync_image_shared()?;
+                    s.cache.set(span.chunk, DIRTY)?;
+                } else {
+                    // Marked before the hole is made, as writes are. A
+                    // whole write still in flight lands over zeros from here
+                    // on: each page is the one or the other, so its readers
+                    // go on.
+                    s.cache.set(span.chunk, DIRTY)?;
+                    s.cache.punch_hole(at, span.len as u64)?;
+                }
                 s.release_writing(span.chunk);
             } else {
                 self.write(at, &vec![0u8; span.len as usize])?;

@@ -70,6 +70,29 @@ impl Fixture {
     fn root(&self, name: &str) -> std::path::PathBuf {
         self.tmp.path().join(name)
     }
+
+    /// Opens the crash state `files` in a fresh cache root `name`, as on
+    /// boot `boot` (the tests' sessions run on boot 1).
+    fn reopen(&self, parcel: &Parcel, name: &str, files: &Files, boot: u8) -> Engine {
+        let root = self.root(name);
+        crash::materialize(files, &fetcher::cache::cache_dir(&root, URL, "vm"));
+        let mut o = options(&root);
+        o.boot_id = Some([boot; 16]);
+        Engine::open(parcel.clone(), o).unwrap()
+    }
+
+    /// Chunk `c` of version `v` of `parcel`, as the store holds it.
+    fn stored_chunk(&self, parcel: &Parcel, v: u64, c: u64) -> Vec<u8> {
+        self.rt.block_on(async {
+            let m = parcel.manifest(v).await.unwrap();
+            match m.chunks[c as usize] {
+                format::ChunkEntry::Data(k) => {
+                    parcel.fetch_chunk(k, CHUNK as usize, c, v).await.unwrap()
+                }
+                format::ChunkEntry::Zero => vec![0; CHUNK as usize],
+            }
+        })
+    }
 }
 
 fn options(root: &Path) -> EngineOptions {
@@ -208,24 +231,12 @@ fn defect2_a_sync_record_never_publishes_older_data_after_a_host_crash() {
     drop(rec);
     // What reached the disk: everything synced, nothing else.
     let files = crash::crash_keeping(&base, &log.snapshot(), |_| false);
-    let root2 = fx.root("b");
-    crash::materialize(&files, &fetcher::cache::cache_dir(&root2, URL, "vm"));
-    let mut o = options(&root2);
-    o.boot_id = Some([2; 16]);
-    let e = Engine::open(parcel.clone(), o).unwrap();
+    let e = fx.reopen(&parcel, "b", &files, 2);
     let b = pattern(0xb0);
     e.write(c * CHUNK, &b).unwrap();
     e.flush().unwrap();
     let v = e.publish(None, 0).unwrap().version;
-    let stored = fx.rt.block_on(async {
-        let m = parcel.manifest(v).await.unwrap();
-        match m.chunks[c as usize] {
-            format::ChunkEntry::Data(k) => {
-                parcel.fetch_chunk(k, CHUNK as usize, c, v).await.unwrap()
-            }
-            format::ChunkEntry::Zero => vec![0; CHUNK as usize],
-        }
-    });
+    let stored = fx.stored_chunk(&parcel, v, c);
     assert!(
         stored == b,
         "version {v} holds {:#x}.. for chunk {c}, not the flushed write",
@@ -268,9 +279,7 @@ fn defect6_no_crash_during_a_repair_leaves_a_present_chunk_over_a_hole() {
     let original = chunk_of(&fx.image, c);
     for at in 0..=ops.len() {
         let files = crash::crash_keeping(&base, &ops[..at], |f| f == "image");
-        let root2 = fx.root(&format!("s{at}"));
-        crash::materialize(&files, &fetcher::cache::cache_dir(&root2, URL, "vm"));
-        let e = Engine::open(parcel.clone(), options(&root2)).unwrap();
+        let e = fx.reopen(&parcel, &format!("s{at}"), &files, 1);
         let mut got = vec![0u8; CHUNK as usize];
         e.read(c * CHUNK, &mut got).unwrap();
         let first_ok = got[..BLOCK] == junk[..] || got[..BLOCK] == original[..BLOCK];
@@ -448,11 +457,7 @@ fn whole_chunk_write_over_an_absent_chunk_never_shows_holes() {
     let ops = log.snapshot();
     std::mem::forget(e); // the process or the host dies here
     let check = |name: &str, files: &Files, boot: u8| {
-        let root2 = fx.root(name);
-        crash::materialize(files, &fetcher::cache::cache_dir(&root2, URL, "vm"));
-        let mut o = options(&root2);
-        o.boot_id = Some([boot; 16]);
-        let e = Engine::open(parcel.clone(), o).unwrap();
+        let e = fx.reopen(&parcel, name, files, boot);
         let mut buf = vec![0u8; CHUNK as usize];
         e.read(c * CHUNK, &mut buf).unwrap();
         assert!(
@@ -517,25 +522,112 @@ fn a_sync_never_records_a_chunk_whose_write_is_in_flight() {
     std::mem::forget(e);
     drop(rec);
     let files = crash::process_crash(&base, &log.snapshot());
-    let root2 = fx.root("b");
-    crash::materialize(&files, &fetcher::cache::cache_dir(&root2, URL, "vm"));
-    let e = Engine::open(parcel.clone(), options(&root2)).unwrap();
+    let e = fx.reopen(&parcel, "b", &files, 1);
     let mut disk = vec![0u8; CHUNK as usize];
     e.read(c * CHUNK, &mut disk).unwrap();
     let v = e.publish(None, 0).unwrap().version;
-    let stored = fx.rt.block_on(async {
-        let m = parcel.manifest(v).await.unwrap();
-        match m.chunks[c as usize] {
-            format::ChunkEntry::Data(k) => {
-                parcel.fetch_chunk(k, CHUNK as usize, c, v).await.unwrap()
-            }
-            format::ChunkEntry::Zero => vec![0; CHUNK as usize],
-        }
-    });
+    let stored = fx.stored_chunk(&parcel, v, c);
     assert!(
         stored == disk,
         "version {v} holds {:#x}.. for chunk {c}, the cache {:#x}..",
         stored[0],
         disk[0]
+    );
+}
+
+/// Found by the explorer: two FLUSHes. The first had taken a chunk's dirty
+/// entry to write (after its image sync) and cleared the chunk's flag, but
+/// not written the entry yet; the second, begun later, found the chunk
+/// settled and completed. A crash then found the map still saying the
+/// chunk was being written, and took it back to its base version: a write
+/// the second FLUSH covered, lost.
+#[test]
+fn a_flush_completes_only_once_every_entry_it_covers_is_written() {
+    let fx = Fixture::new();
+    let (parcel, _) = fx.parcel(0);
+    let root = fx.root("a");
+    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let c = 5; // stored data, not cached: written whole, it is WRITING
+    let log = Arc::new(FileLog::new());
+    let gate = Arc::new(Gate::default());
+    gate.hook(&log, "settle: writing the entry");
+    let _rec = fetcher::cache::record(&dir, log.clone());
+    let e = Arc::new(Engine::open(parcel, options(&root)).unwrap());
+    e.write(c * CHUNK, &pattern(0x66)).unwrap();
+    let first = {
+        let e = e.clone();
+        std::thread::spawn(move || e.flush().unwrap())
+    };
+    gate.wait_reached();
+    let second = {
+        let e = e.clone();
+        std::thread::spawn(move || e.flush().unwrap())
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // The second flush may not have completed while the first holds the
+    // entry unwritten; if it did, the map must say dirty already.
+    if second.is_finished() {
+        let state = std::fs::read(dir.join("state")).unwrap();
+        let at = 4096 + c as usize * 8;
+        let entry = u64::from_le_bytes(state[at..at + 8].try_into().unwrap());
+        gate.release();
+        first.join().unwrap();
+        panic!(
+            "the second flush completed while the map said {:#x} (state {}) for chunk {c}",
+            entry,
+            entry & 3
+        );
+    }
+    gate.release();
+    first.join().unwrap();
+    second.join().unwrap();
+}
+
+/// Found by the explorer: an absent chunk's bytes may be anything (here a
+/// whole write a host crash undid: its data reached the image, its mark
+/// did not). A discard of the whole chunk marked it dirty, then punched it;
+/// a second host crash kept the mark and lost the hole, and the chunk read
+/// as that undone write: data the disk never held.
+#[test]
+fn a_discard_of_an_absent_chunk_never_uncovers_old_bytes() {
+    let fx = Fixture::new();
+    let (parcel, _) = fx.parcel(0);
+    let c = 0; // stored data
+    let session = |name: &str, files: Option<&Files>, boot: u8, f: &dyn Fn(&Engine)| -> Files {
+        let root = fx.root(name);
+        let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+        let base = match files {
+            Some(files) => {
+                crash::materialize(files, &dir);
+                files.clone()
+            }
+            None => Files::default(),
+        };
+        let log = Arc::new(FileLog::new());
+        let rec = fetcher::cache::record(&dir, log.clone());
+        let mut o = options(&root);
+        o.boot_id = Some([boot; 16]);
+        let e = Engine::open(parcel.clone(), o).unwrap();
+        f(&e);
+        std::mem::forget(e); // the host dies
+        drop(rec);
+        // The image's changes reached the disk, the map's did not, or the
+        // other way round (what was synced did in any case).
+        let keep = if boot == 1 { "image" } else { "state" };
+        crash::crash_keeping(&base, &log.snapshot(), |f| f == keep)
+    };
+    let undone = pattern(0x44);
+    let first = session("a", None, 1, &|e| e.write(c * CHUNK, &undone).unwrap());
+    let second = session("b", Some(&first), 2, &|e| {
+        assert!(!e.is_cached(c));
+        e.discard(c * CHUNK, CHUNK).unwrap();
+    });
+    let e = fx.reopen(&parcel, "c", &second, 3);
+    let mut got = vec![0u8; CHUNK as usize];
+    e.read(c * CHUNK, &mut got).unwrap();
+    assert!(
+        got == vec![0; CHUNK as usize] || got == chunk_of(&fx.image, c),
+        "chunk {c} reads {:#x}.., neither the discard's zeros nor its old content",
+        got[0]
     );
 }
