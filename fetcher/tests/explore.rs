@@ -7,9 +7,13 @@
 //! engine's own and the ublk queue's sequence: prepare, mark dirty, data,
 //! mark dirty), reads, discards, FLUSHes — beside prefetch, hoard and
 //! `sync`, over a store that fails and delays chunk GETs; the threads'
-//! order is perturbed with seeded delays at the engine's synchronisation
-//! points (stripe lock, in-flight map, fill, record save). Between
-//! sessions: publish, `isr discard`, a damaged chunk and `isr check`.
+//! order is perturbed at the engine's synchronisation points (stripe lock,
+//! in-flight map, fill, record save) with seeded delays and stalls: a
+//! stalled thread goes on once the others took some steps. Half of the
+//! threads' I/O goes to a hot chunk, one the cache does not hold when the
+//! session starts (a never-stored one if it can be), where fills race
+//! with writes. Between sessions: publish, `isr discard` (back to the
+//! store's HEAD, read from the store), a damaged chunk and `isr check`.
 //! Model events (write/flush/read start and end, store commits) go into
 //! the same log as the file operations, so any prefix of the log is a
 //! point a crash could hit with the model as it was there.
@@ -121,8 +125,6 @@ struct Run {
     objects: Objects,
     /// Per block, what it may hold when the next session starts.
     initial: Vec<BTreeSet<u64>>,
-    /// Per block, what the store's HEAD holds (for `isr discard`), when known.
-    published: Option<Vec<BTreeSet<u64>>>,
     /// The cache was closed cleanly (`isr check` may damage and repair it).
     clean: bool,
     boot: u64,
@@ -198,7 +200,6 @@ impl Run {
             tmp,
             files: Files::default(),
             objects,
-            published: Some(initial.clone()),
             initial,
             clean: true,
             boot: 1,
@@ -252,6 +253,7 @@ impl Run {
         {
             let seed = self.seed ^ 0x5eed;
             let n = AtomicU64::new(0);
+            let steps = Arc::downgrade(&log);
             log.on_point(move |point| {
                 let r = splitmix(seed ^ n.fetch_add(1, Ordering::Relaxed));
                 // Where a decision was taken on a chunk's state that the
@@ -260,12 +262,17 @@ impl Run {
                     point,
                     "demand: absent zero chunk" | "fill_zeros: begin" | "fetch: giving up"
                 );
-                match if window { r % 8 } else { r % 64 } {
-                    // Now and then a long stall (a descheduled thread):
-                    // long enough for another to write, FLUSH and go on.
-                    0 => std::thread::sleep(Duration::from_millis(2 + (r >> 8) % 10)),
-                    1..=8 => std::thread::sleep(Duration::from_micros((r >> 8) % 400)),
-                    9..=24 => std::thread::yield_now(),
+                match (window, if window { r % 8 } else { r % 64 }) {
+                    // A descheduled thread: it goes on once the others have
+                    // taken some steps (file operations or model events),
+                    // say a write, its acknowledgement and a FLUSH.
+                    (true, 0..=3) | (false, 0) => {
+                        if let Some(log) = steps.upgrade() {
+                            stall_for_steps(&log, 1 + (r >> 8) % 32);
+                        }
+                    }
+                    (_, 4..=8) => std::thread::sleep(Duration::from_micros((r >> 8) % 400)),
+                    (false, 9..=24) => std::thread::yield_now(),
                     _ => {}
                 }
             });
@@ -285,9 +292,8 @@ impl Run {
         if !self.files.is_empty() {
             if self.clean && self.rng.chance(3) {
                 self.damage_and_check(&parcel, &root, &dir, &rec, &initial)?;
-            } else if let Some(published) = self.published.clone()
-                && self.rng.chance(4)
-            {
+            } else if self.rng.chance(3) {
+                let published = self.head_tags();
                 // isr discard: every block goes back to the store's HEAD.
                 let d = fetcher::engine::Discard::open(URL, NAME, &root)
                     .map_err(|e| format!("discard: {e}"))?;
@@ -298,6 +304,7 @@ impl Run {
             }
         }
 
+        self.pick_hot(&dir);
         let prefetch = self.rng.chance(2);
         let engine = Arc::new(
             Engine::open(parcel.clone(), options(&root, self.boot, prefetch))
@@ -435,7 +442,6 @@ impl Run {
                 self.files = files;
                 self.objects = objects;
                 self.initial = initial;
-                self.published = None;
                 self.clean = false;
                 self.boot += 1;
             }
@@ -443,13 +449,55 @@ impl Run {
                 self.files = crash::read_dir(&dir);
                 self.objects = xstore::objects(&self.rt, &mem);
                 self.initial = (0..BLOCKS).map(|b| end_model.after_crash(b)).collect();
-                if end == 0 {
-                    self.published = Some(self.initial.clone());
-                }
                 self.clean = end != 2;
             }
         }
         Ok(())
+    }
+
+    /// The session's hot chunk: one the cache does not hold, if there is
+    /// one (fills race with writes there), a never-stored one if it can be
+    /// (the zero fill's races); else the last one.
+    fn pick_hot(&mut self, dir: &Path) {
+        if !dir.join("state").exists() {
+            return;
+        }
+        let absent = chunks_in(dir, fetcher::cache::ABSENT);
+        let head = self.head_manifest();
+        let never_stored: Vec<u64> = absent
+            .iter()
+            .copied()
+            .filter(|&c| head.chunks[c as usize] == ChunkEntry::Zero)
+            .collect();
+        for set in [never_stored, absent] {
+            if !set.is_empty() {
+                self.hot = set[self.rng.below(set.len() as u64) as usize];
+                return;
+            }
+        }
+    }
+
+    /// The manifest of the store's HEAD as the next session finds it.
+    fn head_manifest(&self) -> format::Manifest {
+        let (store, _) = xstore::store(&self.rt, &self.objects, None, 0, 0);
+        let parcel = Parcel::new(store, NAME, secret()).unwrap();
+        self.rt
+            .block_on(async { parcel.manifest(parcel.require_head().await?).await })
+            .unwrap()
+    }
+
+    /// Per block, the tag the store's HEAD holds there (what `isr discard`
+    /// brings back).
+    fn head_tags(&self) -> Vec<BTreeSet<u64>> {
+        let (store, _) = xstore::store(&self.rt, &self.objects, None, 0, 0);
+        let parcel = Parcel::new(store, NAME, secret()).unwrap();
+        let image = read_version(&self.rt, &parcel, None).unwrap();
+        (0..BLOCKS)
+            .map(|b| {
+                let data = &image[b as usize * BLOCK..(b as usize + 1) * BLOCK];
+                BTreeSet::from([tag_of(data, b).expect("the store holds whole blocks")])
+            })
+            .collect()
     }
 
     /// Runs `f`, during which every block may hold what it held or `to`;
@@ -496,14 +544,7 @@ impl Run {
         rec: &Recorder,
         held: &[BTreeSet<u64>],
     ) -> Result<(), String> {
-        let state = std::fs::read(dir.join("state")).unwrap();
-        let present: Vec<u64> = (0..CHUNKS)
-            .filter(|&c| {
-                let at = 4096 + c as usize * 8;
-                let e = u64::from_le_bytes(state[at..at + 8].try_into().unwrap());
-                e & 3 == fetcher::cache::PRESENT
-            })
-            .collect();
+        let present = chunks_in(dir, fetcher::cache::PRESENT);
         if present.is_empty() {
             return Ok(());
         }
@@ -605,22 +646,8 @@ impl Run {
             .publish(None, 0)
             .map_err(|e| format!("publish after recovery: {e}"))?;
         let version = published.version;
-        let stored = self.rt.block_on(async {
-            let m = parcel.manifest(version).await?;
-            let mut out = Vec::new();
-            for (c, e) in m.chunks.iter().enumerate() {
-                match e {
-                    ChunkEntry::Zero => out.extend_from_slice(&vec![0u8; CHUNK as usize]),
-                    ChunkEntry::Data(k) => out.extend_from_slice(
-                        &parcel
-                            .fetch_chunk(*k, CHUNK as usize, c as u64, version)
-                            .await?,
-                    ),
-                }
-            }
-            Ok::<_, fetcher::Error>(out)
-        });
-        let stored = stored.map_err(|e| format!("reading back version {version}: {e}"))?;
+        let stored = read_version(&self.rt, &parcel, Some(version))
+            .map_err(|e| format!("reading back version {version}: {e}"))?;
         // A chunk damaged in the cache and not repaired yet is served as it
         // is (the model allows its bytes); the store holds what it held.
         let differs = (0..CHUNKS as usize).find(|&c| {
@@ -712,6 +739,55 @@ fn history(ops: &[FileOp], events: &Events, c: Option<u64>) -> String {
         }
     }
     out
+}
+
+/// The whole image of `version` (HEAD if `None`) as the store holds it.
+fn read_version(
+    rt: &tokio::runtime::Runtime,
+    parcel: &Parcel,
+    version: Option<u64>,
+) -> Result<Vec<u8>, fetcher::Error> {
+    rt.block_on(async {
+        let version = match version {
+            Some(v) => v,
+            None => parcel.require_head().await?,
+        };
+        let m = parcel.manifest(version).await?;
+        let mut out = Vec::new();
+        for (c, e) in m.chunks.iter().enumerate() {
+            match e {
+                ChunkEntry::Zero => out.extend_from_slice(&vec![0u8; CHUNK as usize]),
+                ChunkEntry::Data(k) => out.extend_from_slice(
+                    &parcel
+                        .fetch_chunk(*k, CHUNK as usize, c as u64, version)
+                        .await?,
+                ),
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// The chunks whose map entry in the cache at `dir` is in `state`.
+fn chunks_in(dir: &Path, state: u64) -> Vec<u64> {
+    let map = std::fs::read(dir.join("state")).unwrap();
+    (0..CHUNKS)
+        .filter(|&c| {
+            let at = 4096 + c as usize * 8;
+            let e = u64::from_le_bytes(map[at..at + 8].try_into().unwrap());
+            e & 3 == state
+        })
+        .collect()
+}
+
+/// Waits until `steps` more entries are in `log`: the other threads made
+/// that much progress. At most 10 ms (they may be waiting for this one).
+fn stall_for_steps(log: &FileLog, steps: u64) {
+    let until = log.len() + steps as usize;
+    let deadline = Instant::now() + Duration::from_millis(10);
+    while log.len() < until && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(50));
+    }
 }
 
 fn env_u64(name: &str) -> Option<u64> {

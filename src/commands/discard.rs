@@ -27,10 +27,17 @@ pub(super) async fn discard(a: DiscardArgs) -> anyhow::Result<ExitCode> {
         e => e.into(),
     })?;
     let (chunks, bytes) = d.dirty();
-    let what = format!(
-        "{chunks} dirty chunks ({bytes} bytes) of parcel {}",
-        a.parcel
-    );
+    let what = if d.host_crashed() {
+        format!(
+            "{chunks} cached chunks ({bytes} bytes) of parcel {}, all it holds: the host crashed while it was resumed, so which chunks changed is not known",
+            a.parcel
+        )
+    } else {
+        format!(
+            "{chunks} dirty chunks ({bytes} bytes) of parcel {}",
+            a.parcel
+        )
+    };
     if chunks > 0 && !a.yes {
         if !std::io::stdin().is_terminal() {
             anyhow::bail!(
@@ -68,6 +75,7 @@ pub(super) async fn discard(a: DiscardArgs) -> anyhow::Result<ExitCode> {
             "base_version": report.base_version,
             "discarded_chunks": report.dirty_chunks,
             "discarded_bytes": report.dirty_bytes,
+            "host_crashed": d.host_crashed(),
             "synced_removed": report.synced_removed,
             "lease": lease_word,
             "cache": d.dir(),

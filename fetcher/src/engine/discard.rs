@@ -5,6 +5,12 @@
 //! (`synced`) is deleted, and the store lease the cache still holds (its
 //! nonce in `lease`: kept by an offline suspend) is released.
 //!
+//! A cache a host crash left (open, from another boot) is dropped whole:
+//! a chunk written before the crash may have lost its dirty mark (the
+//! engine's recovery finds such chunks by hashing them against the
+//! manifest, which needs the parcel's key), so every chunk it holds
+//! counts as changed and goes back to the base version.
+//!
 //! The cache is locked from [`Discard::open`] until the value is dropped,
 //! so a confirmation asked in between is about what is discarded; a
 //! resumed parcel holds the lock, and is refused ([`Error::CacheBusy`]).
@@ -27,6 +33,7 @@ pub struct Discard {
     cache: Cache,
     dirty: Vec<u64>,
     dirty_bytes: u64,
+    host_crashed: bool,
 }
 
 /// What [`Discard::apply`] did.
@@ -58,14 +65,22 @@ impl Discard {
         let h = cache.header();
         let g = format::Geometry::new(h.disk_size, h.chunk_size)
             .map_err(|e| Error::Invalid(format!("cache {}: {e}", dir.display())))?;
-        let mut dirty = cache.chunks_in(DIRTY);
-        // Written whole when a session stopped: unpublished too.
-        dirty.extend(cache.chunks_in(cache::WRITING));
+        // Left open by another boot: which chunks changed is not known.
+        let host_crashed = h.open && h.boot_id != cache::current_boot_id();
+        let dirty: Vec<u64> = (0..cache.len() as u64)
+            .filter(|&c| match cache::state_of(cache.entry(c)) {
+                // Written whole when a session stopped: unpublished too.
+                DIRTY | cache::WRITING => true,
+                cache::PRESENT => host_crashed,
+                _ => false,
+            })
+            .collect();
         let dirty_bytes = dirty.iter().map(|&c| g.chunk_len(c) as u64).sum();
         Ok(Discard {
             cache,
             dirty,
             dirty_bytes,
+            host_crashed,
         })
     }
 
@@ -79,7 +94,14 @@ impl Discard {
         self.cache.header().base_version
     }
 
-    /// Dirty chunks, and their bytes.
+    /// The cache was left open by a host crash: every chunk it holds is
+    /// discarded (see the module's documentation).
+    pub fn host_crashed(&self) -> bool {
+        self.host_crashed
+    }
+
+    /// Chunks to discard (dirty ones; every cached one after a host
+    /// crash), and their bytes.
     pub fn dirty(&self) -> (u64, u64) {
         (self.dirty.len() as u64, self.dirty_bytes)
     }

@@ -631,3 +631,50 @@ fn a_discard_of_an_absent_chunk_never_uncovers_old_bytes() {
         got[0]
     );
 }
+
+/// Found by the explorer: `isr discard` of a cache a host crash left kept
+/// a chunk whose data reached the disk but whose dirty mark did not (the
+/// engine's recovery then found it changed and made it dirty again), so
+/// the discarded write came back. After a host crash, everything cached
+/// is discarded.
+#[test]
+fn a_discard_after_a_host_crash_drops_a_write_whose_dirty_mark_was_lost() {
+    let fx = Fixture::new();
+    let (parcel, _) = fx.parcel(0);
+    let c = 0; // stored data
+    let root = fx.root("a");
+    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    {
+        let e = Engine::open(parcel.clone(), options(&root)).unwrap();
+        let mut buf = vec![0u8; CHUNK as usize];
+        e.read(c * CHUNK, &mut buf).unwrap(); // cached, present
+        e.close().unwrap();
+    }
+    let base = crash::read_dir(&dir);
+    let log = Arc::new(FileLog::new());
+    let rec = fetcher::cache::record(&dir, log.clone());
+    {
+        let e = Engine::open(parcel.clone(), options(&root)).unwrap();
+        e.write(c * CHUNK + 4096, &[0x5a; 4096]).unwrap();
+        std::mem::forget(e); // the host dies; the image's write got out
+    }
+    drop(rec);
+    let files = crash::crash_keeping(&base, &log.snapshot(), |f| f == "image");
+    let root = fx.root("b");
+    crash::materialize(&files, &fetcher::cache::cache_dir(&root, URL, "vm"));
+    {
+        let d = fetcher::engine::Discard::open(URL, "vm", &root).unwrap();
+        assert!(d.host_crashed());
+        d.apply().unwrap();
+    }
+    let mut o = options(&root);
+    o.boot_id = Some([2; 16]);
+    let e = Engine::open(parcel.clone(), o).unwrap();
+    let mut got = vec![0u8; CHUNK as usize];
+    e.read(c * CHUNK, &mut got).unwrap();
+    assert!(
+        got == chunk_of(&fx.image, c),
+        "chunk {c} still holds the discarded write after the discard"
+    );
+    assert_eq!(e.publish(None, 0).unwrap().dirty_chunks, 0);
+}
