@@ -292,7 +292,9 @@ impl Run {
         if !self.files.is_empty() {
             if self.clean && self.rng.chance(3) {
                 self.damage_and_check(&parcel, &root, &dir, &rec, &initial)?;
-            } else if self.rng.chance(3) {
+            } else if self.rng.chance(3) && fetcher::cache::Cache::exists(&dir) {
+                // (A crash before the cache was complete left none: there
+                // is nothing to discard.)
                 let published = self.head_tags();
                 // isr discard: every block goes back to the store's HEAD.
                 let d = fetcher::engine::Discard::open(URL, NAME, &root)
