@@ -59,6 +59,7 @@ fn memory_image_round_trips_deduplicated_against_disk_and_previous_image() {
     let saved = SavedVm {
         memory: Some(mem1.clone()),
         vm: Some(vm.clone()),
+        ram: None,
     };
     // Nothing dirty on the disk: the memory image alone makes a version.
     let s = engine.publish_with(None, 10, &saved).unwrap();
@@ -103,6 +104,7 @@ fn memory_image_round_trips_deduplicated_against_disk_and_previous_image() {
             &SavedVm {
                 memory: Some(mem2),
                 vm: Some(vm.clone()),
+                ram: None,
             },
         )
         .unwrap();

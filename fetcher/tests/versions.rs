@@ -302,6 +302,7 @@ fn rollback_carries_the_memory_image_and_settings() {
     let saved = fetcher::SavedVm {
         memory: Some(memory),
         vm: Some(vm.clone()),
+        ram: None,
     };
     assert_eq!(engine.publish_with(None, 5, &saved).unwrap().version, 2);
     drop(engine);

@@ -28,7 +28,7 @@ mod wire;
 pub use error::Error;
 pub use geometry::Geometry;
 pub use keys::{ChunkId, ChunkKey, Secret};
-pub use manifest::{ChunkEntry, Manifest, SaveFormat, VmSettings};
+pub use manifest::{ChunkEntry, Manifest, RamImage, SaveFormat, VmSettings};
 
 /// Smallest chunk size a parcel may use.
 pub const MIN_CHUNK_SIZE: u32 = 64 * 1024;

@@ -24,8 +24,14 @@
 //!     tag 2: the 16-byte id of the cache that published the version
 //!     tag 4: the VM's settings (see [`VmSettings`]): varint memory MiB,
 //!            varint vCPUs, varint save format (0 a QEMU migration stream,
-//!            1 QEMU mapped-ram), varint argument count, then each argument
-//!            as varint length + UTF-8
+//!            1 QEMU mapped-ram, 2 RAM served from a device: see tag 5),
+//!            varint argument count, then each argument as varint length +
+//!            UTF-8
+//!     tag 5: the guest's RAM as an image of its own (see [`RamImage`];
+//!            odd: the memory image is then only the device state, which
+//!            an older reader must not take for a whole save): size u64,
+//!            chunk table (runs), access trace (as the disk's), writer id
+//!            (u8 0, or 1 and 16 bytes)
 //!
 //! a chunk table is a sequence of runs covering exactly ⌈size / chunk size⌉
 //! entries; a run is a varint h with n = h >> 1 ≥ 1 entries:
@@ -62,6 +68,9 @@ const WHAT: &str = "manifest";
 const EXT_WRITER: u64 = 2;
 /// Extension: the VM's settings (optional: an older reader still has the disk).
 const EXT_VM: u64 = 4;
+/// Extension: the guest's RAM image (must be understood: without it the
+/// memory image is not a whole save).
+const EXT_RAM: u64 = 5;
 /// Most hypervisor arguments a manifest records, and the longest one.
 pub const MAX_VM_ARGS: usize = 512;
 /// Longest hypervisor argument a manifest records.
@@ -107,6 +116,25 @@ pub struct Manifest {
     pub writer: Option<[u8; 16]>,
     /// How to rebuild the VM on another host (extension 4, optional).
     pub vm: Option<VmSettings>,
+    /// The guest's RAM, an image of its own that a device serves to the
+    /// hypervisor lazily (extension 5); the memory image then holds the
+    /// device state only.
+    pub ram: Option<RamImage>,
+}
+
+/// The guest's RAM as a version records it: chunked like the disk, over
+/// the same chunk size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamImage {
+    /// Size in bytes (the VM's memory).
+    pub size: u64,
+    /// One entry per chunk.
+    pub chunks: Vec<ChunkEntry>,
+    /// Chunk indices in the order the session that wrote the version first
+    /// touched them (the working set a restored VM needs first).
+    pub access_trace: Vec<u64>,
+    /// The RAM cache that published the version.
+    pub writer: Option<[u8; 16]>,
 }
 
 /// How the VM that uses the disk (and memory image) is run: enough for the
@@ -134,6 +162,10 @@ pub enum SaveFormat {
     Stream,
     /// QEMU's mapped-ram layout (QEMU 9+): each RAM page at a fixed offset.
     MappedRam,
+    /// The guest's RAM is [`Manifest::ram`], mapped by the hypervisor from
+    /// a block device; the memory image is a migration stream of the
+    /// device state alone (QEMU's `x-ignore-shared`).
+    SharedRam,
 }
 
 impl Manifest {
@@ -151,7 +183,38 @@ impl Manifest {
             access_trace: Vec::new(),
             writer: None,
             vm: None,
+            ram: None,
         }
+    }
+
+    /// The version as the engine of its RAM sees it: the RAM image of
+    /// `size` bytes in the place of the disk (its table, trace and writer),
+    /// and no memory image. A version without a RAM image of that size
+    /// gives RAM of zeros.
+    pub fn ram_view(&self, size: u64) -> Result<Manifest, Error> {
+        let g = Geometry::new(size, self.chunk_size)?;
+        let (chunks, access_trace, writer) = match &self.ram {
+            Some(r) if r.size == size => (r.chunks.clone(), r.access_trace.clone(), r.writer),
+            _ => (
+                vec![ChunkEntry::Zero; g.chunk_count() as usize],
+                Vec::new(),
+                None,
+            ),
+        };
+        Ok(Manifest {
+            disk_size: size,
+            chunk_size: self.chunk_size,
+            chunks,
+            memory_size: 0,
+            memory_chunks: Vec::new(),
+            parent: self.parent,
+            created_unix: self.created_unix,
+            host: self.host.clone(),
+            access_trace,
+            writer,
+            vm: self.vm.clone(),
+            ram: None,
+        })
     }
 
     /// The memory image's geometry (size 0: none).
@@ -264,13 +327,7 @@ impl Manifest {
         write_table(&mut w, &self.chunks);
         w.u64(self.memory_size);
         write_table(&mut w, &self.memory_chunks);
-        w.varint(self.access_trace.len() as u64);
-        let mut prev = 0i64;
-        for &chunk in &self.access_trace {
-            let delta = chunk as i64 - prev;
-            w.varint(((delta << 1) ^ (delta >> 63)) as u64);
-            prev = chunk as i64;
-        }
+        write_trace(&mut w, &self.access_trace);
         let mut extensions: Vec<(u64, Vec<u8>)> = Vec::new();
         if let Some(id) = &self.writer {
             extensions.push((EXT_WRITER, id.to_vec()));
@@ -282,6 +339,7 @@ impl Manifest {
             v.varint(match vm.save_format {
                 SaveFormat::Stream => 0,
                 SaveFormat::MappedRam => 1,
+                SaveFormat::SharedRam => 2,
             });
             v.varint(vm.args.len() as u64);
             for a in &vm.args {
@@ -289,6 +347,20 @@ impl Manifest {
                 v.bytes(a.as_bytes());
             }
             extensions.push((EXT_VM, v.0));
+        }
+        if let Some(ram) = &self.ram {
+            let mut v = Writer(Vec::with_capacity(32 + 33 * ram.chunks.len()));
+            v.u64(ram.size);
+            write_table(&mut v, &ram.chunks);
+            write_trace(&mut v, &ram.access_trace);
+            match &ram.writer {
+                Some(id) => {
+                    v.bytes(&[1]);
+                    v.bytes(id);
+                }
+                None => v.bytes(&[0]),
+            }
+            extensions.push((EXT_RAM, v.0));
         }
         w.varint(extensions.len() as u64);
         for (tag, value) in extensions {
@@ -344,6 +416,24 @@ impl Manifest {
         if let Some(vm) = &self.vm {
             check_vm_args(vm.args.len(), vm.args.iter().map(String::len))?;
         }
+        if let Some(ram) = &self.ram {
+            let g = Geometry::new(ram.size, self.chunk_size)?;
+            if ram.chunks.len() as u64 != g.chunk_count() {
+                return Err(Error::malformed(
+                    WHAT,
+                    format!(
+                        "{} RAM chunk entries for an image of {} chunks",
+                        ram.chunks.len(),
+                        g.chunk_count()
+                    ),
+                ));
+            }
+            if ram.access_trace.len() as u64 > g.chunk_count()
+                || ram.access_trace.iter().any(|&c| c >= g.chunk_count())
+            {
+                return Err(Error::malformed(WHAT, "RAM access trace outside the RAM"));
+            }
+        }
         Ok(())
     }
 }
@@ -376,6 +466,43 @@ fn write_table(w: &mut Writer, entries: &[ChunkEntry]) {
         }
         i += run;
     }
+}
+
+fn write_trace(w: &mut Writer, trace: &[u64]) {
+    w.varint(trace.len() as u64);
+    let mut prev = 0i64;
+    for &chunk in trace {
+        let delta = chunk as i64 - prev;
+        w.varint(((delta << 1) ^ (delta >> 63)) as u64);
+        prev = chunk as i64;
+    }
+}
+
+/// An access trace of an image of `count` chunks.
+fn read_trace(r: &mut Reader, count: u64) -> Result<Vec<u64>, Error> {
+    let trace_len = r.varint()?;
+    if trace_len > count || trace_len > r.remaining() as u64 {
+        return Err(Error::malformed(
+            WHAT,
+            format!("access trace of {trace_len} entries"),
+        ));
+    }
+    let mut trace = Vec::with_capacity(trace_len as usize);
+    let mut prev = 0i64;
+    for _ in 0..trace_len {
+        let z = r.varint()?;
+        let delta = ((z >> 1) as i64) ^ -((z & 1) as i64);
+        let chunk = prev.wrapping_add(delta);
+        if chunk < 0 || chunk as u64 >= count {
+            return Err(Error::malformed(
+                WHAT,
+                format!("access trace names chunk {chunk}, outside its image"),
+            ));
+        }
+        trace.push(chunk as u64);
+        prev = chunk;
+    }
+    Ok(trace)
 }
 
 fn read_table(r: &mut Reader, count: u64) -> Result<Vec<ChunkEntry>, Error> {
@@ -430,32 +557,12 @@ fn decode_body(body: &[u8]) -> Result<Manifest, Error> {
     let memory = Geometry::new(memory_size, chunk_size)?;
     let memory_chunks = read_table(&mut r, memory.chunk_count())?;
 
-    let trace_len = r.varint()?;
-    if trace_len > geometry.chunk_count() || trace_len > r.remaining() as u64 {
-        return Err(Error::malformed(
-            WHAT,
-            format!("access trace of {trace_len} entries"),
-        ));
-    }
-    let mut access_trace = Vec::with_capacity(trace_len as usize);
-    let mut prev = 0i64;
-    for _ in 0..trace_len {
-        let z = r.varint()?;
-        let delta = ((z >> 1) as i64) ^ -((z & 1) as i64);
-        let chunk = prev.wrapping_add(delta);
-        if chunk < 0 || chunk as u64 >= geometry.chunk_count() {
-            return Err(Error::malformed(
-                WHAT,
-                format!("access trace names chunk {chunk}, outside the disk"),
-            ));
-        }
-        access_trace.push(chunk as u64);
-        prev = chunk;
-    }
+    let access_trace = read_trace(&mut r, geometry.chunk_count())?;
 
     let extensions = r.varint()?;
     let mut writer = None;
     let mut vm = None;
+    let mut ram = None;
     for _ in 0..extensions {
         let tag = r.varint()?;
         let len = r.varint()?;
@@ -469,6 +576,7 @@ fn decode_body(body: &[u8]) -> Result<Manifest, Error> {
                     })?);
             }
             EXT_VM => vm = Some(decode_vm(value)?),
+            EXT_RAM => ram = Some(decode_ram(value, chunk_size)?),
             t if t & 1 == 1 => {
                 return Err(Error::UnsupportedFeature {
                     what: WHAT,
@@ -496,6 +604,32 @@ fn decode_body(body: &[u8]) -> Result<Manifest, Error> {
         access_trace,
         writer,
         vm,
+        ram,
+    })
+}
+
+fn decode_ram(value: &[u8], chunk_size: u32) -> Result<RamImage, Error> {
+    let mut r = Reader::new(value, WHAT);
+    let size = r.u64()?;
+    let g = Geometry::new(size, chunk_size)?;
+    let chunks = read_table(&mut r, g.chunk_count())?;
+    let access_trace = read_trace(&mut r, g.chunk_count())?;
+    let writer = match r.take(1)?[0] {
+        0 => None,
+        1 => Some(r.array()?),
+        b => return Err(Error::malformed(WHAT, format!("RAM writer flag {b}"))),
+    };
+    if r.remaining() != 0 {
+        return Err(Error::malformed(
+            WHAT,
+            "unexpected bytes after the RAM image",
+        ));
+    }
+    Ok(RamImage {
+        size,
+        chunks,
+        access_trace,
+        writer,
     })
 }
 
@@ -527,6 +661,7 @@ fn decode_vm(value: &[u8]) -> Result<VmSettings, Error> {
     let save_format = match r.varint()? {
         0 => SaveFormat::Stream,
         1 => SaveFormat::MappedRam,
+        2 => SaveFormat::SharedRam,
         f => return Err(Error::malformed(WHAT, format!("memory image format {f}"))),
     };
     let count = r.varint()?;

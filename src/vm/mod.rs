@@ -469,6 +469,10 @@ fn restore_memory(
 ) -> anyhow::Result<()> {
     let uri = match s.save_format {
         SaveFormat::Stream => format!("exec:cat {}", shell_quote(file)),
+        SaveFormat::SharedRam => {
+            set_ignore_shared(qmp)?;
+            format!("exec:cat {}", shell_quote(file))
+        }
         SaveFormat::MappedRam => {
             set_mapped_ram(qmp)?;
             format!("file:{}", file.display())
@@ -494,6 +498,17 @@ fn set_mapped_ram(qmp: &mut Qmp) -> anyhow::Result<()> {
         Some(json!({"capabilities": [{"capability": "mapped-ram", "state": true}]})),
     )
     .context("the memory image uses QEMU's mapped-ram layout, which this QEMU lacks")?;
+    Ok(())
+}
+
+/// The RAM is a shared mapping of the parcel's RAM device: the migration
+/// stream carries the device state only (set on both sides).
+fn set_ignore_shared(qmp: &mut Qmp) -> anyhow::Result<()> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+    )
+    .context("the VM's RAM is served from a device, which needs QEMU's x-ignore-shared (QEMU 4.0 or later)")?;
     Ok(())
 }
 
@@ -573,6 +588,10 @@ pub fn save(parcel: &str) -> anyhow::Result<Value> {
     let saving = (|| {
         let uri = match settings.save_format {
             SaveFormat::Stream => format!("exec:cat > {}", shell_quote(&file)),
+            SaveFormat::SharedRam => {
+                set_ignore_shared(&mut qmp)?;
+                format!("exec:cat > {}", shell_quote(&file))
+            }
             SaveFormat::MappedRam => {
                 set_mapped_ram(&mut qmp)?;
                 format!("file:{}", file.display())

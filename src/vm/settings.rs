@@ -20,6 +20,7 @@ pub fn settings_to_json(s: &VmSettings) -> Value {
         "save_format": match s.save_format {
             SaveFormat::Stream => "stream",
             SaveFormat::MappedRam => "mapped-ram",
+            SaveFormat::SharedRam => "shared-ram",
         },
         "args": s.args,
     })
@@ -36,6 +37,7 @@ pub fn settings_from_json(v: &Value) -> anyhow::Result<VmSettings> {
         cpus: num("cpus")?,
         save_format: match v["save_format"].as_str() {
             Some("mapped-ram") => SaveFormat::MappedRam,
+            Some("shared-ram") => SaveFormat::SharedRam,
             _ => SaveFormat::Stream,
         },
         args: v["args"]
@@ -63,6 +65,7 @@ pub fn saved_from_json(text: &str) -> anyhow::Result<SavedVm> {
             Some(s) => Some(settings_from_json(s)?),
             None => None,
         },
+        ram: None,
     })
 }
 

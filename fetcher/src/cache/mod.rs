@@ -118,6 +118,13 @@ pub fn cache_dir(root: &Path, store_url: &str, parcel: &str) -> PathBuf {
     root.join(&h.as_str()[..16]).join(parcel)
 }
 
+/// The cache of the guest RAM of `parcel` (see
+/// [`EngineOptions::ram`](crate::EngineOptions::ram)): beside the disk's,
+/// under a name no parcel can have.
+pub fn ram_cache_dir(root: &Path, store_url: &str, parcel: &str) -> PathBuf {
+    cache_dir(root, store_url, parcel).with_file_name(format!("{parcel}+ram"))
+}
+
 /// The persistent header of a cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {

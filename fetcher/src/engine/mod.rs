@@ -73,6 +73,35 @@ pub struct EngineOptions {
     /// This boot of the host (default: [`cache::current_boot_id`]); the
     /// explorer plays host crashes with it.
     pub boot_id: Option<[u8; 16]>,
+    /// Serve the guest's RAM of this many bytes instead of the disk: each
+    /// version's RAM image ([`Manifest::ram_view`]; zeros where a version
+    /// has none of that size), in a cache of its own
+    /// ([`cache::ram_cache_dir`]). Such an engine publishes only with the
+    /// disk's ([`SavedVm::ram`](crate::SavedVm::ram)). Opened for a new run
+    /// (not `reattach`), it drops the chunks a previous run left dirty:
+    /// they belonged to a VM that is gone.
+    pub ram: Option<u64>,
+}
+
+impl EngineOptions {
+    /// What this engine serves of `m`: the disk, or the RAM.
+    pub(crate) fn view(&self, m: Manifest) -> Result<Manifest, Error> {
+        match self.ram {
+            None => Ok(m),
+            Some(size) => m
+                .ram_view(size)
+                .map_err(|e| Error::Invalid(format!("RAM image: {e}"))),
+        }
+    }
+
+    /// The cache directory of `parcel`'s image this engine serves.
+    pub(crate) fn cache_dir(&self, parcel: &Parcel) -> PathBuf {
+        let dir = match self.ram {
+            None => cache::cache_dir,
+            Some(_) => cache::ram_cache_dir,
+        };
+        dir(&self.cache_root, parcel.store().url(), parcel.name())
+    }
 }
 
 impl Default for EngineOptions {
@@ -86,6 +115,7 @@ impl Default for EngineOptions {
             reconcile: true,
             reattach: false,
             boot_id: None,
+            ram: None,
         }
     }
 }
@@ -198,7 +228,7 @@ impl Engine {
             .enable_all()
             .build()
             .map_err(|e| Error::Invalid(format!("cannot start the fetcher runtime: {e}")))?;
-        let dir = cache::cache_dir(&options.cache_root, parcel.store().url(), parcel.name());
+        let dir = options.cache_dir(&parcel);
         let mut report = OpenReport::default();
         let boot_id = options.boot_id.unwrap_or_else(cache::current_boot_id);
         let (cache, base) = runtime.block_on(reconcile::open_cache(
@@ -628,29 +658,40 @@ impl Shared {
 
     /// [`ensure_cached`](Self::ensure_cached), running `asked` once the
     /// fetch has been asked for (before waiting for it).
+    ///
+    /// A completed fetch is not the end: a whole write may have begun on
+    /// the chunk meanwhile (its fill then left the chunk to the write, whose
+    /// data is not in yet), so the chunk is asked for again until it is
+    /// cached, as the device's queues do.
     fn ensure_cached_then(&self, c: u64, asked: impl FnOnce()) -> Result<(), Error> {
-        let slot = self.demand(c, None);
+        let deadline = std::time::Instant::now() + self.options.miss_timeout;
+        let mut slot = self.demand(c, None);
         asked();
-        match slot {
-            None => Ok(()),
-            Some(slot) => slot
-                .wait(self.options.miss_timeout)
-                .map_err(|cause| match cause {
-                    fetch::WaitError::Failed(e) => Error::Shared(e),
-                    fetch::WaitError::TimedOut(cause) => {
-                        let id = match self.base().entry(c) {
-                            ChunkEntry::Data(k) => k.id(),
-                            ChunkEntry::Zero => format::ChunkId([0; 32]),
-                        };
-                        Error::MissTimeout {
-                            id,
-                            index: c,
-                            parcel: self.parcel.name().to_owned(),
-                            seconds: self.options.miss_timeout.as_secs(),
-                            cause,
-                        }
-                    }
-                }),
+        while let Some(s) = slot {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            s.wait(left).map_err(|cause| self.wait_error(c, cause))?;
+            slot = self.demand(c, None);
+        }
+        Ok(())
+    }
+
+    /// The error of a read or write that waited for chunk `c` in vain.
+    fn wait_error(&self, c: u64, cause: fetch::WaitError) -> Error {
+        match cause {
+            fetch::WaitError::Failed(e) => Error::Shared(e),
+            fetch::WaitError::TimedOut(cause) => {
+                let id = match self.base().entry(c) {
+                    ChunkEntry::Data(k) => k.id(),
+                    ChunkEntry::Zero => format::ChunkId([0; 32]),
+                };
+                Error::MissTimeout {
+                    id,
+                    index: c,
+                    parcel: self.parcel.name().to_owned(),
+                    seconds: self.options.miss_timeout.as_secs(),
+                    cause,
+                }
+            }
         }
     }
 
@@ -696,6 +737,17 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// A RAM engine publishes only with its disk's.
+    pub(crate) fn refuse_if_ram(&self) -> Result<(), Error> {
+        match self.options.ram {
+            Some(_) => Err(Error::Invalid(format!(
+                "the RAM of parcel {} is published with its disk, not on its own",
+                self.parcel.name()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Wakes whoever waits for fetches to complete (`hoard`).

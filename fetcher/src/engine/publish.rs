@@ -44,6 +44,11 @@ pub struct PublishSummary {
     /// The memory image published with the disk, if any (its chunk table
     /// left out).
     pub memory: Option<ImageUpload>,
+    /// The guest RAM published with the disk ([`SavedVm::ram`]): dirty
+    /// chunks, chunk objects uploaded and their bytes.
+    pub ram_dirty_chunks: u64,
+    pub ram_uploaded_chunks: u64,
+    pub ram_bytes_uploaded: u64,
     /// Wall time.
     pub seconds: f64,
 }
@@ -58,6 +63,12 @@ pub struct SavedVm {
     /// The VM's settings, if they are new; without them the base version's
     /// carry over.
     pub vm: Option<VmSettings>,
+    /// The engine serving the guest's RAM (see [`EngineOptions::ram`]): its
+    /// changes are published in the same version, as the version's RAM
+    /// image. Without it, the version has no RAM image.
+    ///
+    /// [`EngineOptions::ram`]: crate::EngineOptions::ram
+    pub ram: Option<Arc<Engine>>,
 }
 
 impl Engine {
@@ -69,6 +80,7 @@ impl Engine {
     /// if they are old or gc removed them). The cache is then based on
     /// `to` (move it with [`fork`](super::fork)).
     pub fn publish_fork(&self, to: &Parcel, created_unix: i64) -> Result<PublishSummary, Error> {
+        self.shared.refuse_if_ram()?;
         let (shared, to) = (self.shared.clone(), to.clone());
         self.flush_and_run(async move {
             // Refused before anything uploads; `publish` catches a race.
@@ -98,6 +110,10 @@ impl Engine {
         created_unix: i64,
         saved: &SavedVm,
     ) -> Result<PublishSummary, Error> {
+        self.shared.refuse_if_ram()?;
+        if let Some(ram) = &saved.ram {
+            ram.flush()?;
+        }
         let shared = self.shared.clone();
         self.flush_and_run(async move {
             if let Some(l) = lease
@@ -151,47 +167,32 @@ async fn publish(
         .vm
         .as_ref()
         .filter(|&vm| base_manifest.vm.as_ref() != Some(vm));
-    if dirty.is_empty() && fork_to.is_none() && saved.memory.is_none() && new_vm.is_none() {
+    if dirty.is_empty()
+        && fork_to.is_none()
+        && saved.memory.is_none()
+        && saved.ram.is_none()
+        && new_vm.is_none()
+    {
         return Ok(summary);
     }
-    // One upload pass at a time (see `sync`); then the chunks a sync
-    // uploaded in their current generation are not read again, only checked
-    // (a chunk gc may have removed since is uploaded afresh).
+    // One upload pass at a time (see `sync`).
     let _pass = shared.upload_pass.lock().await;
-    let record = shared.synced.lock().expect("synced lock").clone();
-    shared.start_pass(&dirty);
-    let uploaded: Vec<Uploaded> = stream::iter(dirty)
-        .map(|c| {
-            let shared = shared.clone();
-            let entry = shared.cache.entry(c);
-            let synced = (record.base_version == *base_version)
-                .then(|| record.current(c, entry))
-                .flatten();
-            async move {
-                let done = shared.clone();
-                let reused = match synced {
-                    Some(ChunkEntry::Zero) => true,
-                    Some(ChunkEntry::Data(k)) => shared.parcel.store().has_chunk(&k.id()).await?,
-                    None => false,
-                };
-                let u = if reused {
-                    Uploaded {
-                        chunk: c,
-                        map_entry: Some(entry),
-                        table_entry: synced.expect("reused"),
-                        sent: None,
-                        synced: true,
-                    }
-                } else {
-                    upload_chunk(shared, c).await?
-                };
-                done.pass_did(c);
-                Ok::<_, Error>(u)
-            }
-        })
-        .buffer_unordered(DEFAULT_CONCURRENCY)
-        .try_collect()
-        .await?;
+    let uploaded = upload_dirty(&shared, dirty, *base_version).await?;
+    // The RAM's changes, uploaded the same way (its pass taken after the
+    // disk's: only a publish takes both).
+    let ram = saved.ram.as_ref().map(|e| e.shared.clone());
+    let _ram_pass = match &ram {
+        Some(r) => Some(r.upload_pass.lock().await),
+        None => None,
+    };
+    let ram_uploaded = match &ram {
+        Some(r) => {
+            let dirty = r.cache.chunks_in(DIRTY);
+            summary.ram_dirty_chunks = dirty.len() as u64;
+            Some(upload_dirty(r, dirty, r.base_version()).await?)
+        }
+        None => None,
+    };
 
     let mut manifest = base_manifest.clone();
     for u in &uploaded {
@@ -201,6 +202,24 @@ async fn publish(
             summary.bytes_uploaded += size;
         }
         summary.synced_chunks += u64::from(u.synced);
+    }
+    manifest.ram = None;
+    if let (Some(r), Some(up)) = (&ram, &ram_uploaded) {
+        let base = r.base();
+        let mut chunks = base.manifest.chunks.clone();
+        for u in up {
+            chunks[u.chunk as usize] = u.table_entry;
+            if let Some(size) = u.sent {
+                summary.ram_uploaded_chunks += 1;
+                summary.ram_bytes_uploaded += size;
+            }
+        }
+        manifest.ram = Some(format::RamImage {
+            size: r.geometry.disk_size(),
+            chunks,
+            access_trace: r.trace.lock().expect("trace lock").clone(),
+            writer: Some(r.cache.header().cache_id),
+        });
     }
     // The memory image: chunked and deduplicated like the disk, against
     // the chunks of the base version and of the new disk.
@@ -259,13 +278,33 @@ async fn publish(
     };
 
     // Committed. Record it locally; a crash from here on is recognised at
-    // the next open (the manifest names this cache as its writer).
-    shared.cache.save_manifest(version, &published.object)?;
+    // the next open (the manifest names this cache as its writer, and the
+    // RAM image the RAM's cache).
+    if let (Some(r), Some(up)) = (&ram, &ram_uploaded) {
+        let view = r.options.view(manifest.clone())?;
+        adopt(r, version, &published.object, view, up)?;
+    }
+    adopt(&shared, version, &published.object, manifest, &uploaded)?;
+    summary.version = version;
+    Ok(summary)
+}
+
+/// Makes version `version` (its manifest `object`, decoded and seen as
+/// this engine serves it: `manifest`) the cache's base after its commit:
+/// each uploaded chunk not written since becomes present.
+fn adopt(
+    shared: &Shared,
+    version: u64,
+    object: &[u8],
+    manifest: format::Manifest,
+    uploaded: &[Uploaded],
+) -> Result<(), Error> {
+    shared.cache.save_manifest(version, object)?;
     // What was read and uploaded is durable in the image before any chunk
     // is marked present (invariant 3): a write that landed after the
     // flush this publish began with was read in its new generation.
     shared.cache.sync_image()?;
-    for u in &uploaded {
+    for u in uploaded {
         let _g = shared.stripe(u.chunk);
         if Some(shared.cache.entry(u.chunk)) == u.map_entry {
             shared.cache.set(u.chunk, PRESENT)?;
@@ -288,8 +327,52 @@ async fn publish(
         word.store(0, std::sync::atomic::Ordering::Relaxed);
     }
     shared.cache.prune_manifests(version);
-    summary.version = version;
-    Ok(summary)
+    Ok(())
+}
+
+/// Uploads `dirty` chunks of the cache (those a sync uploaded in their
+/// current generation are not read again, only checked: a chunk gc may
+/// have removed since is uploaded afresh). The caller holds the upload
+/// pass.
+async fn upload_dirty(
+    shared: &Arc<Shared>,
+    dirty: Vec<u64>,
+    base_version: u64,
+) -> Result<Vec<Uploaded>, Error> {
+    let record = shared.synced.lock().expect("synced lock").clone();
+    shared.start_pass(&dirty);
+    stream::iter(dirty)
+        .map(|c| {
+            let shared = shared.clone();
+            let entry = shared.cache.entry(c);
+            let synced = (record.base_version == base_version)
+                .then(|| record.current(c, entry))
+                .flatten();
+            async move {
+                let done = shared.clone();
+                let reused = match synced {
+                    Some(ChunkEntry::Zero) => true,
+                    Some(ChunkEntry::Data(k)) => shared.parcel.store().has_chunk(&k.id()).await?,
+                    None => false,
+                };
+                let u = if reused {
+                    Uploaded {
+                        chunk: c,
+                        map_entry: Some(entry),
+                        table_entry: synced.expect("reused"),
+                        sent: None,
+                        synced: true,
+                    }
+                } else {
+                    upload_chunk(shared, c).await?
+                };
+                done.pass_did(c);
+                Ok::<_, Error>(u)
+            }
+        })
+        .buffer_unordered(DEFAULT_CONCURRENCY)
+        .try_collect()
+        .await
 }
 
 /// One dirty chunk, held by the store in the generation read.

@@ -36,7 +36,7 @@ pub(crate) async fn open_cache(
     let lock = Cache::lock(dir)?;
     if !Cache::exists(dir) {
         report.created = true;
-        let created = create(parcel, lock, dir).await?;
+        let created = create(parcel, lock, dir, options).await?;
         report.reached_store = true;
         return Ok(created);
     }
@@ -61,7 +61,11 @@ pub(crate) async fn open_cache(
     let header = cache.header();
     let path = cache.manifest_path(header.base_version);
     let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
-    let base = parcel.decode_manifest(&bytes, header.base_version, path.display().to_string())?;
+    let base = options.view(parcel.decode_manifest(
+        &bytes,
+        header.base_version,
+        path.display().to_string(),
+    )?)?;
     tracing::debug!(
         parcel = parcel.name(),
         dir = %dir.display(),
@@ -104,6 +108,20 @@ pub(crate) async fn open_cache(
             );
         }
     }
+    if options.ram.is_some() && !options.reattach {
+        // The RAM of a VM that is gone (its device state went with it).
+        let mut stale = cache.chunks_in(DIRTY);
+        stale.extend(cache.chunks_in(cache::WRITING));
+        if !stale.is_empty() {
+            tracing::info!(
+                parcel = parcel.name(),
+                chunks = stale.len(),
+                "dropped the RAM a previous run left unpublished"
+            );
+            cache.drop_chunks(&stale)?;
+            let _ = cache.remove_file(super::sync::SYNCED);
+        }
+    }
     let mut base = (header.base_version, base);
     if !reconcile {
         return Ok((cache, base));
@@ -138,6 +156,10 @@ pub(crate) async fn open_cache(
         // The version after the base may have been removed by gc: then it
         // cannot be recognised as ours, and HEAD is another writer's.
         let own = match parcel.manifest_with_object(next).await {
+            Ok((m, object)) => Ok((options.view(m)?, object)),
+            Err(e) => Err(e),
+        };
+        let own = match own {
             Ok((m, object))
                 if m.writer == Some(cache.header().cache_id) && m.parent == Some(base.0) =>
             {
@@ -151,7 +173,7 @@ pub(crate) async fn open_cache(
             Some((m, object)) => (next, m, object),
             None => {
                 let (h, object) = parcel.manifest_with_object(head).await?;
-                (head, h, object)
+                (head, options.view(h)?, object)
             }
         };
         if manifest.geometry() != base.1.geometry() {
@@ -162,7 +184,7 @@ pub(crate) async fn open_cache(
             // the old files).
             drop(cache);
             report.created = true;
-            return create(parcel, Cache::lock(dir)?, dir).await;
+            return create(parcel, Cache::lock(dir)?, dir, options).await;
         }
         if ours {
             adopt_own(parcel, &cache, &manifest)?;
@@ -197,9 +219,11 @@ async fn create(
     parcel: &Parcel,
     lock: std::fs::File,
     dir: &Path,
+    options: &EngineOptions,
 ) -> Result<(Cache, (u64, Manifest)), Error> {
     let head = parcel.require_head().await?;
     let (manifest, object) = parcel.manifest_with_object(head).await?;
+    let manifest = options.view(manifest)?;
     tracing::info!(
         parcel = parcel.name(),
         dir = %dir.display(),

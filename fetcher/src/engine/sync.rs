@@ -34,7 +34,7 @@ const MAGIC: &[u8; 4] = b"ISRy";
 const FORMAT: u32 = 1;
 const RECORD_LEN: usize = 8 + 8 + 1 + 32;
 /// The record's file in the cache directory.
-const SYNCED: &str = "synced";
+pub(super) const SYNCED: &str = "synced";
 /// How often a long sync saves what it has done so far.
 const CHECKPOINT: Duration = Duration::from_secs(2);
 

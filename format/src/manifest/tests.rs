@@ -193,8 +193,10 @@ proptest! {
         host in "[a-z0-9.-]{0,40}",
         version in 1u64..1_000_000,
         writer in proptest::option::of(any::<[u8; 16]>()),
-        vm in proptest::option::of((any::<u32>(), any::<u32>(), any::<bool>(),
+        vm in proptest::option::of((any::<u32>(), any::<u32>(), 0u8..3,
             proptest::collection::vec(".{0,20}", 0..8))),
+        ram in proptest::option::of((arb_entries(40), proptest::collection::vec(any::<prop::sample::Index>(), 0..20),
+            proptest::option::of(any::<[u8; 16]>()))),
     ) {
         let cs = 65536u64;
         let disk_size = match chunks.len() as u64 {
@@ -223,11 +225,28 @@ proptest! {
             host,
             access_trace,
             writer,
-            vm: vm.map(|(memory_mib, cpus, mapped, args)| VmSettings {
+            vm: vm.map(|(memory_mib, cpus, format, args)| VmSettings {
                 memory_mib,
                 cpus,
-                save_format: if mapped { SaveFormat::MappedRam } else { SaveFormat::Stream },
+                save_format: match format {
+                    0 => SaveFormat::Stream,
+                    1 => SaveFormat::MappedRam,
+                    _ => SaveFormat::SharedRam,
+                },
                 args,
+            }),
+            ram: ram.map(|(chunks, trace, writer)| {
+                let mut seen = std::collections::HashSet::new();
+                let access_trace = if chunks.is_empty() {
+                    vec![]
+                } else {
+                    trace
+                        .iter()
+                        .map(|i| i.index(chunks.len()) as u64)
+                        .filter(|c| seen.insert(*c))
+                        .collect()
+                };
+                RamImage { size: chunks.len() as u64 * cs, chunks, access_trace, writer }
             }),
         };
         let obj = m.encode(&secret(), "p", version).unwrap();
@@ -306,4 +325,37 @@ fn vm_settings_round_trip_and_are_bounded() {
             ..
         })
     ));
+}
+
+#[test]
+fn a_ram_image_round_trips_and_an_older_reader_refuses_it() {
+    let mut m = sample();
+    let g = Geometry::new(4 * 65536, 65536).unwrap();
+    let mut chunks = vec![ChunkEntry::Zero; 4];
+    chunks[2] = ChunkEntry::Data(key(7));
+    m.ram = Some(RamImage {
+        size: g.disk_size(),
+        chunks,
+        access_trace: vec![2, 0],
+        writer: Some([9; 16]),
+    });
+    let obj = m.encode(&secret(), "vm1", 4).unwrap();
+    let back = Manifest::decode(&obj, &secret(), "vm1", 4).unwrap();
+    assert_eq!(back, m);
+    // The RAM's view: its table, trace and writer in the disk's place.
+    let view = back.ram_view(g.disk_size()).unwrap();
+    assert_eq!(view.geometry(), g);
+    assert_eq!(view.chunks[2], ChunkEntry::Data(key(7)));
+    assert_eq!(view.access_trace, vec![2, 0]);
+    assert_eq!(view.writer, Some([9; 16]));
+    assert!(view.ram.is_none() && view.memory_size == 0);
+    // Another size (the VM's memory changed): RAM of zeros.
+    let other = back.ram_view(2 * 65536).unwrap();
+    assert!(other.chunks.iter().all(|e| *e == ChunkEntry::Zero) && other.chunks.len() == 2);
+    assert_eq!(other.writer, None);
+    // The extension's tag is odd: a reader that does not know it refuses.
+    assert_eq!(EXT_RAM & 1, 1);
+    // A table that does not cover the RAM is refused at encode.
+    m.ram.as_mut().unwrap().chunks.pop();
+    assert!(m.encode(&secret(), "vm1", 4).is_err());
 }
