@@ -125,6 +125,15 @@ pub struct ResumeArgs {
     /// without one is reported and no file is written.
     #[arg(long, value_name = "FILE")]
     pub memory_out: Option<PathBuf>,
+    /// Also serve the guest's RAM, of this many MiB, as a second device:
+    /// the version's RAM image, fetched as it is read (zeros where the
+    /// version has none), for a hypervisor to map as the VM's memory; a
+    /// suspend publishes what the VM changed in it (`isr run` does this).
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..))]
+    pub ram_mib: Option<u32>,
+    /// (internal) the RAM device starts as zeros (a cold boot).
+    #[arg(long, hide = true)]
+    pub ram_zero: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -151,6 +160,13 @@ pub struct RunArgs {
     /// The QEMU binary.
     #[arg(long, env = "ISR_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
+    /// Keep the VM's RAM in QEMU (anonymous memory), saved whole as a
+    /// migration stream at suspend and loaded whole at the next run,
+    /// instead of on a RAM device of the parcel (fetched as the VM touches
+    /// it; a suspend sends what changed). Versions saved this way restore
+    /// this way.
+    #[arg(long)]
+    pub stream_memory: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,

@@ -50,6 +50,9 @@ pub(super) struct Control {
     pub(super) name: String,
     pub(super) engine: Arc<Engine>,
     pub(super) device: Arc<OnceLock<ublk_target::DeviceInfo>>,
+    /// The guest RAM's engine and device (`isr resume --ram-mib`).
+    pub(super) ram: Option<Arc<Engine>>,
+    pub(super) ram_device: Arc<OnceLock<ublk_target::DeviceInfo>>,
     pub(super) requests: Arc<Mutex<Vec<Reply>>>,
     pub(super) request: Arc<Mutex<SuspendRequest>>,
     pub(super) session: Arc<Session>,
@@ -81,6 +84,15 @@ impl Control {
                     return;
                 };
                 tracing::info!(parcel = self.name, request = rest, "suspend requested");
+                let offline = options["offline"].as_bool().unwrap_or(false);
+                if offline && self.ram.is_some() {
+                    let _ = writeln!(
+                        writer,
+                        "{}",
+                        json!({"error": format!("parcel {} serves its VM's RAM from a device, which an offline suspend cannot keep yet; nothing was changed: suspend online (or save the VM with its memory to a file and resume without the RAM device)", self.name)})
+                    );
+                    return;
+                }
                 match crate::vm::saved_from_json(rest) {
                     Ok(saved) => {
                         *self.request.lock().expect("request") = SuspendRequest {
@@ -104,7 +116,11 @@ impl Control {
                 self.session
                     .stopping
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-                if let Err(e) = ublk_target::stop(info.id) {
+                if let Some(ram) = self.ram_device.get()
+                    && let Err(e) = ublk_target::stop(ram.id)
+                {
+                    json!({ "error": e.to_string() })
+                } else if let Err(e) = ublk_target::stop(info.id) {
                     json!({ "error": e.to_string() })
                 } else {
                     answer_with_progress(&mut writer, &self.engine, &rx)
@@ -145,6 +161,24 @@ impl Control {
         reply
     }
 
+    /// The RAM device's part of `status`.
+    fn ram_status(&self) -> Value {
+        let Some(r) = &self.ram else {
+            return Value::Null;
+        };
+        let s = r.stats();
+        json!({
+            "device": self.ram_device.get().map(|d| d.path.clone()),
+            "size": r.geometry().disk_size(),
+            "base_version": r.base_version(),
+            "cached_chunks": s.cached_chunks,
+            "dirty_chunks": s.dirty_chunks,
+            "fetched_chunks": s.fetched_chunks,
+            "fetched_bytes": s.fetched_bytes,
+            "cache": r.cache_dir(),
+        })
+    }
+
     /// The answer to `status` (see `crate::status` for its fields).
     fn status(&self) -> Value {
         let (engine, s) = (&self.engine, self.engine.stats());
@@ -152,7 +186,7 @@ impl Control {
         let report = engine.open_report();
         let offline = self.session.offline();
         let lease: Option<LeaseInfo> = self.session.lease().map(|l| l.info().clone());
-        json!({
+        let mut reply = json!({
             "parcel": self.name,
             "state": "running",
             "device": self.device.get().map(|d| d.path.clone()),
@@ -191,6 +225,8 @@ impl Control {
             "unclean_stop": report.recovered,
             "scanned_chunks": report.scanned_chunks,
             "recovered_dirty": report.recovered_dirty,
-        })
+        });
+        reply["ram"] = self.ram_status();
+        reply
     }
 }

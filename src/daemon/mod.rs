@@ -161,6 +161,13 @@ pub fn suspend(a: SuspendArgs) -> anyhow::Result<ExitCode> {
             ),
             None => "; no memory image (the next run boots afresh)".into(),
         };
+        let memory = match r["ram"]["dirty_chunks"].as_u64() {
+            Some(n) if n > 0 => format!(
+                "{memory}; RAM: {n} chunks changed, {} uploaded ({} bytes)",
+                r["ram"]["uploaded_chunks"], r["ram"]["bytes_uploaded"]
+            ),
+            _ => memory,
+        };
         format!(
             "suspended parcel {}: version {} published ({} dirty chunks, {} uploaded, {} bytes, {} synced before{memory}) in {:.1} s, device {} removed, lease released",
             r["parcel"].as_str().unwrap_or("?"),
@@ -208,6 +215,8 @@ pub fn recover(a: NameArgs) -> anyhow::Result<ExitCode> {
         },
         foreground: false,
         memory_out: None,
+        ram_mib: st["ram_mib"].as_u64().and_then(|m| u32::try_from(m).ok()),
+        ram_zero: false,
         json: a.json,
         daemon: false,
     };
@@ -337,8 +346,17 @@ fn daemon_args(a: &ResumeArgs) -> Vec<std::ffi::OsString> {
     if let Some(r) = a.device.bwlimit {
         args.extend(["--bwlimit".into(), r.to_string().into()]);
     }
+    if let Some(m) = a.ram_mib {
+        args.extend(["--ram-mib".into(), m.to_string().into()]);
+    }
+    if a.ram_zero {
+        args.push("--ram-zero".into());
+    }
     args
 }
+
+/// prctl: the process writes back for the kernel (Linux 5.6; not in libc).
+const PR_SET_IO_FLUSHER: libc::c_int = 57;
 
 /// Replies to a daemon command.
 type Reply = mpsc::Sender<Value>;
@@ -360,6 +378,11 @@ fn serve(a: ResumeArgs) -> anyhow::Result<ExitCode> {
 fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     let name = a.parcel.parcel.clone();
     private_mounts();
+    // The kernel writes back through this process (the guest's RAM pages
+    // under reclaim, too): its own allocations must not wait for that.
+    // SAFETY: prctl with integer arguments only; a refusal (no
+    // CAP_SYS_RESOURCE) leaves the process as it was.
+    let _ = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
     fetcher::private::create_dir_all(&run_dir())
         .with_context(|| format!("cannot create {}", run_dir().display()))?;
     let parcel = open_parcel(&a.parcel)?;
@@ -379,13 +402,17 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     fetcher::private::create_dir_all(&cache_dir)
         .with_context(|| format!("cannot create {}", cache_dir.display()))?;
 
-    // A device whose daemon died is reattached, not replaced.
-    let recover = read_state(&name).and_then(|st| {
-        let id = st["device_id"].as_u64()? as u32;
-        let alive = pid_alive(st["pid"].as_i64().unwrap_or(0));
-        let exists = std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}")).exists();
-        (!alive && exists).then_some(id)
-    });
+    // A device whose daemon died is reattached, not replaced (and so is
+    // its RAM device).
+    let dead = read_state(&name).filter(|st| !pid_alive(st["pid"].as_i64().unwrap_or(0)));
+    let live_device = |key: &str| {
+        let id = dead.as_ref()?[key].as_u64()? as u32;
+        std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{id}"))
+            .exists()
+            .then_some(id)
+    };
+    let recover = live_device("device_id");
+    let recover_ram = recover.and(live_device("ram_device_id"));
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -416,8 +443,23 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     // Under a live device the cache may not move to another writer's
     // version (the guest's page cache holds the old one).
     options.reattach = recover.is_some();
-    let engine = match Engine::open(parcel, options) {
-        Ok(e) => Arc::new(e),
+    let ram_options = a.ram_mib.map(|mib| EngineOptions {
+        ram: Some(u64::from(mib) << 20),
+        ..options.clone()
+    });
+    let opened = Engine::open(parcel.clone(), options).and_then(|disk| {
+        let ram = match ram_options {
+            Some(o) => Some(open_ram(
+                parcel.clone(),
+                o,
+                a.ram_zero && recover_ram.is_none(),
+            )?),
+            None => None,
+        };
+        Ok((disk, ram))
+    });
+    let (engine, ram) = match opened {
+        Ok((disk, ram)) => (Arc::new(disk), ram.map(Arc::new)),
         Err(e) => {
             if let Some(lease) = &lease
                 && reuse.as_deref() != Some(lease.info().nonce.as_str())
@@ -460,8 +502,15 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         "no_prefetch": a.device.no_prefetch,
         "trickle": a.device.trickle,
         "bwlimit": a.device.bwlimit,
+        "ram_mib": a.ram_mib,
     });
     let device: Arc<OnceLock<ublk_target::DeviceInfo>> = Arc::new(OnceLock::new());
+    // The RAM's device comes up first: the disk's readiness names both.
+    let ram_device: Arc<OnceLock<ublk_target::DeviceInfo>> = Arc::new(OnceLock::new());
+    let ram_served = match &ram {
+        Some(r) => Some(serve_ram(r.clone(), recover_ram, &ram_device)?),
+        None => None,
+    };
     let suspend_requests: Arc<Mutex<Vec<Reply>>> = Arc::new(Mutex::new(Vec::new()));
     let request: Arc<Mutex<SuspendRequest>> = Arc::default();
     let sock = socket_path(&name);
@@ -475,6 +524,8 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
             name: name.clone(),
             engine: engine.clone(),
             device: device.clone(),
+            ram: ram.clone(),
+            ram_device: ram_device.clone(),
             requests: suspend_requests.clone(),
             request: request.clone(),
             session: session.clone(),
@@ -490,7 +541,12 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         });
     }
 
-    let (ready_device, ready_state) = (device.clone(), state.clone());
+    let (ready_device, mut ready_state) = (device.clone(), state.clone());
+    let ready_ram = ram_device.get().cloned();
+    if let Some(r) = &ready_ram {
+        ready_state["ram_device_id"] = json!(r.id);
+        ready_state["ram_device"] = json!(r.path);
+    }
     let ready_name = name.clone();
     let ready_base = engine.base_version();
     let report_ready = a.daemon;
@@ -520,6 +576,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
             "pid": std::process::id(),
             "base_version": ready_base,
             "offline": offline,
+            "ram_device": ready_ram.as_ref().map(|r| r.path.clone()),
         });
         if report_ready {
             println!("{reply}");
@@ -532,6 +589,15 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     session
         .stopping
         .store(true, std::sync::atomic::Ordering::Relaxed);
+    // The RAM's device stops with the disk's (a suspend stopped it first).
+    if let Some(served) = ram_served {
+        if let Some(info) = ram_device.get() {
+            let _ = ublk_target::stop(info.id);
+        }
+        if let Ok(Err(e)) = served.join() {
+            eprintln!("isr: the RAM device of parcel {name}: {e}");
+        }
+    }
     let requests: Vec<Reply> = std::mem::take(&mut *suspend_requests.lock().expect("requests"));
     if let Err(e) = served {
         let msg = e.to_string();
@@ -546,6 +612,12 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     let device_path = device.get().map(|d| d.path.clone());
     let (reply, result) = if request.offline {
         let flushed = engine.flush().map_err(|e| explain(e, &a.parcel));
+        if let Some(r) = &ram {
+            // Kept for `isr checkin` with the VM's saved state.
+            if let Err(e) = r.flush() {
+                eprintln!("isr: flushing the RAM of parcel {name}: {e}");
+            }
+        }
         let reply = match &flushed {
             Ok(()) => {
                 let st = engine.stats();
@@ -570,8 +642,19 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
             engine.parcel().store().set_bwlimit(Some(r), None);
         }
         tracing::info!(parcel = name, "device stopped; publishing");
-        publish_and_release(&rt, &engine, &session, &request.saved, a, device_path)
+        let mut saved = request.saved.clone();
+        // The VM's RAM goes with it, when the VM was saved (a device state
+        // to go with); without one, it is a dead VM's.
+        if saved.memory.is_some() {
+            saved.ram = ram.clone();
+        }
+        publish_and_release(&rt, &engine, &session, &saved, a, device_path)
     };
+    if let Some(r) = &ram
+        && let Err(e) = r.close()
+    {
+        eprintln!("isr: closing the RAM cache of parcel {name}: {e}");
+    }
     // Close cleanly even though the control thread still holds the engine:
     // the next resume on this host then trusts the cache as it is.
     if let Err(e) = engine.close() {
@@ -585,6 +668,55 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     // Let the repliers write before the process ends.
     std::thread::sleep(Duration::from_millis(100));
     result
+}
+
+/// Opens the engine of the guest's RAM (`options.ram`); `zero`: a cold
+/// boot, the RAM starts as zeros.
+fn open_ram(
+    parcel: fetcher::Parcel,
+    options: EngineOptions,
+    zero: bool,
+) -> Result<Engine, fetcher::Error> {
+    let size = options.ram.unwrap_or(0);
+    let ram = Engine::open(parcel, options)?;
+    if zero {
+        // Whole chunks become zero holes, dirty: nothing is fetched, and a
+        // suspend sends what the VM wrote.
+        ram.discard(0, size)?;
+    }
+    Ok(ram)
+}
+
+/// Serves the RAM's device on a thread of its own; returns once it is up
+/// (its info in `up`), or with the error that kept it down.
+fn serve_ram(
+    ram: Arc<Engine>,
+    recover: Option<u32>,
+    up: &Arc<OnceLock<ublk_target::DeviceInfo>>,
+) -> anyhow::Result<std::thread::JoinHandle<Result<(), ublk_target::Error>>> {
+    let (tx, rx) = mpsc::channel();
+    let options = ublk_target::DeviceOptions {
+        recover,
+        ..Default::default()
+    };
+    let (up2, tx2) = (up.clone(), tx.clone());
+    let served = std::thread::spawn(move || {
+        let r = ublk_target::serve(ram, &options, move |info| {
+            let _ = up2.set(info);
+            let _ = tx2.send(());
+        });
+        let _ = tx.send(());
+        r
+    });
+    let _ = rx.recv();
+    if up.get().is_none() {
+        let e = match served.join() {
+            Ok(Err(e)) => anyhow::Error::from(e),
+            _ => anyhow::anyhow!("the RAM device stopped before it was up"),
+        };
+        return Err(e.context("cannot serve the guest's RAM as a device"));
+    }
+    Ok(served)
 }
 
 /// Publishes the session's work with the lease (taking it now if the
@@ -654,7 +786,7 @@ fn publish_and_release(
 
 /// The JSON of a publish's summary.
 pub(crate) fn publish_json(name: &str, s: &fetcher::PublishSummary, released: bool) -> Value {
-    json!({
+    let mut v = json!({
         "parcel": name,
         "version": s.version,
         "dirty_chunks": s.dirty_chunks,
@@ -670,7 +802,13 @@ pub(crate) fn publish_json(name: &str, s: &fetcher::PublishSummary, released: bo
         })),
         "seconds": s.seconds,
         "lease_released": released,
-    })
+    });
+    v["ram"] = json!({
+        "dirty_chunks": s.ram_dirty_chunks,
+        "uploaded_chunks": s.ram_uploaded_chunks,
+        "bytes_uploaded": s.ram_bytes_uploaded,
+    });
+    v
 }
 
 /// The daemon must not share a mount namespace with users of its own device

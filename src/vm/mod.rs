@@ -240,15 +240,45 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             "the VM of parcel {name} was saved by a suspend that did not finish; run `isr suspend {name}` again to publish it"
         );
     }
-    // The device: resumed now, or already.
-    let status = match ask(&name, "status") {
-        Ok(s) if s.get("error").is_none() => s,
-        _ => {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let parcel = open_parcel(&a.parcel)?;
+    // The version to run: the device's, if resumed already, else HEAD
+    // (which the daemon about to start resumes).
+    let running = ask(&name, "status")
+        .ok()
+        .filter(|s| s.get("error").is_none());
+    let wanted = match &running {
+        Some(s) => s["base_version"].as_u64().unwrap_or(0),
+        None => rt
+            .block_on(parcel.require_head())
+            .map_err(|e| explain(e, &a.parcel))?,
+    };
+    let manifest = rt
+        .block_on(parcel.manifest(wanted))
+        .map_err(|e| explain(e, &a.parcel))?;
+    let restore = (manifest.memory_size > 0 && !a.cold).then_some(wanted);
+    let mut settings = choose_settings(&a, manifest.vm.as_ref(), restore)?;
+    // The RAM on a device of the parcel: for a version saved so, and for a
+    // cold boot unless the stream path is asked for. A version saved as a
+    // stream restores as one.
+    let lazy = match restore {
+        Some(_) => settings.save_format == SaveFormat::SharedRam,
+        None => !a.stream_memory,
+    };
+
+    // The device (and the RAM's): resumed now, or already.
+    let status = match running {
+        Some(s) => s,
+        None => {
             let reply = crate::daemon::start(&ResumeArgs {
                 parcel: clone_parcel_args(&a.parcel),
                 device: a.device.clone(),
                 foreground: false,
                 memory_out: None,
+                ram_mib: lazy.then_some(settings.memory_mib),
+                ram_zero: lazy && restore.is_none(),
                 json: a.json,
                 daemon: false,
             })?;
@@ -263,24 +293,54 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .context("the daemon reports no device")?
         .to_owned();
     let version = status["base_version"].as_u64().unwrap_or(0);
-    let device_secs = started.elapsed().as_secs_f64();
-
-    // The version's VM: settings and memory image.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let parcel = open_parcel(&a.parcel)?;
-    let manifest = rt
-        .block_on(parcel.manifest(version))
-        .map_err(|e| explain(e, &a.parcel))?;
-    let restore = (manifest.memory_size > 0 && !a.cold).then_some(version);
-    let dirty = status["dirty_chunks"].as_u64().unwrap_or(0);
-    if restore.is_some() && dirty > 0 {
+    if version != wanted {
         bail!(
-            "the disk of parcel {name} changed since version {version} was resumed ({dirty} chunks written on {device}); restoring that version's memory image over it would corrupt the guest: pass --cold to boot afresh, or suspend and resume first"
+            "parcel {name} moved on to version {version} while its device came up (version {wanted} was read); run again"
         );
     }
-    let settings = choose_settings(&a, manifest.vm.as_ref(), restore)?;
+    let ram_device = match (lazy, status["ram"]["device"].as_str()) {
+        (false, _) => None,
+        (true, Some(dev))
+            if status["ram"]["size"].as_u64() == Some(u64::from(settings.memory_mib) << 20) =>
+        {
+            Some(dev.to_owned())
+        }
+        (true, _) if restore.is_some() => bail!(
+            "version {version} of parcel {name} keeps the VM's RAM on a RAM device of {} MiB, but parcel {name} was resumed without one ({}): suspend it and run again",
+            settings.memory_mib,
+            if status["ram"].is_null() {
+                "isr resume without --ram-mib".to_owned()
+            } else {
+                format!("its RAM device has {} bytes", status["ram"]["size"])
+            }
+        ),
+        (true, _) => {
+            crate::output::note(format_args!(
+                "isr: parcel {name} was resumed without a RAM device of {} MiB: the VM's RAM stays in QEMU and is saved whole at suspend",
+                settings.memory_mib
+            ));
+            None
+        }
+    };
+    let device_secs = started.elapsed().as_secs_f64();
+
+    let dirty = status["dirty_chunks"].as_u64().unwrap_or(0);
+    let ram_dirty = status["ram"]["dirty_chunks"].as_u64().unwrap_or(0);
+    if restore.is_some() && (dirty > 0 || (ram_device.is_some() && ram_dirty > 0)) {
+        bail!(
+            "the {} of parcel {name} changed since version {version} was resumed ({} chunks written on {}); restoring that version's memory image over it would corrupt the guest: pass --cold to boot afresh, or suspend and resume first",
+            if dirty > 0 { "disk" } else { "RAM" },
+            if dirty > 0 { dirty } else { ram_dirty },
+            if dirty > 0 {
+                device.as_str()
+            } else {
+                ram_device.as_deref().unwrap_or("?")
+            }
+        );
+    }
+    if lazy && ram_device.is_some() && restore.is_none() {
+        settings.save_format = SaveFormat::SharedRam;
+    }
     let memory_file = run_dir().join(format!("{name}.memory"));
     let memory = match restore {
         Some(v) => rt
@@ -291,14 +351,26 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     drop(rt);
     let memory_secs = started.elapsed().as_secs_f64() - device_secs;
 
-    let vm = start_qemu(&name, &qemu, &device, &settings, restore.is_some())?;
+    let vm = start_qemu(
+        &name,
+        &qemu,
+        &device,
+        ram_device.as_deref(),
+        &settings,
+        restore.is_some(),
+    )?;
     let restored = (|| {
         let alive = || pid_alive(vm.pid);
         let mut qmp = Qmp::connect(&vm.qmp, &vm.who(), QMP_START, alive)?;
         let mut settings = settings.clone();
         match restore {
             Some(_) => restore_memory(&mut qmp, &settings, &memory_file, alive)?,
-            None => resolve_machine(&mut qmp, &mut settings)?,
+            None => {
+                resolve_machine(&mut qmp, &mut settings)?;
+                if ram_device.is_some() {
+                    settings.save_format = SaveFormat::SharedRam;
+                }
+            }
         }
         Ok::<_, anyhow::Error>(settings)
     })();
@@ -322,6 +394,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         "log": vm.log,
         "settings": settings_to_json(&settings),
         "restored_from": restore,
+        "ram_device": ram_device,
     });
     write_record(&name, &record)?;
     let total_secs = started.elapsed().as_secs_f64();
@@ -335,6 +408,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         "console": vm.console,
         "restored": restore.is_some(),
         "memory": memory,
+        "ram_device": ram_device,
+        "ram_fetched_bytes": after["ram"]["fetched_bytes"],
         "disk_fetched_bytes": after["fetched_bytes"],
         "seconds_device": device_secs,
         "seconds_memory": memory_secs,
@@ -391,6 +466,7 @@ fn start_qemu(
     name: &str,
     qemu: &Path,
     device: &str,
+    ram_device: Option<&str>,
     s: &VmSettings,
     incoming: bool,
 ) -> anyhow::Result<Started> {
@@ -410,6 +486,19 @@ fn start_qemu(
         s.cpus.to_string(),
     ];
     args.extend(s.args.iter().cloned());
+    if let Some(ram) = ram_device {
+        // The RAM is the parcel's RAM device, mapped shared: the guest's
+        // page faults read it (through isr), its writes go back to it.
+        args.extend([
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=isr-ram,size={}M,mem-path={ram},share=on",
+                s.memory_mib
+            ),
+            "-machine".into(),
+            "memory-backend=isr-ram".into(),
+        ]);
+    }
     args.extend([
         "-drive".into(),
         format!("file={device},format=raw,if=virtio,cache=none,aio=io_uring"),
@@ -565,6 +654,7 @@ pub fn save(parcel: &str) -> anyhow::Result<Value> {
         && Path::new(saved).is_file()
     {
         // A suspend that saved the VM and then failed: publish that state.
+        write_back_ram(&r)?;
         return Ok(json!({ "memory": saved, "vm": settings_to_json(&settings) }));
     }
     let pid = r["pid"].as_i64().unwrap_or(0);
@@ -630,11 +720,26 @@ pub fn save(parcel: &str) -> anyhow::Result<Value> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    write_back_ram(&r)?;
     crate::output::note(format_args!(
         "isr: saved the VM of parcel {parcel} ({:.1} MiB) in {saved_secs:.1} s",
         mib(std::fs::metadata(&file).map_or(0, |m| m.len()))
     ));
     Ok(json!({ "memory": file, "vm": settings_to_json(&settings) }))
+}
+
+/// After QEMU has exited: the guest's RAM pages it left in the page cache
+/// of the RAM device (the record's `ram_device`) go to the device, whose
+/// daemon then marks them dirty, before the suspend publishes.
+fn write_back_ram(record: &Value) -> anyhow::Result<()> {
+    let Some(dev) = record["ram_device"].as_str() else {
+        return Ok(());
+    };
+    std::fs::File::open(dev)
+        .and_then(|f| f.sync_all())
+        .with_context(|| {
+            format!("cannot write the VM's RAM back to its device {dev}; the VM's state is saved: run the suspend again")
+        })
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 //! saves its memory through QMP and publishes it with the disk, and
 //! `isr run` on "another host" (a fresh cache and run directory) restores
 //! it: the counter goes on, the file is intact, and the disk chunks fetched
-//! before it ran are only those it touched.
+//! before it ran are only those it touched. The RAM travels either whole
+//! (a migration stream, `--stream-memory`) or on a RAM device of the
+//! parcel, fetched as the guest touches it and sent as it changed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -116,11 +118,12 @@ fn ublk_qemu_vm_suspends_with_its_memory_and_resumes_on_another_host() {
     let disk_size = std::fs::metadata(&image).unwrap().len();
     let mut reaper = Reaper(Vec::new());
 
-    // Host A: a cold boot from the disk.
-    let a = run_vm(&vm, None, &[]);
+    // Host A: a cold boot from the disk, its RAM in QEMU (the stream path).
+    let a = run_vm(&vm, None, &["--stream-memory"]);
     vm.device = a["device"].as_str().map(str::to_owned);
     reaper.0.push(a["vm_pid"].as_i64().unwrap());
     assert_eq!(a["restored"], false);
+    assert!(a["ram_device"].is_null(), "{a}");
     let console_a = PathBuf::from(a["console"].as_str().unwrap());
     let before = wait_ticks(&console_a, 3, Duration::from_secs(300));
     let hello = before[0].1.clone();
@@ -284,4 +287,134 @@ fn ublk_qemu_that_dies_is_reported_and_suspend_publishes_the_disk_alone() {
             .code()
             == Some(1)
     );
+}
+
+/// The RAM device's bytes fetched so far, from `isr status` on `host`.
+fn ram_fetched(vm: &Vm, host: Option<&Path>) -> u64 {
+    let mut cmd = vm.isr();
+    if let Some(h) = host {
+        cmd.env("ISR_RUN_DIR", h.join("run"));
+    }
+    let st: Value = serde_json::from_str(&ok(cmd.args(["status", "vm", "--json"]))).unwrap();
+    st["ram"]["fetched_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{st}"))
+}
+
+#[test]
+#[ignore = "kernel tier: needs /dev/ublk-control and QEMU; run by scripts/vm-test"]
+fn ublk_qemu_vm_ram_on_a_device_resumes_lazily_and_suspends_what_changed() {
+    let image = tiny_vm();
+    let mut vm = Vm::from_image(&image);
+    let mut reaper = Reaper(Vec::new());
+    let ram_size = 128u64 << 20;
+
+    // Host A: a cold boot; the RAM is the parcel's RAM device.
+    let a = run_vm(&vm, None, &[]);
+    vm.device = a["device"].as_str().map(str::to_owned);
+    reaper.0.push(a["vm_pid"].as_i64().unwrap());
+    let ram_a = a["ram_device"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{a}"))
+        .to_owned();
+    assert!(ram_a.starts_with("/dev/ublkb"), "{a}");
+    let console_a = PathBuf::from(a["console"].as_str().unwrap());
+    let before = wait_ticks(&console_a, 3, Duration::from_secs(300));
+    let hello = before[0].1.clone();
+    // The cold boot's RAM starts as zeros: nothing fetched for it.
+    assert_eq!(ram_fetched(&vm, None), 0);
+
+    let s1 = suspend_vm(&vm, None);
+    vm.device = None;
+    let last = ticks(&console_a).last().unwrap().0;
+    assert_eq!(s1["version"], 2, "{s1}");
+    let (ram1, state1) = (&s1["ram"], &s1["memory"]);
+    assert!(ram1["dirty_chunks"].as_u64().unwrap() > 0, "{s1}");
+    // The device state alone: a small part of the RAM.
+    assert!(state1["size"].as_u64().unwrap() < ram_size / 8, "{s1}");
+    println!(
+        "lazy suspend 1: {:.1} s; RAM: {} chunks written, {} uploaded, {} bytes; device state {} bytes ({} uploaded)",
+        s1["wall_seconds"].as_f64().unwrap(),
+        ram1["dirty_chunks"],
+        ram1["uploaded_chunks"],
+        ram1["bytes_uploaded"],
+        state1["size"],
+        state1["bytes_uploaded"]
+    );
+
+    // Host B: a fresh cache; the VM runs while its RAM is in the store.
+    let host_b = tempfile::tempdir().unwrap();
+    let b = run_vm(&vm, Some(host_b.path()), &["--no-prefetch"]);
+    reaper.0.push(b["vm_pid"].as_i64().unwrap());
+    assert_eq!(b["restored"], true, "{b}");
+    assert!(b["ram_device"].is_string(), "{b}");
+    let fetched_at_run = b["ram_fetched_bytes"].as_u64().unwrap();
+    println!(
+        "lazy resume on host B: running in {:.1} s (device {:.1} s, device state {:.1} s, {} bytes); {fetched_at_run} bytes of its {ram_size} byte RAM fetched by then",
+        b["seconds_total"].as_f64().unwrap(),
+        b["seconds_device"].as_f64().unwrap(),
+        b["seconds_memory"].as_f64().unwrap(),
+        b["memory"]["size"],
+    );
+    let console_b = PathBuf::from(b["console"].as_str().unwrap());
+    let after = wait_ticks(&console_b, 3, Duration::from_secs(300));
+    let text_b = std::fs::read_to_string(&console_b).unwrap();
+    assert!(
+        !text_b.contains("HELLO"),
+        "the guest booted again instead of going on:\n{text_b}"
+    );
+    assert!(
+        after[0].0 > last && after[0].0 <= last + 2,
+        "the counter stopped at {last} and went on at {}",
+        after[0].0
+    );
+    for (n, sha) in &after {
+        assert_eq!(sha, &hello, "tick {n}: the file read back differs");
+    }
+    let fetched = ram_fetched(&vm, Some(host_b.path()));
+    println!(
+        "host B fetched {fetched} bytes of RAM after {} ticks",
+        after.len()
+    );
+    assert!(
+        fetched > 0 && fetched < ram_size,
+        "the guest's RAM was fetched as it ran, not whole: {fetched}"
+    );
+
+    // Suspend again: what the guest wrote since the resume, not its RAM.
+    let s2 = suspend_vm(&vm, Some(host_b.path()));
+    assert_eq!(s2["version"], 3, "{s2}");
+    let ram2 = &s2["ram"];
+    println!(
+        "lazy suspend 2: {:.1} s; RAM: {} chunks written since the resume, {} uploaded, {} bytes; device state {} bytes",
+        s2["wall_seconds"].as_f64().unwrap(),
+        ram2["dirty_chunks"],
+        ram2["uploaded_chunks"],
+        ram2["bytes_uploaded"],
+        s2["memory"]["size"]
+    );
+    let chunks = ram_size.div_ceil(256 * 1024);
+    assert!(
+        ram2["dirty_chunks"].as_u64().unwrap() < chunks,
+        "the whole RAM was sent: {s2}"
+    );
+    assert!(ram2["uploaded_chunks"].as_u64().unwrap() <= ram2["dirty_chunks"].as_u64().unwrap());
+
+    // Back on host A, whose caches are at version 2: version 3 goes on.
+    let a2 = run_vm(&vm, None, &[]);
+    reaper.0.push(a2["vm_pid"].as_i64().unwrap());
+    vm.device = a2["device"].as_str().map(str::to_owned);
+    assert_eq!(
+        (a2["restored"].clone(), a2["version"].clone()),
+        (true.into(), 3.into()),
+        "{a2}"
+    );
+    let console_a2 = PathBuf::from(a2["console"].as_str().unwrap());
+    let last_b = ticks(&console_b).last().unwrap().0;
+    let again = wait_ticks(&console_a2, 2, Duration::from_secs(300));
+    assert!(again[0].0 > last_b, "{again:?} after {last_b}");
+    let s3 = suspend_vm(&vm, None);
+    vm.device = None;
+    assert_eq!(s3["version"], 4, "{s3}");
+    drop(reaper);
 }
