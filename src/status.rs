@@ -230,6 +230,17 @@ fn running_text(name: &str, r: &Value) -> String {
             r["pid"]
         ),
     ];
+    if let Some(ram) = r.get("ram").filter(|v| v.is_object()) {
+        let m = |k: &str| ram[k].as_u64().unwrap_or(0);
+        lines.push(format!(
+            "  ram     {} of {}  fetched {}  cached {} chunks  dirty {}",
+            ram["device"].as_str().unwrap_or("(device not up yet)"),
+            size(m("size")),
+            size(m("fetched_bytes")),
+            m("cached_chunks"),
+            m("dirty_chunks")
+        ));
+    }
     if r.get("vm").is_some() {
         lines.push(format!("  vm      {}", crate::vm::describe_text(&r["vm"])));
     }
@@ -342,6 +353,20 @@ mod tests {
         assert_eq!(lines[4], "  trace   311 chunks  up 2m13s  daemon pid 4242");
         assert_eq!(lines[5], "  vm      none started by isr");
         assert_eq!(lines.len(), 6);
+    }
+
+    #[test]
+    fn a_ram_device_has_its_line() {
+        let mut r = running();
+        r["ram"] = json!({
+            "device": "/dev/ublkb1", "size": 128u64 << 20, "fetched_bytes": 10u64 << 20,
+            "cached_chunks": 40, "dirty_chunks": 3,
+        });
+        let t = text(&r);
+        assert_eq!(
+            t.lines().nth(5).unwrap(),
+            "  ram     /dev/ublkb1 of 128.0 MiB  fetched 10.0 MiB  cached 40 chunks  dirty 3"
+        );
     }
 
     #[test]

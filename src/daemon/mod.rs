@@ -702,6 +702,7 @@ fn serve_ram(
     let (up2, tx2) = (up.clone(), tx.clone());
     let served = std::thread::spawn(move || {
         let r = ublk_target::serve(ram, &options, move |info| {
+            no_readahead(&info.path);
             let _ = up2.set(info);
             let _ = tx2.send(());
         });
@@ -717,6 +718,22 @@ fn serve_ram(
         return Err(e.context("cannot serve the guest's RAM as a device"));
     }
     Ok(served)
+}
+
+/// Sets the kernel's readahead of block device `dev` to nothing. For the
+/// RAM device: a guest page fault then reads its page alone from the
+/// device, and isr fetches the chunk that holds it (whose other pages are
+/// local from then on); readahead around each fault would pull chunks the
+/// guest may never touch (on a loop device, 100 scattered page reads
+/// pulled 15.6 MiB at the default readahead, 400 KiB without).
+fn no_readahead(dev: &str) {
+    let name = dev.trim_start_matches("/dev/");
+    let knob = format!("/sys/block/{name}/queue/read_ahead_kb");
+    if let Err(e) = std::fs::write(&knob, "0") {
+        eprintln!(
+            "isr: cannot turn off the readahead of {dev} ({knob}: {e}); each RAM fault may fetch more than it needs"
+        );
+    }
 }
 
 /// Publishes the session's work with the lease (taking it now if the

@@ -318,6 +318,15 @@ fn ublk_qemu_vm_ram_on_a_device_resumes_lazily_and_suspends_what_changed() {
         .unwrap_or_else(|| panic!("{a}"))
         .to_owned();
     assert!(ram_a.starts_with("/dev/ublkb"), "{a}");
+    let ra = format!(
+        "/sys/block/{}/queue/read_ahead_kb",
+        ram_a.trim_start_matches("/dev/")
+    );
+    assert_eq!(
+        std::fs::read_to_string(&ra).unwrap().trim(),
+        "0",
+        "a RAM fault reads its page alone"
+    );
     let console_a = PathBuf::from(a["console"].as_str().unwrap());
     let before = wait_ticks(&console_a, 3, Duration::from_secs(300));
     let hello = before[0].1.clone();

@@ -646,7 +646,14 @@ impl Shared {
     /// the chunks after it, further when the chunk before was touched too
     /// (a sequential stream: files are mostly contiguous on disk). Sent
     /// after any demand for `c`, so that the demand goes first.
+    ///
+    /// Not for a RAM image: a guest's memory is not laid out in the order
+    /// it is used, and the trace of the previous session (prefetched
+    /// first) knows that order better.
     fn readahead(&self, c: u64) {
+        if self.options.ram.is_some() {
+            return;
+        }
         let sequential = c > 0 && self.touched(c - 1);
         let _ = self.demand_tx.send(fetch::readahead_hint(c, sequential));
     }
