@@ -333,6 +333,33 @@ fn ublk_qemu_vm_ram_on_a_device_resumes_lazily_and_suspends_what_changed() {
     // The cold boot's RAM starts as zeros: nothing fetched for it.
     assert_eq!(ram_fetched(&vm, None), 0);
 
+    // The daemon dies under the running VM (its RAM faults and disk I/O
+    // wait); `isr recover` re-attaches both devices and the VM goes on.
+    let pid = vm.status()["pid"].as_i64().unwrap();
+    // SAFETY: kill sends a signal to the daemon the test started.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let start = Instant::now();
+    while vm
+        .isr()
+        .args(["status", "vm"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the daemon did not die"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rec: Value = serde_json::from_str(&ok(vm.isr().args(["recover", "vm", "--json"]))).unwrap();
+    assert_eq!(rec["recovered"], true, "{rec}");
+    assert_eq!(rec["ram_device"].as_str(), Some(ram_a.as_str()), "{rec}");
+    let n = ticks(&console_a).len();
+    let more = wait_ticks(&console_a, n + 2, Duration::from_secs(120));
+    assert_eq!(more.last().unwrap().1, hello, "after the recovery");
+
     let s1 = suspend_vm(&vm, None);
     vm.device = None;
     let last = ticks(&console_a).last().unwrap().0;
@@ -426,4 +453,14 @@ fn ublk_qemu_vm_ram_on_a_device_resumes_lazily_and_suspends_what_changed() {
     vm.device = None;
     assert_eq!(s3["version"], 4, "{s3}");
     drop(reaper);
+
+    // A parcel resumed without a RAM device cannot restore a version whose
+    // RAM is an image of its own: `isr run` says so, and starts nothing.
+    vm.resume(&[]);
+    let err = run_refused(&vm, &["--memory-mib", "128"]);
+    assert!(
+        err.contains("RAM device") && err.contains("without"),
+        "{err}"
+    );
+    assert!(vm.status()["vm"].is_null(), "no QEMU was started");
 }
