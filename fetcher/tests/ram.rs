@@ -204,3 +204,31 @@ fn a_disk_publish_without_the_ram_leaves_the_version_without_one() {
     let ram = Engine::open(parcel.clone(), ram_options(fresh.path(), "h2")).unwrap();
     assert!(read(&ram, 0, CHUNK as usize).iter().all(|&b| b == 0));
 }
+
+#[test]
+fn a_hoard_of_the_ram_makes_it_work_offline() {
+    let store_dir = tempfile::tempdir().unwrap();
+    let (parcel, _) = import_parcel(file_store(store_dir.path()), 1, 9, secret());
+    let state = store_dir.path().join("device-state");
+    std::fs::write(&state, b"state").unwrap();
+    let a = tempfile::tempdir().unwrap();
+    let written = Rng(4).bytes(6 * CHUNK as usize);
+    {
+        let (disk, ram) = open_pair(&parcel, a.path(), "a");
+        ram.write(8 * CHUNK, &written).unwrap();
+        suspend(&disk, &ram, &state);
+    }
+    let b = tempfile::tempdir().unwrap();
+    {
+        let ram = Engine::open(parcel.clone(), ram_options(b.path(), "b")).unwrap();
+        let stats = ram.hoard(fetcher::no_progress()).unwrap();
+        assert_eq!(stats.cached_chunks, stats.chunks);
+        ram.close().unwrap();
+    }
+    // Offline (no reconcile with the store): the RAM is all there.
+    let mut offline = ram_options(b.path(), "b");
+    offline.reconcile = false;
+    let ram = Engine::open(parcel, offline).unwrap();
+    assert_eq!(read(&ram, 8 * CHUNK, written.len()), written);
+    assert_eq!(ram.stats().fetched_chunks, 0);
+}

@@ -253,8 +253,9 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
     let json = a.json;
     let started = std::time::Instant::now();
     // The engine runs its own runtime and blocks: keep it off ours.
-    let (stats, report, dir) = tokio::task::spawn_blocking(move || {
-        let engine = fetcher::Engine::open(parcel, options)?;
+    let runtime = tokio::runtime::Handle::current();
+    let (stats, report, dir, ram) = tokio::task::spawn_blocking(move || {
+        let engine = fetcher::Engine::open(parcel.clone(), options.clone())?;
         let total = engine.geometry().disk_size();
         // What is cached already is verified first: a damaged or truncated
         // cache is repaired, never reported complete.
@@ -275,7 +276,28 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
         let dir = engine.cache_dir();
         let stats = stats?;
         engine.close()?;
-        Ok::<_, fetcher::Error>((stats, report, dir))
+        // The VM's RAM, where the version keeps it as an image of its own.
+        let manifest = runtime.block_on(parcel.manifest(report.base_version))?;
+        let ram = match manifest.ram {
+            Some(r) => {
+                let ram = fetcher::Engine::open(
+                    parcel,
+                    fetcher::EngineOptions {
+                        ram: Some(r.size),
+                        ..options
+                    },
+                )?;
+                let (bar, sink) = progress::bytes_bar(r.size, "hoard RAM", json);
+                let verified = ram.verify_cached(fetcher::no_progress());
+                let stats = verified.and_then(|_| ram.hoard(sink));
+                bar.finish_and_clear();
+                let stats = stats?;
+                ram.close()?;
+                Some(stats)
+            }
+            None => None,
+        };
+        Ok::<_, fetcher::Error>((stats, report, dir, ram))
     })
     .await?
     .map_err(|e| explain(e, &a.parcel))?;
@@ -293,11 +315,16 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
             "dirty_chunks": stats.dirty_chunks,
             "fetched_chunks": stats.fetched_chunks,
             "bytes_fetched": stats.fetched_bytes,
+            "ram": ram.as_ref().map(|r| json!({
+                "chunks": r.chunks,
+                "fetched_chunks": r.fetched_chunks,
+                "bytes_fetched": r.fetched_bytes,
+            })),
             "seconds": seconds,
         }))?;
     } else {
         output::line(format_args!(
-            "hoarded version {} of parcel {} in {}: {} chunks fetched ({:.1} MiB), {} of {} chunks cached, {:.2} s",
+            "hoarded version {} of parcel {} in {}: {} chunks fetched ({:.1} MiB), {} of {} chunks cached{}, {:.2} s",
             report.base_version,
             a.parcel.parcel,
             dir.display(),
@@ -305,6 +332,16 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
             mib(stats.fetched_bytes),
             stats.cached_chunks,
             stats.chunks,
+            match &ram {
+                Some(r) => format!(
+                    "; the VM's RAM: {} chunks fetched ({:.1} MiB), {} of {} cached",
+                    r.fetched_chunks,
+                    mib(r.fetched_bytes),
+                    r.cached_chunks,
+                    r.chunks
+                ),
+                None => String::new(),
+            },
             seconds
         ))?;
     }
