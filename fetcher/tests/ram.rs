@@ -232,3 +232,47 @@ fn a_hoard_of_the_ram_makes_it_work_offline() {
     assert_eq!(read(&ram, 8 * CHUNK, written.len()), written);
     assert_eq!(ram.stats().fetched_chunks, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gc_keeps_the_ram_chunks_of_the_versions_it_keeps() {
+    let store_dir = tempfile::tempdir().unwrap();
+    // Chunks older than half a second are rewritten when reused: a grace
+    // of a second is then safe.
+    let store =
+        file_store(store_dir.path()).with_chunk_refresh(std::time::Duration::from_millis(500));
+    let (parcel, _) = tokio::task::block_in_place(|| import_parcel(store, 1, 10, secret()));
+    let state = store_dir.path().join("device-state");
+    std::fs::write(&state, b"state").unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let mut rng = Rng(12);
+    let (first, second) = (rng.bytes(4 * CHUNK as usize), rng.bytes(CHUNK as usize));
+    tokio::task::block_in_place(|| {
+        let (disk, ram) = open_pair(&parcel, root.path(), "h");
+        ram.write(0, &first).unwrap();
+        suspend(&disk, &ram, &state); // version 2
+        ram.write(CHUNK, &second).unwrap();
+        suspend(&disk, &ram, &state); // version 3: shares 3 RAM chunks with 2
+    });
+    // Older than the grace (plus the second gc adds for whole-second stores).
+    tokio::time::sleep(std::time::Duration::from_millis(2600)).await;
+    let options = fetcher::ops::GcOptions {
+        grace: std::time::Duration::from_secs(1),
+        ..fetcher::ops::GcOptions::new(1)
+    };
+    let quiet: fetcher::ops::GcProgress = Arc::new(|_, _, _| {});
+    fetcher::ops::gc(parcel.store(), &secret(), &options, quiet)
+        .await
+        .unwrap();
+    let mut want = first.clone();
+    want[CHUNK as usize..2 * CHUNK as usize].copy_from_slice(&second);
+    let fresh = tempfile::tempdir().unwrap();
+    tokio::task::block_in_place(|| {
+        let ram = Engine::open(parcel.clone(), ram_options(fresh.path(), "b")).unwrap();
+        assert_eq!(ram.base_version(), 3);
+        assert_eq!(
+            read(&ram, 0, want.len()),
+            want,
+            "gc removed RAM chunks version 3 needs"
+        );
+    });
+}

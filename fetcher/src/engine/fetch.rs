@@ -239,7 +239,14 @@ async fn fetch_one(
         let base = shared.base();
         let len = shared.geometry.chunk_len(c) as usize;
         attempts += 1;
-        let fetched = shared.parcel.fetch_chunk(key, len, c, base.version).await;
+        let image = match shared.options.ram {
+            Some(_) => crate::ops::Image::Ram,
+            None => crate::ops::Image::Disk,
+        };
+        let fetched = shared
+            .parcel
+            .fetch_image_chunk(key, len, image, c, base.version)
+            .await;
         shared.note_store_result(match &fetched {
             // A missing or corrupt chunk: the store answered.
             Err(e) if !is_permanent(e) => Err(e),

@@ -181,7 +181,7 @@ pub async fn verify(
     manifest: &Manifest,
     progress: Progress,
 ) -> Result<VerifyReport, Error> {
-    let chunks: Vec<_> = [Image::Disk, Image::Memory]
+    let chunks: Vec<_> = Image::ALL
         .into_iter()
         .flat_map(|image| {
             let geometry = image.geometry(manifest);

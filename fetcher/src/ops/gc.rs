@@ -164,7 +164,7 @@ struct Refs {
 
 impl Refs {
     fn add(&mut self, m: &Manifest) {
-        for e in m.chunks.iter().chain(&m.memory_chunks) {
+        for e in super::Image::all_entries(m) {
             if let ChunkEntry::Data(k) = e {
                 self.chunks.insert(k.id());
             }

@@ -159,7 +159,7 @@ pub async fn import(
 pub(crate) fn known_chunks(manifest: Option<&Manifest>) -> HashSet<ChunkKey> {
     manifest
         .iter()
-        .flat_map(|m| m.chunks.iter().chain(&m.memory_chunks))
+        .flat_map(|m| super::Image::all_entries(m))
         .filter_map(|e| match e {
             ChunkEntry::Data(k) => Some(*k),
             ChunkEntry::Zero => None,

@@ -53,7 +53,7 @@ pub async fn rollback(
     }
     let mut ids: Vec<(ChunkId, Image, u64)> = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for image in [Image::Disk, Image::Memory] {
+    for image in Image::ALL {
         for (index, e) in image.table(&manifest).iter().enumerate() {
             if let ChunkEntry::Data(k) = e
                 && seen.insert(k.id())
