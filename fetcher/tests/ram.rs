@@ -52,6 +52,16 @@ fn suspend(disk: &Engine, ram: &Arc<Engine>, state: &Path) -> fetcher::PublishSu
     .unwrap()
 }
 
+/// A parcel of a 1 MiB disk (seed `seed`) in a store of its own, and a
+/// device state file to suspend with.
+fn parcel_with_state(seed: u64) -> (tempfile::TempDir, Parcel, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (parcel, _) = import_parcel(file_store(dir.path()), 1, seed, secret());
+    let state = dir.path().join("device-state");
+    std::fs::write(&state, b"QEVM device state, no RAM").unwrap();
+    (dir, parcel, state)
+}
+
 fn read(e: &Engine, at: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     e.read(at, &mut buf).unwrap();
@@ -66,10 +76,7 @@ fn open_pair(parcel: &Parcel, root: &Path, host: &str) -> (Engine, Arc<Engine>) 
 
 #[test]
 fn ram_travels_lazily_and_a_suspend_sends_only_what_changed() {
-    let store_dir = tempfile::tempdir().unwrap();
-    let (parcel, _disk) = import_parcel(file_store(store_dir.path()), 1, 5, secret());
-    let state = store_dir.path().join("device-state");
-    std::fs::write(&state, b"QEVM device state, no RAM").unwrap();
+    let (_store, parcel, state) = parcel_with_state(5);
     let mut rng = Rng(11);
 
     // Host A boots the VM: its RAM starts as zeros (the version has none);
@@ -148,10 +155,7 @@ fn ram_travels_lazily_and_a_suspend_sends_only_what_changed() {
 
 #[test]
 fn a_new_run_drops_the_ram_a_previous_run_left_unpublished_and_a_reattach_keeps_it() {
-    let store_dir = tempfile::tempdir().unwrap();
-    let (parcel, _) = import_parcel(file_store(store_dir.path()), 1, 6, secret());
-    let state = store_dir.path().join("device-state");
-    std::fs::write(&state, b"state").unwrap();
+    let (_store, parcel, state) = parcel_with_state(6);
     let root = tempfile::tempdir().unwrap();
     let published = vec![0x11; CHUNK as usize];
     {
@@ -182,10 +186,7 @@ fn a_new_run_drops_the_ram_a_previous_run_left_unpublished_and_a_reattach_keeps_
 
 #[test]
 fn a_disk_publish_without_the_ram_leaves_the_version_without_one() {
-    let store_dir = tempfile::tempdir().unwrap();
-    let (parcel, _) = import_parcel(file_store(store_dir.path()), 1, 8, secret());
-    let state = store_dir.path().join("device-state");
-    std::fs::write(&state, b"state").unwrap();
+    let (_store, parcel, state) = parcel_with_state(8);
     let root = tempfile::tempdir().unwrap();
     let (disk, ram) = open_pair(&parcel, root.path(), "h");
     ram.write(0, &vec![0x33; CHUNK as usize]).unwrap();
@@ -207,10 +208,7 @@ fn a_disk_publish_without_the_ram_leaves_the_version_without_one() {
 
 #[test]
 fn a_hoard_of_the_ram_makes_it_work_offline() {
-    let store_dir = tempfile::tempdir().unwrap();
-    let (parcel, _) = import_parcel(file_store(store_dir.path()), 1, 9, secret());
-    let state = store_dir.path().join("device-state");
-    std::fs::write(&state, b"state").unwrap();
+    let (_store, parcel, state) = parcel_with_state(9);
     let a = tempfile::tempdir().unwrap();
     let written = Rng(4).bytes(6 * CHUNK as usize);
     {

@@ -372,28 +372,13 @@ impl Manifest {
     }
 
     fn validate(&self) -> Result<(), Error> {
-        let g = Geometry::new(self.disk_size, self.chunk_size)?;
-        if self.chunks.len() as u64 != g.chunk_count() {
-            return Err(Error::malformed(
-                WHAT,
-                format!(
-                    "{} chunk entries for a disk of {} chunks",
-                    self.chunks.len(),
-                    g.chunk_count()
-                ),
-            ));
-        }
-        let mem = Geometry::new(self.memory_size, self.chunk_size)?;
-        if self.memory_chunks.len() as u64 != mem.chunk_count() {
-            return Err(Error::malformed(
-                WHAT,
-                format!(
-                    "{} memory chunk entries for an image of {} chunks",
-                    self.memory_chunks.len(),
-                    mem.chunk_count()
-                ),
-            ));
-        }
+        let g = check_table("disk", &self.chunks, self.disk_size, self.chunk_size)?;
+        check_table(
+            "memory image",
+            &self.memory_chunks,
+            self.memory_size,
+            self.chunk_size,
+        )?;
         if self.host.len() > MAX_HOST_LEN {
             return Err(Error::TooLarge {
                 what: "host name",
@@ -417,17 +402,7 @@ impl Manifest {
             check_vm_args(vm.args.len(), vm.args.iter().map(String::len))?;
         }
         if let Some(ram) = &self.ram {
-            let g = Geometry::new(ram.size, self.chunk_size)?;
-            if ram.chunks.len() as u64 != g.chunk_count() {
-                return Err(Error::malformed(
-                    WHAT,
-                    format!(
-                        "{} RAM chunk entries for an image of {} chunks",
-                        ram.chunks.len(),
-                        g.chunk_count()
-                    ),
-                ));
-            }
+            let g = check_table("RAM image", &ram.chunks, ram.size, self.chunk_size)?;
             if ram.access_trace.len() as u64 > g.chunk_count()
                 || ram.access_trace.iter().any(|&c| c >= g.chunk_count())
             {
@@ -436,6 +411,28 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// The geometry of an image of `size` bytes, whose chunk table `entries`
+/// must cover it exactly.
+fn check_table(
+    what: &str,
+    entries: &[ChunkEntry],
+    size: u64,
+    chunk_size: u32,
+) -> Result<Geometry, Error> {
+    let g = Geometry::new(size, chunk_size)?;
+    if entries.len() as u64 != g.chunk_count() {
+        return Err(Error::malformed(
+            WHAT,
+            format!(
+                "{} chunk entries for a {what} of {} chunks",
+                entries.len(),
+                g.chunk_count()
+            ),
+        ));
+    }
+    Ok(g)
 }
 
 fn associated_data(header: &[u8], parcel: &str, version: u64) -> Vec<u8> {

@@ -582,22 +582,31 @@ fn restore_memory(
 }
 
 fn set_mapped_ram(qmp: &mut Qmp) -> anyhow::Result<()> {
-    qmp.execute(
-        "migrate-set-capabilities",
-        Some(json!({"capabilities": [{"capability": "mapped-ram", "state": true}]})),
+    set_capability(
+        qmp,
+        "mapped-ram",
+        "the memory image uses QEMU's mapped-ram layout, which this QEMU lacks",
     )
-    .context("the memory image uses QEMU's mapped-ram layout, which this QEMU lacks")?;
-    Ok(())
 }
 
 /// The RAM is a shared mapping of the parcel's RAM device: the migration
 /// stream carries the device state only (set on both sides).
 fn set_ignore_shared(qmp: &mut Qmp) -> anyhow::Result<()> {
+    set_capability(
+        qmp,
+        "x-ignore-shared",
+        "the VM's RAM is served from a device, which needs QEMU's x-ignore-shared (QEMU 4.0 or later)",
+    )
+}
+
+/// Turns on migration capability `name`; `lacking` says what its absence
+/// means.
+fn set_capability(qmp: &mut Qmp, name: &str, lacking: &'static str) -> anyhow::Result<()> {
     qmp.execute(
         "migrate-set-capabilities",
-        Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+        Some(json!({"capabilities": [{"capability": name, "state": true}]})),
     )
-    .context("the VM's RAM is served from a device, which needs QEMU's x-ignore-shared (QEMU 4.0 or later)")?;
+    .context(lacking)?;
     Ok(())
 }
 

@@ -66,6 +66,27 @@ fn wait_ticks(console: &Path, n: usize, limit: Duration) -> Vec<(u64, String)> {
     }
 }
 
+/// The restored guest's ticks on `console`: it went on from tick `last`
+/// (no boot, the counter kept in RAM next), and its file still hashes to
+/// `hello`.
+fn carried_on(console: &Path, last: u64, hello: &str) -> Vec<(u64, String)> {
+    let after = wait_ticks(console, 3, Duration::from_secs(300));
+    let text = std::fs::read_to_string(console).unwrap();
+    assert!(
+        !text.contains("HELLO"),
+        "the guest booted again instead of going on:\n{text}"
+    );
+    assert!(
+        after[0].0 > last && after[0].0 <= last + 2,
+        "the counter stopped at {last} and went on at {}",
+        after[0].0
+    );
+    for (n, sha) in &after {
+        assert_eq!(sha, hello, "tick {n}: the file read back differs");
+    }
+    after
+}
+
 /// Kills the QEMU pids it holds when dropped (a failed test leaves none).
 struct Reaper(Vec<i64>);
 impl Drop for Reaper {
@@ -169,20 +190,7 @@ fn ublk_qemu_vm_suspends_with_its_memory_and_resumes_on_another_host() {
         disk_size
     );
     let console_b = PathBuf::from(b["console"].as_str().unwrap());
-    let after = wait_ticks(&console_b, 3, Duration::from_secs(300));
-    let text_b = std::fs::read_to_string(&console_b).unwrap();
-    assert!(
-        !text_b.contains("HELLO"),
-        "the guest booted again instead of going on:\n{text_b}"
-    );
-    assert!(
-        after[0].0 > last && after[0].0 <= last + 2,
-        "the counter stopped at {last} and went on at {}",
-        after[0].0
-    );
-    for (n, sha) in &after {
-        assert_eq!(sha, &hello, "tick {n}: the file read back differs");
-    }
+    let after = carried_on(&console_b, last, &hello);
     // The file and the counter's file were re-read through isr: the chunks
     // they touched, a small part of the disk.
     let st_b: Value = serde_json::from_str(&ok(vm
@@ -393,20 +401,7 @@ fn ublk_qemu_vm_ram_on_a_device_resumes_lazily_and_suspends_what_changed() {
         b["memory"]["size"],
     );
     let console_b = PathBuf::from(b["console"].as_str().unwrap());
-    let after = wait_ticks(&console_b, 3, Duration::from_secs(300));
-    let text_b = std::fs::read_to_string(&console_b).unwrap();
-    assert!(
-        !text_b.contains("HELLO"),
-        "the guest booted again instead of going on:\n{text_b}"
-    );
-    assert!(
-        after[0].0 > last && after[0].0 <= last + 2,
-        "the counter stopped at {last} and went on at {}",
-        after[0].0
-    );
-    for (n, sha) in &after {
-        assert_eq!(sha, &hello, "tick {n}: the file read back differs");
-    }
+    let after = carried_on(&console_b, last, &hello);
     let fetched = ram_fetched(&vm, Some(host_b.path()));
     println!(
         "host B fetched {fetched} bytes of RAM after {} ticks",
