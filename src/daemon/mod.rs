@@ -578,13 +578,16 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
             "offline": offline,
             "ram_device": ready_ram.as_ref().map(|r| r.path.clone()),
         });
+        let path = info.path.clone();
+        // Known to `status` before anyone is told the device is up (`isr
+        // run` asks for it right after the reply).
+        let _ = ready_device.set(info);
         if report_ready {
             println!("{reply}");
             detach_stdout();
         } else {
-            eprintln!("isr: serving parcel {ready_name} on {}", info.path);
+            eprintln!("isr: serving parcel {ready_name} on {path}");
         }
-        let _ = ready_device.set(info);
     });
     session
         .stopping
