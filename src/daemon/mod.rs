@@ -10,11 +10,10 @@
 //! <run>/NAME.json: what `isr recover` needs to reattach after the daemon died
 //! ```
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
@@ -29,9 +28,13 @@ use crate::time::now_unix;
 
 mod client;
 mod control;
+mod launch;
+mod ram;
 
 pub(crate) use client::{answer, ask, ask_with_progress};
 use control::{Control, SuspendRequest};
+pub(crate) use launch::{in_own_session, start};
+use ram::{open_ram, serve_ram};
 
 pub(crate) fn run_dir() -> PathBuf {
     std::env::var_os("ISR_RUN_DIR").map_or_else(|| "/run/isr".into(), PathBuf::from)
@@ -255,104 +258,6 @@ pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
     answer(reply, a.json, |r| {
         r["device"].as_str().unwrap_or("?").to_owned()
     })
-}
-
-/// Starts the daemon that serves parcel `a`; its reply (the device, or an
-/// error in an `error` field).
-pub(crate) fn start(a: &ResumeArgs) -> anyhow::Result<Value> {
-    ublk_target::check_ublk()?;
-    if let Ok(reply) = ask(&a.parcel.parcel, "status") {
-        bail!(
-            "parcel {} is already resumed on this host as {}",
-            a.parcel.parcel,
-            reply["device"].as_str().unwrap_or("?")
-        );
-    }
-    fetcher::private::create_dir_all(&run_dir())
-        .with_context(|| format!("cannot create {}", run_dir().display()))?;
-    let log_path = run_dir().join(format!("{}.log", a.parcel.parcel));
-    let log = fetcher::private::append(&log_path)
-        .with_context(|| format!("cannot open {}", log_path.display()))?;
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(daemon_args(a))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log);
-    in_own_session(&mut cmd);
-    let mut child = cmd.spawn().context("cannot start the isr daemon")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped"))
-        .read_line(&mut line)
-        .context("reading the daemon's answer")?;
-    let Ok(reply) = serde_json::from_str::<Value>(&line) else {
-        let status = child.wait()?;
-        bail!(
-            "the isr daemon exited ({status}) before the device was up; see {}",
-            log_path.display()
-        );
-    };
-    Ok(reply)
-}
-
-/// Makes `cmd`'s process leave our session and terminal when it starts, so
-/// that it outlives this command (the daemon, a VM's QEMU).
-pub(crate) fn in_own_session(cmd: &mut std::process::Command) {
-    // SAFETY: setsid is async-signal-safe and touches no memory; the child
-    // runs it between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-}
-
-/// The command line of the daemon that serves `a`.
-fn daemon_args(a: &ResumeArgs) -> Vec<std::ffi::OsString> {
-    let p = &a.parcel;
-    let mut args: Vec<std::ffi::OsString> = vec![
-        "resume".into(),
-        "--store".into(),
-        p.store.clone().into(),
-        "--parcel".into(),
-        p.parcel.clone().into(),
-        "--key-file".into(),
-        p.key_file.clone().into(),
-        "--retry-timeout".into(),
-        p.retry_timeout.to_string().into(),
-        "--miss-timeout".into(),
-        a.device.miss_timeout.to_string().into(),
-        "--foreground".into(),
-        "--daemon".into(),
-    ];
-    if let Some(e) = &p.endpoint {
-        args.extend(["--endpoint".into(), e.into()]);
-    }
-    if let Some(d) = &a.device.cache_dir {
-        args.extend(["--cache-dir".into(), d.clone().into()]);
-    }
-    if a.device.steal {
-        args.push("--steal".into());
-    }
-    if a.device.no_prefetch {
-        args.push("--no-prefetch".into());
-    }
-    if a.device.offline {
-        args.push("--offline".into());
-    }
-    if let Some(t) = a.device.trickle {
-        args.extend(["--trickle".into(), t.to_string().into()]);
-    }
-    if let Some(r) = a.device.bwlimit {
-        args.extend(["--bwlimit".into(), r.to_string().into()]);
-    }
-    if let Some(m) = a.ram_mib {
-        args.extend(["--ram-mib".into(), m.to_string().into()]);
-    }
-    if a.ram_zero {
-        args.push("--ram-zero".into());
-    }
-    args
 }
 
 /// prctl: the process writes back for the kernel (Linux 5.6; not in libc).
@@ -671,72 +576,6 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     // Let the repliers write before the process ends.
     std::thread::sleep(Duration::from_millis(100));
     result
-}
-
-/// Opens the engine of the guest's RAM (`options.ram`); `zero`: a cold
-/// boot, the RAM starts as zeros.
-fn open_ram(
-    parcel: fetcher::Parcel,
-    options: EngineOptions,
-    zero: bool,
-) -> Result<Engine, fetcher::Error> {
-    let size = options.ram.unwrap_or(0);
-    let ram = Engine::open(parcel, options)?;
-    if zero {
-        // Whole chunks become zero holes, dirty: nothing is fetched, and a
-        // suspend sends what the VM wrote.
-        ram.discard(0, size)?;
-    }
-    Ok(ram)
-}
-
-/// Serves the RAM's device on a thread of its own; returns once it is up
-/// (its info in `up`), or with the error that kept it down.
-fn serve_ram(
-    ram: Arc<Engine>,
-    recover: Option<u32>,
-    up: &Arc<OnceLock<ublk_target::DeviceInfo>>,
-) -> anyhow::Result<std::thread::JoinHandle<Result<(), ublk_target::Error>>> {
-    let (tx, rx) = mpsc::channel();
-    let options = ublk_target::DeviceOptions {
-        recover,
-        ..Default::default()
-    };
-    let (up2, tx2) = (up.clone(), tx.clone());
-    let served = std::thread::spawn(move || {
-        let r = ublk_target::serve(ram, &options, move |info| {
-            no_readahead(&info.path);
-            let _ = up2.set(info);
-            let _ = tx2.send(());
-        });
-        let _ = tx.send(());
-        r
-    });
-    let _ = rx.recv();
-    if up.get().is_none() {
-        let e = match served.join() {
-            Ok(Err(e)) => anyhow::Error::from(e),
-            _ => anyhow::anyhow!("the RAM device stopped before it was up"),
-        };
-        return Err(e.context("cannot serve the guest's RAM as a device"));
-    }
-    Ok(served)
-}
-
-/// Sets the kernel's readahead of block device `dev` to nothing. For the
-/// RAM device: a guest page fault then reads its page alone from the
-/// device, and isr fetches the chunk that holds it (whose other pages are
-/// local from then on); readahead around each fault would pull chunks the
-/// guest may never touch (on a loop device, 100 scattered page reads
-/// pulled 15.6 MiB at the default readahead, 400 KiB without).
-fn no_readahead(dev: &str) {
-    let name = dev.trim_start_matches("/dev/");
-    let knob = format!("/sys/block/{name}/queue/read_ahead_kb");
-    if let Err(e) = std::fs::write(&knob, "0") {
-        eprintln!(
-            "isr: cannot turn off the readahead of {dev} ({knob}: {e}); each RAM fault may fetch more than it needs"
-        );
-    }
 }
 
 /// Publishes the session's work with the lease (taking it now if the
