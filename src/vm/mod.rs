@@ -259,7 +259,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         .block_on(parcel.manifest(wanted))
         .map_err(|e| explain(e, &a.parcel))?;
     let restore = (manifest.memory_size > 0 && !a.cold).then_some(wanted);
-    let mut settings = choose_settings(&a, manifest.vm.as_ref(), restore)?;
+    let settings = choose_settings(&a, manifest.vm.as_ref(), restore)?;
     // The RAM on a device of the parcel: for a version saved so, and for a
     // cold boot unless the stream path is asked for. A version saved as a
     // stream restores as one.
@@ -337,9 +337,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 ram_device.as_deref().unwrap_or("?")
             }
         );
-    }
-    if lazy && ram_device.is_some() && restore.is_none() {
-        settings.save_format = SaveFormat::SharedRam;
     }
     let memory_file = run_dir().join(format!("{name}.memory"));
     let memory = match restore {

@@ -19,11 +19,10 @@
 
 use std::path::{Path, PathBuf};
 
+use super::sync::SYNCED;
 use crate::cache::{self, Cache, DIRTY};
 use crate::{Error, Lease, Store};
 
-/// The file of dirty chunks `isr sync` uploaded already.
-const SYNCED: &str = "synced";
 /// The file holding the nonce of the store lease the cache holds.
 const LEASE: &str = "lease";
 

@@ -155,10 +155,10 @@ pub(crate) async fn open_cache(
         let next = base.0 + 1;
         // The version after the base may have been removed by gc: then it
         // cannot be recognised as ours, and HEAD is another writer's.
-        let own = match parcel.manifest_with_object(next).await {
-            Ok((m, object)) => Ok((options.view(m)?, object)),
-            Err(e) => Err(e),
-        };
+        let own = parcel
+            .manifest_with_object(next)
+            .await
+            .and_then(|(m, object)| Ok((options.view(m)?, object)));
         let own = match own {
             Ok((m, object))
                 if m.writer == Some(cache.header().cache_id) && m.parent == Some(base.0) =>

@@ -72,6 +72,13 @@ impl Fixture {
         self.tmp.path().join(name)
     }
 
+    /// Cache root `name` and the parcel's cache directory under it.
+    fn cache(&self, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let root = self.root(name);
+        let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+        (root, dir)
+    }
+
     /// Opens the crash state `files` in a fresh cache root `name`, as on
     /// boot `boot` (the tests' sessions run on boot 1).
     fn reopen(&self, parcel: &Parcel, name: &str, files: &Files, boot: u8) -> Engine {
@@ -211,8 +218,7 @@ fn defect1_a_zero_fill_never_erases_a_full_chunk_write() {
 fn defect2_a_sync_record_never_publishes_older_data_after_a_host_crash() {
     let fx = Fixture::new();
     let (parcel, _) = fx.parcel(0);
-    let root = fx.root("a");
-    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let (root, dir) = fx.cache("a");
     let c = 2;
     {
         let e = Engine::open(parcel.clone(), options(&root)).unwrap();
@@ -253,8 +259,7 @@ fn defect2_a_sync_record_never_publishes_older_data_after_a_host_crash() {
 fn defect6_no_crash_during_a_repair_leaves_a_present_chunk_over_a_hole() {
     let fx = Fixture::new();
     let (parcel, _) = fx.parcel(0);
-    let root = fx.root("a");
-    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let (root, dir) = fx.cache("a");
     let c = 3;
     {
         let e = Engine::open(parcel.clone(), options(&root)).unwrap();
@@ -414,8 +419,7 @@ fn defect7_reattach_refuses_another_writers_version_and_keeps_the_cache() {
 fn whole_chunk_write_over_an_absent_chunk_never_shows_holes() {
     let fx = Fixture::new();
     let (parcel, _) = fx.parcel(0);
-    let root = fx.root("a");
-    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let (root, dir) = fx.cache("a");
     let c = 2; // stored data, not cached
     {
         let e = Engine::open(parcel.clone(), options(&root)).unwrap();
@@ -492,8 +496,7 @@ fn whole_chunk_write_over_an_absent_chunk_never_shows_holes() {
 fn a_sync_never_records_a_chunk_whose_write_is_in_flight() {
     let fx = Fixture::new();
     let (parcel, _) = fx.parcel(0);
-    let root = fx.root("a");
-    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let (root, dir) = fx.cache("a");
     let c = 3;
     {
         let e = Engine::open(parcel.clone(), options(&root)).unwrap();
@@ -546,8 +549,7 @@ fn a_sync_never_records_a_chunk_whose_write_is_in_flight() {
 fn a_flush_completes_only_once_every_entry_it_covers_is_written() {
     let fx = Fixture::new();
     let (parcel, _) = fx.parcel(0);
-    let root = fx.root("a");
-    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let (root, dir) = fx.cache("a");
     let c = 5; // stored data, not cached: written whole, it is WRITING
     let log = Arc::new(FileLog::new());
     let gate = Arc::new(Gate::default());
@@ -643,8 +645,7 @@ fn a_discard_after_a_host_crash_drops_a_write_whose_dirty_mark_was_lost() {
     let fx = Fixture::new();
     let (parcel, _) = fx.parcel(0);
     let c = 0; // stored data
-    let root = fx.root("a");
-    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let (root, dir) = fx.cache("a");
     {
         let e = Engine::open(parcel.clone(), options(&root)).unwrap();
         let mut buf = vec![0u8; CHUNK as usize];
