@@ -10,7 +10,9 @@
 //!   the store learns nothing about the plaintext but its length;
 //! * the **manifest key** encrypts manifests;
 //! * the **fingerprint** is stored in clear in each manifest so that a wrong
-//!   key is told apart from a corrupt manifest.
+//!   key is told apart from a corrupt manifest;
+//! * the **gear table** of the content-defined chunker ([`crate::cdc`]), so
+//!   where a memory image is cut reveals nothing without the key.
 
 use std::fmt;
 
@@ -20,6 +22,7 @@ const CTX_CHUNK: &str = "isr 2026-11 chunk convergent key v1";
 const CTX_CHUNK_ID: &str = "isr 2026-11 chunk object name v1";
 const CTX_MANIFEST: &str = "isr 2026-11 manifest encryption key v1";
 const CTX_FINGERPRINT: &str = "isr 2026-11 key fingerprint v1";
+const CTX_CDC_GEAR: &str = "isr 2026-12 content-defined chunking gear table v1";
 
 /// Length of a key file's secret.
 pub const SECRET_LEN: usize = 32;
@@ -30,6 +33,7 @@ pub struct Secret {
     chunk: [u8; 32],
     manifest: [u8; 32],
     fingerprint: [u8; 16],
+    cdc: [u8; 32],
 }
 
 impl Secret {
@@ -40,6 +44,7 @@ impl Secret {
             chunk: blake3::derive_key(CTX_CHUNK, raw),
             manifest: blake3::derive_key(CTX_MANIFEST, raw),
             fingerprint: fp[..16].try_into().expect("16 of 32 bytes"),
+            cdc: blake3::derive_key(CTX_CDC_GEAR, raw),
         }
     }
 
@@ -56,6 +61,18 @@ impl Secret {
     /// The convergent key of a chunk's plaintext.
     pub fn chunk_key(&self, plaintext: &[u8]) -> ChunkKey {
         ChunkKey(*blake3::keyed_hash(&self.chunk, plaintext).as_bytes())
+    }
+
+    /// The content-defined chunker's gear table: 256 pseudo-random words,
+    /// BLAKE3's output stream under a key of its own.
+    pub(crate) fn cdc_gear(&self) -> [u64; 256] {
+        let mut bytes = [0u8; 256 * 8];
+        blake3::Hasher::new_keyed(&self.cdc)
+            .finalize_xof()
+            .fill(&mut bytes);
+        std::array::from_fn(|i| {
+            u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+        })
     }
 
     pub(crate) fn manifest_key(&self) -> &[u8; 32] {

@@ -15,8 +15,11 @@
 //! * [`manifest`]: one encrypted, authenticated object per parcel version.
 //! * [`keys`]: the user's secret and everything derived from it.
 //! * [`geometry`]: which chunks, and which bytes of them, an I/O touches.
+//! * [`cdc`]: content-defined chunking of memory images, and the layout of
+//!   an image whose chunks differ in length.
 #![forbid(unsafe_code)]
 
+pub mod cdc;
 pub mod chunk;
 mod error;
 pub mod geometry;
@@ -25,6 +28,7 @@ pub mod keys;
 pub mod manifest;
 mod wire;
 
+pub use cdc::{Chunker, Layout};
 pub use error::Error;
 pub use geometry::Geometry;
 pub use keys::{ChunkId, ChunkKey, Secret};

@@ -32,6 +32,11 @@
 //!            an older reader must not take for a whole save): size u64,
 //!            chunk table (runs), access trace (as the disk's), writer id
 //!            (u8 0, or 1 and 16 bytes)
+//!     tag 7: the memory image cut by content (see [`crate::cdc`]; odd: an
+//!            older reader would take its chunks for fixed ones): varint
+//!            chunk count n, n varint chunk lengths (1 to the chunk size
+//!            each), the memory chunk table (runs over n entries); the
+//!            body's memory-image size is then 0 and its table empty
 //!
 //! a chunk table is a sequence of runs covering exactly ⌈size / chunk size⌉
 //! entries; a run is a varint h with n = h >> 1 ≥ 1 entries:
@@ -57,7 +62,7 @@ use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Key, Nonce, Tag};
 
 use crate::wire::{Reader, Writer};
-use crate::{ChunkKey, Error, Geometry, MAX_CHUNKS, Secret};
+use crate::{ChunkKey, Error, Geometry, Layout, MAX_CHUNKS, Secret};
 
 const MAGIC: &[u8; 4] = b"ISRm";
 const VERSION: u16 = 1;
@@ -71,6 +76,9 @@ const EXT_VM: u64 = 4;
 /// Extension: the guest's RAM image (must be understood: without it the
 /// memory image is not a whole save).
 const EXT_RAM: u64 = 5;
+/// Extension: the memory image's chunks cut by content (must be
+/// understood: an older reader would misplace every chunk).
+const EXT_MEMORY_CUT: u64 = 7;
 /// Most hypervisor arguments a manifest records, and the longest one.
 pub const MAX_VM_ARGS: usize = 512;
 /// Longest hypervisor argument a manifest records.
@@ -103,6 +111,9 @@ pub struct Manifest {
     pub memory_size: u64,
     /// One entry per chunk of the memory image.
     pub memory_chunks: Vec<ChunkEntry>,
+    /// The length of each chunk of the memory image when it was cut by
+    /// content (extension 7); empty: fixed chunks of `chunk_size`.
+    pub memory_lengths: Vec<u32>,
     /// The version this one was made from.
     pub parent: Option<u64>,
     /// Creation time, seconds since the Unix epoch.
@@ -177,6 +188,7 @@ impl Manifest {
             chunks: vec![ChunkEntry::Zero; geometry.chunk_count() as usize],
             memory_size: 0,
             memory_chunks: Vec::new(),
+            memory_lengths: Vec::new(),
             parent: None,
             created_unix: 0,
             host: String::new(),
@@ -207,6 +219,7 @@ impl Manifest {
             chunks,
             memory_size: 0,
             memory_chunks: Vec::new(),
+            memory_lengths: Vec::new(),
             parent: self.parent,
             created_unix: self.created_unix,
             host: self.host.clone(),
@@ -217,9 +230,17 @@ impl Manifest {
         })
     }
 
-    /// The memory image's geometry (size 0: none).
-    pub fn memory_geometry(&self) -> Geometry {
-        Geometry::new(self.memory_size, self.chunk_size).expect("validated when built or decoded")
+    /// Where each chunk of the memory image lies (size 0: none).
+    pub fn memory_layout(&self) -> Layout {
+        if self.memory_lengths.is_empty() {
+            Layout::Fixed(
+                Geometry::new(self.memory_size, self.chunk_size)
+                    .expect("validated when built or decoded"),
+            )
+        } else {
+            Layout::cut(&self.memory_lengths, self.chunk_size)
+                .expect("validated when built or decoded")
+        }
     }
 
     /// The disk's geometry.
@@ -325,10 +346,20 @@ impl Manifest {
         w.u16(self.host.len() as u16);
         w.bytes(self.host.as_bytes());
         write_table(&mut w, &self.chunks);
-        w.u64(self.memory_size);
-        write_table(&mut w, &self.memory_chunks);
+        let cut = !self.memory_lengths.is_empty();
+        w.u64(if cut { 0 } else { self.memory_size });
+        write_table(&mut w, if cut { &[] } else { &self.memory_chunks });
         write_trace(&mut w, &self.access_trace);
         let mut extensions: Vec<(u64, Vec<u8>)> = Vec::new();
+        if cut {
+            let mut v = Writer(Vec::with_capacity(36 * self.memory_lengths.len()));
+            v.varint(self.memory_lengths.len() as u64);
+            for &l in &self.memory_lengths {
+                v.varint(l.into());
+            }
+            write_table(&mut v, &self.memory_chunks);
+            extensions.push((EXT_MEMORY_CUT, v.0));
+        }
         if let Some(id) = &self.writer {
             extensions.push((EXT_WRITER, id.to_vec()));
         }
@@ -373,12 +404,30 @@ impl Manifest {
 
     fn validate(&self) -> Result<(), Error> {
         let g = check_table("disk", &self.chunks, self.disk_size, self.chunk_size)?;
-        check_table(
-            "memory image",
-            &self.memory_chunks,
-            self.memory_size,
-            self.chunk_size,
-        )?;
+        if self.memory_lengths.is_empty() {
+            check_table(
+                "memory image",
+                &self.memory_chunks,
+                self.memory_size,
+                self.chunk_size,
+            )?;
+        } else {
+            let layout = Layout::cut(&self.memory_lengths, self.chunk_size)?;
+            if layout.size() != self.memory_size
+                || layout.chunk_count() != self.memory_chunks.len() as u64
+            {
+                return Err(Error::malformed(
+                    WHAT,
+                    format!(
+                        "{} memory chunk entries of {} bytes for {} lengths of {} bytes",
+                        self.memory_chunks.len(),
+                        self.memory_size,
+                        self.memory_lengths.len(),
+                        layout.size()
+                    ),
+                ));
+            }
+        }
         if self.host.len() > MAX_HOST_LEN {
             return Err(Error::TooLarge {
                 what: "host name",
@@ -560,6 +609,7 @@ fn decode_body(body: &[u8]) -> Result<Manifest, Error> {
     let mut writer = None;
     let mut vm = None;
     let mut ram = None;
+    let mut memory_cut = None;
     for _ in 0..extensions {
         let tag = r.varint()?;
         let len = r.varint()?;
@@ -574,6 +624,15 @@ fn decode_body(body: &[u8]) -> Result<Manifest, Error> {
             }
             EXT_VM => vm = Some(decode_vm(value)?),
             EXT_RAM => ram = Some(decode_ram(value, chunk_size)?),
+            EXT_MEMORY_CUT if memory_size == 0 => {
+                memory_cut = Some(decode_memory_cut(value, chunk_size)?);
+            }
+            EXT_MEMORY_CUT => {
+                return Err(Error::malformed(
+                    WHAT,
+                    "a memory image both fixed and cut by content",
+                ));
+            }
             t if t & 1 == 1 => {
                 return Err(Error::UnsupportedFeature {
                     what: WHAT,
@@ -589,12 +648,17 @@ fn decode_body(body: &[u8]) -> Result<Manifest, Error> {
             format!("{} unexpected bytes after the end", r.remaining()),
         ));
     }
+    let (memory_size, memory_chunks, memory_lengths) = match memory_cut {
+        Some((size, table, lengths)) => (size, table, lengths),
+        None => (memory_size, memory_chunks, Vec::new()),
+    };
     Ok(Manifest {
         disk_size,
         chunk_size,
         chunks,
         memory_size,
         memory_chunks,
+        memory_lengths,
         parent,
         created_unix,
         host,
@@ -603,6 +667,38 @@ fn decode_body(body: &[u8]) -> Result<Manifest, Error> {
         vm,
         ram,
     })
+}
+
+/// Extension 7: the memory image's size, chunk table and chunk lengths.
+fn decode_memory_cut(
+    value: &[u8],
+    chunk_size: u32,
+) -> Result<(u64, Vec<ChunkEntry>, Vec<u32>), Error> {
+    let mut r = Reader::new(value, WHAT);
+    let count = r.varint()?;
+    // every length takes a byte at least: bounds the allocation
+    if count > MAX_CHUNKS || count > r.remaining() as u64 {
+        return Err(Error::malformed(
+            WHAT,
+            format!("{count} memory chunk lengths"),
+        ));
+    }
+    let lengths = (0..count)
+        .map(|_| {
+            let l = r.varint()?;
+            u32::try_from(l)
+                .map_err(|_| Error::malformed(WHAT, format!("memory chunk of {l} bytes")))
+        })
+        .collect::<Result<Vec<u32>, Error>>()?;
+    let size = Layout::cut(&lengths, chunk_size)?.size();
+    let table = read_table(&mut r, count)?;
+    if r.remaining() != 0 {
+        return Err(Error::malformed(
+            WHAT,
+            "unexpected bytes after the memory chunk table",
+        ));
+    }
+    Ok((size, table, lengths))
 }
 
 fn decode_ram(value: &[u8], chunk_size: u32) -> Result<RamImage, Error> {

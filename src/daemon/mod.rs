@@ -155,8 +155,9 @@ pub fn suspend(a: SuspendArgs) -> anyhow::Result<ExitCode> {
         }
         let memory = match r.get("memory").filter(|m| !m.is_null()) {
             Some(m) => format!(
-                "; memory image {} bytes: {} chunks uploaded ({} bytes), {} deduplicated, {} zero",
+                "; memory image {} bytes in {} chunks: {} uploaded ({} bytes), {} deduplicated, {} zero",
                 m["size"],
+                m["chunks"],
                 m["uploaded_chunks"],
                 m["bytes_uploaded"],
                 m["dedup_chunks"],
@@ -654,6 +655,7 @@ pub(crate) fn publish_json(name: &str, s: &fetcher::PublishSummary, released: bo
         "synced_chunks": s.synced_chunks,
         "memory": s.memory.as_ref().map(|m| json!({
             "size": m.size,
+            "chunks": m.zero_chunks + m.dedup_chunks + m.uploaded_chunks,
             "zero_chunks": m.zero_chunks,
             "dedup_chunks": m.dedup_chunks,
             "uploaded_chunks": m.uploaded_chunks,

@@ -221,10 +221,11 @@ async fn publish(
             writer: Some(r.cache.header().cache_id),
         });
     }
-    // The memory image: chunked and deduplicated like the disk, against
+    // The memory image: cut by content and deduplicated, against
     // the chunks of the base version and of the new disk.
     manifest.memory_size = 0;
     manifest.memory_chunks.clear();
+    manifest.memory_lengths.clear();
     if let Some(path) = &saved.memory {
         let mut known = crate::ops::known_chunks(Some(&manifest));
         known.extend(crate::ops::known_chunks(Some(base_manifest)));
@@ -238,6 +239,7 @@ async fn publish(
         .await?;
         manifest.memory_size = up.size;
         manifest.memory_chunks = std::mem::take(&mut up.table);
+        manifest.memory_lengths = up.lengths.clone();
         summary.memory = Some(up);
     }
     if let Some(vm) = new_vm {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use format::{ChunkEntry, Geometry, Manifest};
+use format::{ChunkEntry, Layout, Manifest};
 use futures::{StreamExt, TryStreamExt, stream};
 
 use super::{DEFAULT_CONCURRENCY, Image, distinct_chunks};
@@ -105,9 +105,9 @@ pub async fn export_image(
     progress: Progress,
 ) -> Result<ExportSummary, Error> {
     let started = Instant::now();
-    let geometry = image.geometry(manifest);
+    let geometry = image.layout(manifest);
     let table = image.table(manifest);
-    let target = Target::open(out, options.force, geometry.disk_size())?;
+    let target = Target::open(out, options.force, geometry.size())?;
     let is_device = target.is_device();
     let file = target.file.clone();
 
@@ -120,13 +120,14 @@ pub async fn export_image(
     if is_device {
         write_zero_chunks(&file, &target.path, &geometry, table).await?;
     }
-    progress(geometry.disk_size() - data_bytes);
+    progress(geometry.size() - data_bytes);
 
     let fetched = stream::iter(chunks)
         .map(|(key, at)| {
             let file = file.clone();
             let path = target.path.clone();
             let progress = progress.clone();
+            let geometry = geometry.clone();
             async move {
                 let len = geometry.chunk_len(at[0]) as usize;
                 let data = parcel
@@ -153,7 +154,7 @@ pub async fn export_image(
     target.commit()?;
     Ok(ExportSummary {
         version,
-        bytes_out: geometry.disk_size(),
+        bytes_out: geometry.size(),
         chunks: geometry.chunk_count(),
         fetched_chunks: fetched.0,
         bytes_fetched: fetched.1,
@@ -184,18 +185,17 @@ pub async fn verify(
     let chunks: Vec<_> = Image::ALL
         .into_iter()
         .flat_map(|image| {
-            let geometry = image.geometry(manifest);
+            let geometry = image.layout(manifest);
             distinct_chunks(image.table(manifest))
                 .into_iter()
-                .map(move |(key, at)| (image, geometry, key, at))
+                .map(move |(key, at)| (image, geometry.chunk_len(at[0]), key, at))
         })
         .collect();
     let checked = chunks.len() as u64;
     let results: Vec<Result<(), Error>> = stream::iter(chunks)
-        .map(|(image, geometry, key, at)| {
+        .map(|(image, len, key, at)| {
             let progress = progress.clone();
             async move {
-                let len = geometry.chunk_len(at[0]);
                 let r = parcel
                     .fetch_image_chunk(key, len as usize, image, at[0], version)
                     .await;
@@ -503,11 +503,11 @@ fn write_sparse(file: &File, data: &[u8], offset: u64, dense: bool) -> std::io::
 async fn write_zero_chunks(
     file: &Arc<File>,
     path: &Path,
-    geometry: &Geometry,
+    geometry: &Layout,
     table: &[ChunkEntry],
 ) -> Result<(), Error> {
     let file = file.clone();
-    let geometry = *geometry;
+    let geometry = geometry.clone();
     let zeros: Vec<u64> = table
         .iter()
         .enumerate()
@@ -516,7 +516,7 @@ async fn write_zero_chunks(
         .collect();
     let path = path.to_owned();
     tokio::task::spawn_blocking(move || {
-        let buf = vec![0u8; geometry.chunk_size() as usize];
+        let buf = vec![0u8; geometry.max_chunk_len() as usize];
         for i in zeros {
             let len = geometry.chunk_len(i) as usize;
             file.write_all_at(&buf[..len], geometry.chunk_offset(i))

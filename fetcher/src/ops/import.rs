@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use format::chunk::{ChunkEncoder, EncodedChunk};
-use format::{ChunkEntry, ChunkKey, DEFAULT_CHUNK_SIZE, Geometry, Manifest};
+use format::{ChunkEntry, ChunkKey, Chunker, DEFAULT_CHUNK_SIZE, Geometry, Layout, Manifest};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
@@ -135,7 +135,16 @@ pub async fn import(
 
     // Chunks known to be in the store: those the parent version names.
     let mut known = known_chunks(parent.as_ref());
-    let up = upload_file(parcel, file, path, geometry, &mut known, options, progress).await?;
+    let up = upload_file(
+        parcel,
+        file,
+        path,
+        Layout::Fixed(geometry),
+        &mut known,
+        options,
+        progress,
+    )
+    .await?;
     manifest.chunks = up.table;
     let mut summary = ImportSummary {
         chunks: geometry.chunk_count(),
@@ -174,6 +183,9 @@ pub struct ImageUpload {
     pub size: u64,
     /// Its chunk table, for the manifest.
     pub table: Vec<ChunkEntry>,
+    /// The length of each chunk when the image was cut by content (empty:
+    /// fixed chunks), for the manifest.
+    pub lengths: Vec<u32>,
     /// All-zero chunks (not stored).
     pub zero_chunks: u64,
     /// Chunks the store already had: those of the version it is published
@@ -185,10 +197,13 @@ pub struct ImageUpload {
     pub bytes_uploaded: u64,
 }
 
-/// Chunks the memory image at `path` as `parcel`'s disk is chunked, and
+/// Cuts the memory image at `path` by content ([`format::cdc`]: chunks of
+/// a quarter of `chunk_size` on average, at most `chunk_size`), and
 /// uploads every chunk that is neither all zero nor in `known` (the chunks
 /// of the version it is published over, and of its disk) nor in the store.
-/// Nothing is published: the caller names the chunks in its manifest.
+/// Nothing is published: the caller names the chunks, and their lengths,
+/// in its manifest. A second save of a little-changed VM repeats most
+/// chunks of the first, though the stream's offsets shift between saves.
 pub async fn upload_memory(
     parcel: &Parcel,
     path: &Path,
@@ -207,33 +222,73 @@ pub async fn upload_memory(
                 .into(),
         });
     }
-    let geometry =
-        Geometry::new(meta.len(), chunk_size).map_err(|e| Error::Invalid(e.to_string()))?;
-    upload_file(
+    Geometry::new(meta.len(), chunk_size).map_err(|e| Error::Invalid(e.to_string()))?;
+    let chunker = Chunker::new(parcel.secret(), chunk_size);
+    let (file, lengths) = {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let lengths = cut_file(&file, meta.len(), &chunker)
+                .map_err(|e| Error::io("read memory image", &path, e))?;
+            Ok::<_, Error>((file, lengths))
+        })
+        .await
+        .expect("the chunker does not panic")?
+    };
+    let layout = Layout::cut(&lengths, chunk_size).map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut up = upload_file(
         parcel,
         file,
         path,
-        geometry,
+        layout,
         known,
         &ImportOptions::default(),
         progress,
     )
-    .await
+    .await?;
+    up.lengths = lengths;
+    Ok(up)
 }
 
-/// Encodes the chunks of `file` (of `geometry`) on one thread per core and
+/// The lengths of the chunks `chunker` cuts the first `size` bytes of
+/// `file` into, read in order through a window of a few MiB.
+fn cut_file(file: &File, size: u64, chunker: &Chunker) -> std::io::Result<Vec<u32>> {
+    const WINDOW: usize = 8 << 20;
+    let max = chunker.max_len();
+    let mut buf = vec![0u8; WINDOW + max];
+    let (mut start, mut end) = (0usize, 0usize); // buf[start..end]: unread bytes
+    let mut read_to = 0u64; // file offset of buf[end]
+    let mut lengths = Vec::new();
+    loop {
+        if end - start < max && read_to < size {
+            buf.copy_within(start..end, 0);
+            (start, end) = (0, end - start);
+            let n = ((size - read_to) as usize).min(buf.len() - end);
+            file.read_exact_at(&mut buf[end..end + n], read_to)?;
+            end += n;
+            read_to += n as u64;
+        }
+        if start == end {
+            return Ok(lengths);
+        }
+        let n = chunker.cut(&buf[start..end]);
+        lengths.push(n as u32);
+        start += n;
+    }
+}
+
+/// Encodes the chunks of `file` (of `layout`) on one thread per core and
 /// uploads those neither zero nor `known` with bounded concurrency; adds
 /// what it uploads to `known`.
 async fn upload_file(
     parcel: &Parcel,
     file: File,
     path: &Path,
-    geometry: Geometry,
+    geometry: Layout,
     known: &mut HashSet<ChunkKey>,
     options: &ImportOptions,
     progress: Progress,
 ) -> Result<ImageUpload, Error> {
-    let size = geometry.disk_size();
+    let size = geometry.size();
     // Chunks that hold data per SEEK_DATA; the rest are holes, hence zero.
     let extents =
         sparse::data_extents(&file, size).map_err(|e| Error::io("scan image", path, e))?;
@@ -267,7 +322,7 @@ async fn upload_file(
     let encoders = spawn_encoders(
         Arc::new(file),
         path,
-        geometry,
+        geometry.clone(),
         data_chunks.clone(),
         threads,
         parcel.secret().clone(),
@@ -348,7 +403,7 @@ fn count_upload(
 fn spawn_encoders(
     file: Arc<File>,
     path: &Path,
-    geometry: Geometry,
+    geometry: Layout,
     chunks: Arc<Vec<u64>>,
     threads: usize,
     secret: format::Secret,
@@ -367,9 +422,10 @@ fn spawn_encoders(
                 stop.clone(),
             );
             let path = path.to_owned();
+            let geometry = geometry.clone();
             let mut encoder = ChunkEncoder::new(secret.clone(), level);
             std::thread::spawn(move || {
-                let mut buf = vec![0u8; geometry.chunk_size() as usize];
+                let mut buf = vec![0u8; geometry.max_chunk_len() as usize];
                 while !stop.load(Ordering::Relaxed) {
                     let Some(&index) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         return;

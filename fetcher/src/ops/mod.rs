@@ -20,7 +20,7 @@ pub use rollback::{RollbackSummary, rollback};
 
 use std::collections::HashMap;
 
-use format::{ChunkEntry, ChunkKey, Geometry, Manifest};
+use format::{ChunkEntry, ChunkKey, Geometry, Layout, Manifest};
 
 /// Which image of a version: the disk, the VM's memory image, or its RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,16 +47,18 @@ impl Image {
         }
     }
 
-    /// The image's geometry in `manifest` (size 0: none).
-    pub fn geometry(self, manifest: &Manifest) -> Geometry {
+    /// Where the image's chunks lie in `manifest` (size 0: none).
+    pub fn layout(self, manifest: &Manifest) -> Layout {
         match self {
-            Image::Disk => manifest.geometry(),
-            Image::Memory => manifest.memory_geometry(),
-            Image::Ram => Geometry::new(
-                manifest.ram.as_ref().map_or(0, |r| r.size),
-                manifest.chunk_size,
-            )
-            .expect("validated when built or decoded"),
+            Image::Disk => Layout::Fixed(manifest.geometry()),
+            Image::Memory => manifest.memory_layout(),
+            Image::Ram => Layout::Fixed(
+                Geometry::new(
+                    manifest.ram.as_ref().map_or(0, |r| r.size),
+                    manifest.chunk_size,
+                )
+                .expect("validated when built or decoded"),
+            ),
         }
     }
 

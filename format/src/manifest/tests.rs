@@ -187,6 +187,7 @@ proptest! {
         chunks in arb_entries(300),
         tail in 0u64..65536,
         memory in arb_entries(20),
+        memory_cut in proptest::option::of(proptest::collection::vec(1u32..=65536, 20)),
         trace in proptest::collection::vec(any::<prop::sample::Index>(), 0..50),
         parent in proptest::option::of(1u64..1000),
         created in any::<i64>(),
@@ -218,7 +219,11 @@ proptest! {
             disk_size,
             chunk_size: cs as u32,
             chunks,
-            memory_size: memory.len() as u64 * cs,
+            memory_size: match &memory_cut {
+                Some(l) => l[..memory.len()].iter().map(|&l| l as u64).sum(),
+                None => memory.len() as u64 * cs,
+            },
+            memory_lengths: memory_cut.map_or(Vec::new(), |l| l[..memory.len()].to_vec()),
             memory_chunks: memory,
             parent,
             created_unix: created,
@@ -358,4 +363,50 @@ fn a_ram_image_round_trips_and_an_older_reader_refuses_it() {
     // A table that does not cover the RAM is refused at encode.
     m.ram.as_mut().unwrap().chunks.pop();
     assert!(m.encode(&secret(), "vm1", 4).is_err());
+}
+
+#[test]
+fn a_memory_image_cut_by_content_round_trips_and_an_older_reader_refuses_it() {
+    let mut m = sample();
+    m.memory_lengths = vec![65536, 1, 30_000];
+    m.memory_chunks = vec![
+        ChunkEntry::Data(key(7)),
+        ChunkEntry::Zero,
+        ChunkEntry::Data(key(7)),
+    ];
+    m.memory_size = 65536 + 1 + 30_000;
+    let obj = m.encode(&secret(), "vm1", 4).unwrap();
+    let back = Manifest::decode(&obj, &secret(), "vm1", 4).unwrap();
+    assert_eq!(back, m);
+    let layout = back.memory_layout();
+    assert_eq!(
+        (layout.chunk_offset(2), layout.chunk_len(2)),
+        (65537, 30_000)
+    );
+    // the extension is odd: a reader without it must refuse, not misplace
+    let body = m.encode_body();
+    // the last extension: tag 7, a one-byte length, the value to the end
+    let ext = (0..body.len() - 1)
+        .find(|&i| body[i] == 7 && body[i + 1] as usize == body.len() - i - 2)
+        .expect("extension 7 at the end");
+    let mut unknown = body.clone();
+    unknown[ext] = 9;
+    assert!(matches!(
+        decode_body(&unknown),
+        Err(Error::UnsupportedFeature { feature: 9, .. })
+    ));
+    // lengths that do not match the table, or a chunk longer than a chunk
+    for lengths in [
+        vec![65536, 1],
+        vec![65537, 1, 30_000],
+        vec![65536, 0, 30_000],
+    ] {
+        let mut bad = m.clone();
+        bad.memory_lengths = lengths;
+        assert!(
+            bad.encode(&secret(), "vm1", 4).is_err(),
+            "{:?}",
+            bad.memory_lengths
+        );
+    }
 }
