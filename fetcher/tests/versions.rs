@@ -317,8 +317,15 @@ fn rollback_carries_the_memory_image_and_settings() {
         rt.block_on(parcel.manifest(4)).unwrap(),
     );
     let memory_chunks: std::collections::HashSet<_> = v2.memory_chunks.iter().collect();
-    assert!(v2.memory_lengths.len() > 4, "the memory image is cut by content");
-    assert_eq!(s.chunks as usize, 4 + memory_chunks.len(), "disk and memory image");
+    assert!(
+        v2.memory_lengths.len() > 4,
+        "the memory image is cut by content"
+    );
+    assert_eq!(
+        s.chunks as usize,
+        4 + memory_chunks.len(),
+        "disk and memory image"
+    );
     assert_eq!(v4.memory_size, 4 * CHUNK);
     assert_eq!(v4.memory_chunks, v2.memory_chunks);
     assert_eq!(v4.memory_lengths, v2.memory_lengths);
