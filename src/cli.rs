@@ -350,6 +350,10 @@ pub struct RollbackArgs {
     /// The version whose content becomes the next version.
     #[arg(long, value_name = "N")]
     pub to: u64,
+    /// Take the parcel's lease over from a live holder instead of refusing
+    /// (see `import --steal`).
+    #[arg(long)]
+    pub steal: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -403,12 +407,22 @@ pub struct ImportArgs {
     #[command(flatten)]
     pub parcel: ParcelArgs,
     /// Chunk size of a new parcel (64K to 4M, a power of two).
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = parse_chunk_size)]
     pub chunk_size: Option<u32>,
     /// Allow the new version's disk size to differ from HEAD's (without it,
     /// an image of another size is refused).
     #[arg(long)]
     pub resize: bool,
+    /// Take the parcel's lease over from a live holder (elsewhere, or a
+    /// process on this host) instead of refusing; its session's next
+    /// publish then fails and its changes stay in its cache. A holder that
+    /// died on this host having left nothing behind (an import, a
+    /// rollback) is taken over without it.
+    #[arg(long)]
+    pub steal: bool,
+    /// Cap the upload at this rate (see `resume --bwlimit`).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<u64>,
     /// Print one JSON object instead of text, and no progress bar.
     #[arg(long)]
     pub json: bool,
@@ -484,6 +498,14 @@ pub struct ForkArgs {
 }
 
 /// Parses `262144`, `256K`, `256k`, `1M`, `4MiB`.
+/// A chunk size: a size that is a power of two from 64 KiB to 4 MiB.
+fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let n = parse_size(s)?;
+    format::Geometry::new(0, n)
+        .map(|_| n)
+        .map_err(|e| e.to_string().replace("invalid geometry: ", ""))
+}
+
 fn parse_size(s: &str) -> Result<u32, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -503,6 +525,16 @@ fn parse_size(s: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_sizes_say_what_is_wrong() {
+        assert_eq!(parse_chunk_size("256K"), Ok(256 * 1024));
+        let big = parse_chunk_size("8M").unwrap_err();
+        assert!(big.contains("outside 64 KiB to 4 MiB"), "{big}");
+        assert!(!big.contains("power of two"), "{big}");
+        let odd = parse_chunk_size("100K").unwrap_err();
+        assert!(odd.contains("not a power of two"), "{odd}");
+    }
 
     #[test]
     fn sizes_parse() {

@@ -38,6 +38,8 @@ Exit status:
        whole --retry-timeout)
   4    conflict: the parcel is leased by another host, this session was
        fenced or lost its lease, or another writer published first
+  130  interrupted (SIGINT; 143: SIGTERM) after letting go of what it held:
+       import and rollback publish nothing and release the parcel's lease
   141  stdout was closed before all output was written (a broken pipe)
 
 Logging: RUST_LOG=isr=debug,fetcher=debug (tracing's filter syntax) writes
@@ -56,7 +58,30 @@ pub enum Kind {
     Unreachable,
     /// The parcel is someone else's now, or another writer won (exit 4).
     Conflict,
+    /// Stopped by this signal (exit 128 + the signal).
+    Interrupted(i32),
 }
+
+/// A command stopped by a signal (SIGINT, SIGTERM) once it had let go of
+/// what it held; `what` says what it left behind.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub signal: i32,
+    pub what: String,
+}
+
+impl Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.signal {
+            libc::SIGINT => "SIGINT",
+            libc::SIGTERM => "SIGTERM",
+            _ => "a signal",
+        };
+        write!(f, "interrupted by {name}: {}", self.what)
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 impl Kind {
     /// The exit status.
@@ -66,6 +91,7 @@ impl Kind {
             Kind::Usage => USAGE,
             Kind::Unreachable => 3,
             Kind::Conflict => 4,
+            Kind::Interrupted(signal) => (128 + signal).clamp(0, 255) as u8,
         }
     }
 
@@ -76,6 +102,7 @@ impl Kind {
             Kind::Usage => "usage",
             Kind::Unreachable => "unreachable",
             Kind::Conflict => "conflict",
+            Kind::Interrupted(_) => "interrupted",
         }
     }
 
@@ -86,6 +113,7 @@ impl Kind {
             "usage" => Kind::Usage,
             "unreachable" => Kind::Unreachable,
             "conflict" => Kind::Conflict,
+            "interrupted" => Kind::Interrupted(libc::SIGINT),
             _ => Kind::Failure,
         }
     }
@@ -96,6 +124,9 @@ impl Kind {
         for cause in e.chain() {
             if let Some(r) = cause.downcast_ref::<ReplyError>() {
                 return r.kind;
+            }
+            if let Some(i) = cause.downcast_ref::<Interrupted>() {
+                return Kind::Interrupted(i.signal);
             }
             if let Some(f) = cause.downcast_ref::<fetcher::Error>() {
                 return match f.class() {

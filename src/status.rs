@@ -326,7 +326,7 @@ mod tests {
             "online": true,
             "last_store_error": null,
             "trace_chunks": 311,
-            "lease": "host A (pid 123) since 0 (Unix time)",
+            "lease": "host A (pid 123) since 1970-01-01 00:00:00Z",
             "lease_holder": { "host": "A", "pid": 123, "since": 0 },
             "uptime_seconds": 133,
             "vm": null,

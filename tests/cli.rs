@@ -3,6 +3,8 @@
 
 #[path = "cli/checkin.rs"]
 mod checkin;
+#[path = "cli/leases.rs"]
+mod leases;
 mod support;
 #[path = "cli/trust.rs"]
 mod trust;

@@ -13,6 +13,14 @@
 //! finds the highest generation in one round trip instead of probing for it
 //! (the hint is checked, never trusted alone).
 //!
+//! A lease records what took it (`task`) and the boot of its host, so a
+//! lease whose process died on this host is told from a live one: the
+//! process is gone (`kill(pid, 0)` says so) or the host restarted since.
+//! A dead holder that kept nothing locally (an import, a rollback) is taken
+//! over without `--steal`; a dead session (a resume) may have left changes
+//! in its cache, so it is named as dead and left to `isr recover` or
+//! `--steal`.
+//!
 //! A lease alone cannot stop a holder that checked it a moment before it was
 //! stolen from committing. So a steal also *fences*: the stealer publishes a
 //! copy of HEAD as the next version ([`crate::Parcel::publish_fence`]); the
@@ -34,13 +42,57 @@ pub struct LeaseInfo {
     pub since_unix: i64,
     /// Random identity of this lease.
     pub nonce: String,
+    /// The boot of the holder's host (`/proc/sys/kernel/random/boot_id`;
+    /// empty in leases written before it was recorded).
+    pub boot: String,
+    /// What took it: a [`Task`] name ("" if not recorded).
+    pub task: String,
+}
+
+/// What takes a lease, and so what is at stake if its process dies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// A resumed session (or a check-in): its cache may hold changes not
+    /// published yet.
+    Session,
+    /// An import: publishes at its end or not at all.
+    Import,
+    /// A rollback: publishes at its end or not at all.
+    Rollback,
+}
+
+impl Task {
+    fn name(self) -> &'static str {
+        match self {
+            Task::Session => "session",
+            Task::Import => "import",
+            Task::Rollback => "rollback",
+        }
+    }
+
+    /// Whether a holder of this task that died left nothing behind: its
+    /// lease may be taken over without `--steal`.
+    fn leaves_nothing(name: &str) -> bool {
+        name == Task::Import.name() || name == Task::Rollback.name()
+    }
+}
+
+/// Whether the holder of a lease still runs, as far as this host can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    /// Held on another host (or too old to tell): assumed alive.
+    Unknown,
+    /// Its process runs on this host.
+    Alive,
+    /// Its process is gone: why we know.
+    Dead(String),
 }
 
 impl LeaseInfo {
     fn encode(&self) -> String {
         format!(
-            "host={}\npid={}\nsince={}\nnonce={}\n",
-            self.host, self.pid, self.since_unix, self.nonce
+            "host={}\npid={}\nsince={}\nnonce={}\nboot={}\ntask={}\n",
+            self.host, self.pid, self.since_unix, self.nonce, self.boot, self.task
         )
     }
 
@@ -56,15 +108,40 @@ impl LeaseInfo {
             pid: field("pid")?.parse().ok()?,
             since_unix: field("since")?.parse().ok()?,
             nonce: field("nonce")?,
+            boot: field("boot").unwrap_or_default(),
+            task: field("task").unwrap_or_default(),
         })
     }
 
-    /// "host H (pid P) since T UTC".
+    /// "host H (pid P, isr import) since YYYY-MM-DD HH:MM:SSZ".
     pub fn describe(&self) -> String {
+        let task = match self.task.as_str() {
+            "" => String::new(),
+            t => format!(", isr {}", if t == "session" { "resume" } else { t }),
+        };
         format!(
-            "host {} (pid {}) since {} (Unix time)",
-            self.host, self.pid, self.since_unix
+            "host {} (pid {}{task}) since {}",
+            self.host,
+            self.pid,
+            crate::time::format_utc(self.since_unix)
         )
+    }
+
+    /// Whether the holder still runs, seen from host `host` (this one).
+    pub fn liveness(&self, host: &str) -> Liveness {
+        if self.host != host || self.pid == 0 || self.boot.is_empty() {
+            return Liveness::Unknown;
+        }
+        if self.boot != current_boot() {
+            return Liveness::Dead("this host has restarted since".into());
+        }
+        // SAFETY: kill with signal 0 sends nothing; it only checks that
+        // the process exists.
+        let r = unsafe { libc::kill(self.pid as libc::pid_t, 0) };
+        if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            return Liveness::Dead(format!("pid {} is no longer running", self.pid));
+        }
+        Liveness::Alive
     }
 }
 
@@ -76,6 +153,8 @@ pub struct Lease {
     generation: u64,
     info: LeaseInfo,
     stolen_from: Option<LeaseInfo>,
+    /// The holder that had died on this host when this lease was taken.
+    dead_before: Option<LeaseInfo>,
 }
 
 impl Lease {
@@ -91,6 +170,31 @@ impl Lease {
         reuse_nonce: Option<&str>,
         steal: bool,
     ) -> Result<Lease, Error> {
+        Self::acquire_for(
+            store,
+            parcel,
+            host,
+            now_unix,
+            reuse_nonce,
+            steal,
+            Task::Session,
+        )
+        .await
+    }
+
+    /// [`acquire`](Self::acquire) for `task`. A holder that died on this
+    /// host ([`LeaseInfo::liveness`]) having left nothing behind (an
+    /// import, a rollback) is taken over as if released; a dead session is
+    /// refused, named as dead.
+    pub async fn acquire_for(
+        store: &Store,
+        parcel: &str,
+        host: &str,
+        now_unix: i64,
+        reuse_nonce: Option<&str>,
+        steal: bool,
+        task: Task,
+    ) -> Result<Lease, Error> {
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
         let info = LeaseInfo {
@@ -98,12 +202,15 @@ impl Lease {
             pid: std::process::id(),
             since_unix: now_unix,
             nonce: nonce.iter().map(|b| format!("{b:02x}")).collect(),
+            boot: current_boot(),
+            task: task.name().to_owned(),
         };
         let body = Bytes::from(info.encode());
         // Each round either takes the next generation or sees who did.
         for _ in 0..8 {
             let (generation, holder) = current(store, parcel).await?;
             let mut stolen_from = None;
+            let mut dead_before = None;
             match holder {
                 Some(h) if h.nonce == info.nonce || reuse_nonce == Some(h.nonce.as_str()) => {
                     tracing::info!(
@@ -118,15 +225,37 @@ impl Lease {
                         generation,
                         info: h,
                         stolen_from: None,
+                        dead_before: None,
                     });
                 }
-                Some(h) if !steal => {
-                    tracing::debug!(parcel, generation, holder = %h.describe(), "the lease is held");
-                    return Err(Error::LeaseHeld {
-                        parcel: parcel.to_owned(),
-                        holder: h.describe(),
-                    });
-                }
+                Some(h) if !steal => match h.liveness(host) {
+                    Liveness::Dead(why) if Task::leaves_nothing(&h.task) => {
+                        tracing::info!(
+                            parcel,
+                            generation,
+                            holder = %h.describe(),
+                            why,
+                            "taking over the lease of a process that died"
+                        );
+                        dead_before = Some(h);
+                    }
+                    Liveness::Dead(why) => {
+                        return Err(Error::LeaseHeld {
+                            parcel: parcel.to_owned(),
+                            holder: format!(
+                                "{}, which is dead ({why}) and may have left changes in its cache: `isr recover {parcel}` picks the session up where it stopped, `isr discard {parcel}` drops its changes",
+                                h.describe()
+                            ),
+                        });
+                    }
+                    _ => {
+                        tracing::debug!(parcel, generation, holder = %h.describe(), "the lease is held");
+                        return Err(Error::LeaseHeld {
+                            parcel: parcel.to_owned(),
+                            holder: h.describe(),
+                        });
+                    }
+                },
                 Some(h) => stolen_from = Some(h),
                 None => {}
             }
@@ -149,6 +278,7 @@ impl Lease {
                         generation: next,
                         info,
                         stolen_from,
+                        dead_before,
                     });
                 }
                 // Someone took it first (or our own retried create did):
@@ -210,6 +340,12 @@ impl Lease {
         self.stolen_from.as_ref()
     }
 
+    /// The holder whose process had died on this host, leaving nothing
+    /// behind, when this lease took its place (see [`Lease::acquire_for`]).
+    pub fn dead_before(&self) -> Option<&LeaseInfo> {
+        self.dead_before.as_ref()
+    }
+
     /// The lease's current holder, if any.
     pub async fn holder(&self) -> Result<Option<LeaseInfo>, Error> {
         Ok(current(&self.store, &self.parcel).await?.1)
@@ -257,6 +393,14 @@ impl Lease {
         );
         Ok(())
     }
+}
+
+/// This boot's id, as leases record it.
+fn current_boot() -> String {
+    crate::cache::current_boot_id()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn released_path(parcel: &str, generation: u64) -> String {
@@ -315,6 +459,8 @@ async fn current(store: &Store, parcel: &str) -> Result<(u64, Option<LeaseInfo>)
                 pid: 0,
                 since_unix: 0,
                 nonce: String::new(),
+                boot: String::new(),
+                task: String::new(),
             })),
         )),
         Err(Error::NotFound { .. }) => Ok((generation, None)),

@@ -26,12 +26,13 @@ mod parcel;
 pub mod private;
 pub mod sparse;
 mod store;
+pub mod time;
 
 pub use engine::{
     Engine, EngineOptions, EngineStats, OpenReport, PublishSummary, SavedVm, SyncSummary,
 };
 pub use error::{ChunkFault, Error, ErrorClass};
-pub use lease::{Lease, LeaseInfo};
+pub use lease::{Lease, LeaseInfo, Liveness, Task};
 pub use notify::Notifier;
 pub use parcel::{Parcel, Published};
 pub use store::{

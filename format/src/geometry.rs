@@ -35,10 +35,16 @@ impl Geometry {
     /// [`MIN_CHUNK_SIZE`]..=[`MAX_CHUNK_SIZE`] and the disk has at most
     /// [`MAX_CHUNKS`] chunks.
     pub fn new(disk_size: u64, chunk_size: u32) -> Result<Self, Error> {
-        if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
-        {
+        if !chunk_size.is_power_of_two() {
             return Err(Error::Geometry(format!(
-                "chunk size {chunk_size} is not a power of two between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}"
+                "chunk size {chunk_size} is not a power of two"
+            )));
+        }
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+            return Err(Error::Geometry(format!(
+                "chunk size {chunk_size} is outside {} KiB to {} MiB",
+                MIN_CHUNK_SIZE >> 10,
+                MAX_CHUNK_SIZE >> 20
             )));
         }
         let g = Geometry {

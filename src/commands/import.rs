@@ -2,14 +2,14 @@
 
 use serde_json::json;
 
-use super::{explain, host_name, mib, open_parcel};
+use super::{explain, host_name, mib, open_parcel, released_or_not, until_signal};
 use crate::cli::ImportArgs;
 use crate::{image, output, progress, time};
 
 pub(super) async fn import(a: ImportArgs) -> anyhow::Result<()> {
     let parcel = open_parcel(&a.parcel)?;
+    parcel.store().set_bwlimit(a.bwlimit, None);
     let raw = image::open_raw(&a.image)?;
-    let (bar, sink) = progress::bytes_bar(raw.size(), "import", a.json);
     let options = fetcher::ops::ImportOptions {
         chunk_size: a.chunk_size,
         resize: a.resize,
@@ -17,23 +17,47 @@ pub(super) async fn import(a: ImportArgs) -> anyhow::Result<()> {
         created_unix: time::now_unix(),
         ..Default::default()
     };
+    // What would be refused is refused before the lease is taken: a
+    // refused import leaves nothing in the store.
+    fetcher::ops::check_import(&parcel, raw.size(), &options)
+        .await
+        .map_err(|e| explain(e, &a.parcel))?;
     // A parcel in use elsewhere (resumed on some host) is not published
-    // over: the import holds the lease while it publishes.
-    let lease = fetcher::Lease::acquire(
+    // over: the import holds the lease while it publishes, and lets go of
+    // it on failure and on SIGINT/SIGTERM.
+    let lease = fetcher::Lease::acquire_for(
         parcel.store(),
         parcel.name(),
         &host_name(),
         time::now_unix(),
         None,
-        false,
+        a.steal,
+        fetcher::Task::Import,
     )
     .await
     .map_err(|e| explain(e, &a.parcel))?;
-    let imported = fetcher::ops::import(&parcel, raw.path(), &options, sink).await;
+    if let Some(dead) = lease.dead_before() {
+        output::note(format_args!(
+            "isr: took the lease on parcel {} over from {}, which had died",
+            parcel.name(),
+            dead.describe()
+        ));
+    }
+    let (bar, sink) = progress::bytes_bar(raw.size(), "import", a.json);
+    let imported = until_signal(fetcher::ops::import(&parcel, raw.path(), &options, sink)).await;
     let released = lease.release().await;
-    let s = imported.map_err(|e| explain(e, &a.parcel))?;
-    released.map_err(|e| explain(e, &a.parcel))?;
     bar.finish_and_clear();
+    let s = match imported {
+        Ok(r) => r.map_err(|e| explain(e, &a.parcel))?,
+        Err(signal) => {
+            return Err(output::Interrupted {
+                signal,
+                what: released_or_not(parcel.name(), &released),
+            }
+            .into());
+        }
+    };
+    released.map_err(|e| explain(e, &a.parcel))?;
     if a.json {
         output::line(json!({
             "parcel": parcel.name(),

@@ -48,6 +48,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Runs `op` to its end unless SIGINT or SIGTERM comes first: then `op` is
+/// dropped (its work cancelled) and the signal returned, for the caller to
+/// let go of what it holds and end with [`crate::output::Interrupted`].
+pub(crate) async fn until_signal<T>(op: impl std::future::Future<Output = T>) -> Result<T, i32> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return Ok(op.await);
+    };
+    tokio::select! {
+        r = op => Ok(r),
+        _ = int.recv() => Err(libc::SIGINT),
+        _ = term.recv() => Err(libc::SIGTERM),
+    }
+}
+
+/// What an interrupted command that published nothing left: the lease on
+/// `parcel` released (`released` is how its release went).
+pub(crate) fn released_or_not(parcel: &str, released: &Result<(), fetcher::Error>) -> String {
+    match released {
+        Ok(()) => format!("nothing was published; the lease on parcel {parcel} is released"),
+        Err(e) => format!(
+            "nothing was published; the lease on parcel {parcel} could not be released ({e}): the next import or rollback on this host takes it over"
+        ),
+    }
+}
+
 /// One line for the user: the error and its causes, each said once.
 pub fn describe(e: &anyhow::Error) -> String {
     let mut out = String::new();

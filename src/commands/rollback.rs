@@ -2,11 +2,13 @@
 //! settings) published as version HEAD+1, parent HEAD, by this host, now.
 //! Refused while the parcel is resumed on this host (its daemon answers)
 //! or leased by anyone (the rollback takes the lease while it publishes,
-//! as import does). N = HEAD publishes nothing: it says so and exits 0.
+//! as import does; `--steal` takes it over): exit 4. A parcel or version
+//! that does not exist is refused before any lease is taken. N = HEAD
+//! publishes nothing: it says so and exits 0.
 
 use serde_json::json;
 
-use super::{explain, host_name, open_parcel, parcel_args};
+use super::{explain, host_name, open_parcel, parcel_args, released_or_not, until_signal};
 use crate::cli::RollbackArgs;
 use crate::{output, time};
 
@@ -21,24 +23,48 @@ pub(super) async fn rollback(a: RollbackArgs) -> anyhow::Result<()> {
             status["pid"]
         );
     }
-    let lease = fetcher::Lease::acquire(
+    // A parcel or version that does not exist is refused before the lease
+    // is taken: a failed rollback leaves nothing in the store.
+    parcel
+        .resolve(Some(a.to))
+        .await
+        .map_err(|e| explain(e, &pa))?;
+    let lease = fetcher::Lease::acquire_for(
         parcel.store(),
         &name,
         &host_name(),
         time::now_unix(),
         None,
-        false,
+        a.steal,
+        fetcher::Task::Rollback,
     )
     .await
-    .map_err(|e| match e {
-        fetcher::Error::LeaseHeld { parcel, holder } => anyhow::anyhow!(
-            "parcel {parcel} is in use by {holder}: roll it back once it is suspended there"
-        ),
-        e => explain(e, &pa),
-    })?;
-    let done = fetcher::ops::rollback(&parcel, a.to, &host_name(), time::now_unix()).await;
+    .map_err(|e| explain(e, &pa))?;
+    if let Some(dead) = lease.dead_before() {
+        output::note(format_args!(
+            "isr: took the lease on parcel {} over from {}, which had died",
+            parcel.name(),
+            dead.describe()
+        ));
+    }
+    let done = until_signal(fetcher::ops::rollback(
+        &parcel,
+        a.to,
+        &host_name(),
+        time::now_unix(),
+    ))
+    .await;
     let released = lease.release().await;
-    let s = done.map_err(|e| explain(e, &pa))?;
+    let s = match done {
+        Ok(r) => r.map_err(|e| explain(e, &pa))?,
+        Err(signal) => {
+            return Err(output::Interrupted {
+                signal,
+                what: released_or_not(&name, &released),
+            }
+            .into());
+        }
+    };
     released.map_err(|e| explain(e, &pa))?;
     if a.json {
         output::line(json!({

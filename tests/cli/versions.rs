@@ -228,7 +228,8 @@ fn rollback_publishes_an_old_version_again() {
     let lease = rt
         .block_on(Lease::acquire(&store, "vm", "other-host", 1, None, false))
         .unwrap();
-    let r = env.keyed(&["rollback", "vm", "--to", "1"], &[]).fails();
+    // A conflict, as the README says: exit 4.
+    let r = env.keyed(&["rollback", "vm", "--to", "1"], &[]).exits(4);
     assert!(
         r.stderr().contains("in use by host other-host"),
         "{}",

@@ -412,11 +412,11 @@ fn dirty_count(cache: &Cache) -> usize {
 
 fn conflict(parcel: &Parcel, cache: &Cache, base: u64, version: u64, m: &Manifest) -> Error {
     Error::Conflict(format!(
-        "the cache of parcel {} ({}) holds {} unpublished chunks based on version {base}, but version {version} was published by host {} at {} (Unix time); refusing to merge them. Move the cache directory aside to keep its changes (its image holds every chunk it wrote), or remove it to discard them",
+        "the cache of parcel {} ({}) holds {} unpublished chunks based on version {base}, but version {version} was published by host {} at {}; refusing to merge them. Move the cache directory aside to keep its changes (its image holds every chunk it wrote), or remove it to discard them",
         parcel.name(),
         cache.dir().display(),
         dirty_count(cache),
         m.host,
-        m.created_unix
+        crate::time::format_utc(m.created_unix)
     ))
 }

@@ -82,22 +82,31 @@ enum Encoded {
     Data(u64, EncodedChunk),
 }
 
-/// Imports the image at `path` as the next version of `parcel`.
-pub async fn import(
+/// What an import of an image of some size into a parcel publishes over.
+struct Plan {
+    head: Option<u64>,
+    parent: Option<Manifest>,
+    geometry: Geometry,
+}
+
+/// Checks, before anything is taken or written, that an image of `size`
+/// bytes can be imported into `parcel` with `options` (a writable store,
+/// the parcel's chunk size, HEAD's disk size unless resizing): a refused
+/// import leaves no trace in the store (no lease, no parcel).
+pub async fn check_import(
     parcel: &Parcel,
-    path: &Path,
+    size: u64,
     options: &ImportOptions,
-    progress: Progress,
-) -> Result<ImportSummary, Error> {
-    let started = Instant::now();
+) -> Result<(), Error> {
+    plan(parcel, size, options).await.map(|_| ())
+}
+
+async fn plan(parcel: &Parcel, size: u64, options: &ImportOptions) -> Result<Plan, Error> {
     if !parcel.store().is_writable() {
         return Err(Error::ReadOnly {
             store: parcel.store().url().to_owned(),
         });
     }
-    let file = File::open(path).map_err(|e| Error::io("open image", path, e))?;
-    let size = image_size(&file).map_err(|e| Error::io("size image", path, e))?;
-
     let head = parcel.head().await?;
     let parent = match head {
         Some(v) => Some(parcel.manifest(v).await?),
@@ -125,6 +134,31 @@ pub async fn import(
         )));
     }
     let geometry = Geometry::new(size, chunk_size).map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok(Plan {
+        head,
+        parent,
+        geometry,
+    })
+}
+
+/// Imports the image at `path` as the next version of `parcel`. An image
+/// that changes while it is read (its size, modification time or inode,
+/// as tar checks) is refused and nothing is published.
+pub async fn import(
+    parcel: &Parcel,
+    path: &Path,
+    options: &ImportOptions,
+    progress: Progress,
+) -> Result<ImportSummary, Error> {
+    let started = Instant::now();
+    let file = File::open(path).map_err(|e| Error::io("open image", path, e))?;
+    let size = image_size(&file).map_err(|e| Error::io("size image", path, e))?;
+    let before = Identity::of(path)?;
+    let Plan {
+        head,
+        parent,
+        geometry,
+    } = plan(parcel, size, options).await?;
 
     let mut manifest = Manifest::empty(geometry);
     manifest.parent = head;
@@ -146,6 +180,12 @@ pub async fn import(
     )
     .await?;
     manifest.chunks = up.table;
+    if Identity::of(path)? != before {
+        return Err(Error::Refused {
+            path: path.display().to_string(),
+            why: "changed while it was imported (its size, modification time or inode differ from when the import began); nothing was published: import it again once nothing writes to it".into(),
+        });
+    }
     let mut summary = ImportSummary {
         chunks: geometry.chunk_count(),
         zero_chunks: up.zero_chunks,
@@ -161,6 +201,27 @@ pub async fn import(
     summary.version = version;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// What tells a file that changed: size, modification and change times,
+/// device and inode.
+#[derive(Debug, PartialEq, Eq)]
+struct Identity(u64, i64, i64, i64, i64, u64, u64);
+
+impl Identity {
+    fn of(path: &Path) -> Result<Identity, Error> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).map_err(|e| Error::io("stat image", path, e))?;
+        Ok(Identity(
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+            m.dev(),
+            m.ino(),
+        ))
+    }
 }
 
 /// Every stored chunk a version names (its disk and its memory image): a

@@ -14,7 +14,7 @@ pub use export::{
 };
 pub use gc::{GcOptions, GcPhase, GcProgress, GcReport, ParcelGc, gc};
 pub(crate) use import::known_chunks;
-pub use import::{ImageUpload, ImportOptions, ImportSummary, import, upload_memory};
+pub use import::{ImageUpload, ImportOptions, ImportSummary, check_import, import, upload_memory};
 pub use listing::{HeadInfo, ParcelListing, list_parcels};
 pub use rollback::{RollbackSummary, rollback};
 
