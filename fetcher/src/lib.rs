@@ -36,7 +36,7 @@ pub use lease::{Lease, LeaseInfo, Liveness, Task};
 pub use notify::Notifier;
 pub use parcel::{Parcel, Published};
 pub use store::{
-    DEFAULT_CHUNK_REFRESH, PutOutcome, Store, StoreOptions, StoredObject, parse_rate,
+    ChunkStored, DEFAULT_CHUNK_REFRESH, PutOutcome, Store, StoreOptions, StoredObject, parse_rate,
     validate_parcel_name,
 };
 

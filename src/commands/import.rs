@@ -66,13 +66,14 @@ pub(super) async fn import(a: ImportArgs) -> anyhow::Result<()> {
             "zero_chunks": s.zero_chunks,
             "dedup_chunks": s.dedup_chunks,
             "uploaded_chunks": s.uploaded_chunks,
+            "repaired_chunks": s.repaired_chunks,
             "bytes_in": s.bytes_in,
             "bytes_uploaded": s.bytes_uploaded,
             "seconds": s.seconds,
         }))?;
     } else {
         output::line(format_args!(
-            "imported {} as version {} of parcel {}: {} chunks ({} zero, {} already stored, {} uploaded); {:.1} MiB in, {:.1} MiB uploaded, {:.2} s ({:.0} MiB/s)",
+            "imported {} as version {} of parcel {}: {} chunks ({} zero, {} already stored, {} uploaded{}); {:.1} MiB in, {:.1} MiB uploaded, {:.2} s ({:.0} MiB/s)",
             a.image.display(),
             s.version,
             parcel.name(),
@@ -80,6 +81,10 @@ pub(super) async fn import(a: ImportArgs) -> anyhow::Result<()> {
             s.zero_chunks,
             s.dedup_chunks,
             s.uploaded_chunks,
+            match s.repaired_chunks {
+                0 => String::new(),
+                n => format!(", {n} of them over damaged objects in the store"),
+            },
             mib(s.bytes_in),
             mib(s.bytes_uploaded),
             s.seconds,

@@ -402,3 +402,43 @@ fn exit_statuses_are_documented_and_kept() {
     let r = env.isr(&["export", "--no-such-flag"]);
     assert_eq!(r.out.status.code(), Some(2), "{}", r.stderr());
 }
+
+/// Every chunk object in the `file://` store of `env`, by path.
+fn chunk_objects(env: &Env) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for dir in std::fs::read_dir(env.path("store").join("chunks"))
+        .unwrap()
+        .flatten()
+    {
+        for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            out.push(f.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn an_import_replaces_damaged_chunk_objects_instead_of_naming_them() {
+    let env = Env::file();
+    let image = env.imported(4, 86);
+    let objects = chunk_objects(&env);
+    assert!(objects.len() >= 2, "{objects:?}");
+    // One object truncated to nothing, one with a byte flipped.
+    std::fs::write(&objects[0], b"").unwrap();
+    let mut bytes = std::fs::read(&objects[1]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&objects[1], &bytes).unwrap();
+    env.on("verify", "vm", &[]).fails();
+
+    // Importing the same image again puts the good bytes back: the new
+    // version names no object the import could not vouch for.
+    let r = env.on("import", "vm", &[s(&image), "--json"]).ok().json();
+    assert_eq!(r["repaired_chunks"], 2, "{r}");
+    assert_eq!(r["uploaded_chunks"], 2, "{r}");
+    env.on("verify", "vm", &[]).ok();
+    env.on("verify", "vm", &["--version", "1"]).ok();
+    let r = env.on("import", "vm", &[s(&image)]).ok();
+    assert!(!r.stdout().contains("damaged"), "{}", r.stdout());
+}

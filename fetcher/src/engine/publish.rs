@@ -22,7 +22,7 @@ use super::{Base, Engine, Shared};
 use crate::cache::{DIRTY, PRESENT, state_of};
 use crate::lease::Lease;
 use crate::ops::{DEFAULT_CONCURRENCY, Image, ImageUpload};
-use crate::{ChunkFault, Error, Parcel, PutOutcome};
+use crate::{ChunkFault, Error, Parcel};
 
 /// What a publish did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -227,8 +227,9 @@ async fn publish(
     manifest.memory_chunks.clear();
     manifest.memory_lengths.clear();
     if let Some(path) = &saved.memory {
-        let mut known = crate::ops::known_chunks(Some(&manifest));
-        known.extend(crate::ops::known_chunks(Some(base_manifest)));
+        // Each chunk is checked against the store once (none is trusted
+        // for being named by the base version: see `Store::store_chunk`).
+        let mut known = std::collections::HashSet::new();
         let mut up = crate::ops::upload_memory(
             &shared.parcel,
             path,
@@ -430,14 +431,15 @@ pub(super) async fn upload_chunk(shared: Arc<Shared>, c: u64) -> Result<Uploaded
     done.table_entry = ChunkEntry::Data(chunk.key);
     let store = shared.parcel.store();
     let size = chunk.object.len() as u64;
-    if !store.has_chunk(&chunk.id).await?
-        && store
-            .put_chunk(&chunk.id, Bytes::from(chunk.object))
-            .await?
-            == PutOutcome::Created
+    match store
+        .store_chunk(&chunk.id, Bytes::from(chunk.object))
+        .await?
     {
-        done.sent = Some(size);
-        shared.note_uploaded(size);
+        crate::ChunkStored::Reused => {}
+        crate::ChunkStored::Uploaded | crate::ChunkStored::Replaced(_) => {
+            done.sent = Some(size);
+            shared.note_uploaded(size);
+        }
     }
     Ok(done)
 }

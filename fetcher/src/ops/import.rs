@@ -20,7 +20,7 @@ use format::{ChunkEntry, ChunkKey, Chunker, DEFAULT_CHUNK_SIZE, Geometry, Layout
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use crate::{Error, Parcel, Progress, PutOutcome, sparse};
+use crate::{ChunkStored, Error, Parcel, Progress, sparse};
 
 /// How to import.
 #[derive(Debug, Clone)]
@@ -69,6 +69,9 @@ pub struct ImportSummary {
     pub dedup_chunks: u64,
     /// Chunks uploaded.
     pub uploaded_chunks: u64,
+    /// Of those, chunks whose object in the store was damaged (another
+    /// size, or other bytes on a `file://` store), replaced.
+    pub repaired_chunks: u64,
     /// Size of the image.
     pub bytes_in: u64,
     /// Bytes of chunk objects uploaded.
@@ -167,8 +170,9 @@ pub async fn import(
     // The same VM runs on the new disk (its memory image does not carry over).
     manifest.vm = parent.as_ref().and_then(|p| p.vm.clone());
 
-    // Chunks known to be in the store: those the parent version names.
-    let mut known = known_chunks(parent.as_ref());
+    // Chunks this import stored or vouched for already. (The parent's are
+    // not trusted blindly: each is checked against the bytes in hand.)
+    let mut known = HashSet::new();
     let up = upload_file(
         parcel,
         file,
@@ -191,6 +195,7 @@ pub async fn import(
         zero_chunks: up.zero_chunks,
         dedup_chunks: up.dedup_chunks,
         uploaded_chunks: up.uploaded_chunks,
+        repaired_chunks: up.repaired_chunks,
         bytes_in: size,
         bytes_uploaded: up.bytes_uploaded,
         ..Default::default()
@@ -224,19 +229,6 @@ impl Identity {
     }
 }
 
-/// Every stored chunk a version names (its disk and its memory image): a
-/// transfer never uploads these again.
-pub(crate) fn known_chunks(manifest: Option<&Manifest>) -> HashSet<ChunkKey> {
-    manifest
-        .iter()
-        .flat_map(|m| super::Image::all_entries(m))
-        .filter_map(|e| match e {
-            ChunkEntry::Data(k) => Some(*k),
-            ChunkEntry::Zero => None,
-        })
-        .collect()
-}
-
 /// What uploading an image did (the disk at import, or a memory image).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ImageUpload {
@@ -254,6 +246,8 @@ pub struct ImageUpload {
     pub dedup_chunks: u64,
     /// Chunks uploaded.
     pub uploaded_chunks: u64,
+    /// Of those, chunks whose damaged object in the store they replaced.
+    pub repaired_chunks: u64,
     /// Bytes of chunk objects uploaded.
     pub bytes_uploaded: u64,
 }
@@ -393,7 +387,7 @@ async fn upload_file(
     );
 
     let uploads = Arc::new(Semaphore::new(options.concurrency.max(1)));
-    let mut in_flight: JoinSet<Result<(PutOutcome, u64), Error>> = JoinSet::new();
+    let mut in_flight: JoinSet<Result<(ChunkStored, u64), Error>> = JoinSet::new();
     let result: Result<(), Error> = async {
         while let Some(msg) = rx.recv().await {
             match msg? {
@@ -415,13 +409,9 @@ async fn upload_file(
                     in_flight.spawn(async move {
                         let _permit = permit;
                         let size = chunk.object.len() as u64;
-                        let outcome = if store.has_chunk(&chunk.id).await? {
-                            PutOutcome::AlreadyPresent
-                        } else {
-                            store
-                                .put_chunk(&chunk.id, Bytes::from(chunk.object))
-                                .await?
-                        };
+                        let outcome = store
+                            .store_chunk(&chunk.id, Bytes::from(chunk.object))
+                            .await?;
                         progress(len);
                         Ok((outcome, size))
                     });
@@ -448,14 +438,16 @@ async fn upload_file(
 
 fn count_upload(
     summary: &mut ImageUpload,
-    done: Result<Result<(PutOutcome, u64), Error>, tokio::task::JoinError>,
+    done: Result<Result<(ChunkStored, u64), Error>, tokio::task::JoinError>,
 ) -> Result<(), Error> {
-    match done.expect("upload tasks do not panic")? {
-        (PutOutcome::Created, size) => {
+    let (stored, size) = done.expect("upload tasks do not panic")?;
+    match stored {
+        ChunkStored::Reused => summary.dedup_chunks += 1,
+        ChunkStored::Uploaded | ChunkStored::Replaced(_) => {
             summary.uploaded_chunks += 1;
+            summary.repaired_chunks += u64::from(stored != ChunkStored::Uploaded);
             summary.bytes_uploaded += size;
         }
-        (PutOutcome::AlreadyPresent, _) => summary.dedup_chunks += 1,
     }
     Ok(())
 }

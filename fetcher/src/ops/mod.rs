@@ -13,7 +13,6 @@ pub use export::{
     ExportOptions, ExportSummary, VerifyReport, export, export_image, export_with, verify,
 };
 pub use gc::{GcOptions, GcPhase, GcProgress, GcReport, ParcelGc, gc};
-pub(crate) use import::known_chunks;
 pub use import::{ImageUpload, ImportOptions, ImportSummary, check_import, import, upload_memory};
 pub use listing::{HeadInfo, ParcelListing, list_parcels};
 pub use rollback::{RollbackSummary, rollback};

@@ -25,6 +25,15 @@
 //! chunks through these two functions only. Ages compare the store's
 //! `last_modified` with this host's clock: clocks apart by more than a few
 //! minutes eat into the margin.
+//!
+//! A publisher that holds a chunk's bytes stores it through
+//! [`Store::store_chunk`], which also refuses to reuse an object it cannot
+//! vouch for: one whose size differs from the bytes in hand (a truncated or
+//! damaged object, which the object name alone cannot tell) is replaced by
+//! them, and on a `file://` store, where reading is local and cheap, so is
+//! one whose content differs. (The encoding is deterministic: the bytes in
+//! hand are what any writer of that chunk stored. Other stores are checked
+//! by size only: an S3 ETag is not an MD5 under every kind of encryption.)
 
 use std::time::{Duration, SystemTime};
 
@@ -34,6 +43,18 @@ use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
 use super::{PutOutcome, Store};
+
+/// What [`Store::store_chunk`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkStored {
+    /// The object was not there: uploaded.
+    Uploaded,
+    /// A young copy the publisher could vouch for was there (or an old
+    /// one, now refreshed): nothing uploaded.
+    Reused,
+    /// The object there was damaged (why): replaced by these bytes.
+    Replaced(String),
+}
 use crate::Error;
 
 /// Default refresh age R: a chunk older than this is rewritten, not reused.
@@ -83,6 +104,64 @@ impl Store {
                 Ok(PutOutcome::AlreadyPresent)
             }
         }
+    }
+
+    /// Stores chunk object `object` (the encoding of a chunk whose bytes
+    /// the caller holds) as `id`, unless the store has a copy this host can
+    /// vouch for: the same size, and on a `file://` store the same bytes.
+    /// A copy that is not is replaced; an old one is refreshed (see the
+    /// module docs).
+    pub async fn store_chunk(&self, id: &ChunkId, object: Bytes) -> Result<ChunkStored, Error> {
+        let path = Self::chunk_path(id);
+        let location = Path::from(path.as_str());
+        let meta = match self
+            .retry
+            .run_as(self.op("check chunk", &path), || self.inner.head(&location))
+            .await
+        {
+            Ok(meta) => meta,
+            Err(f) => match self.error("check chunk", &path, f) {
+                Error::NotFound { .. } => {
+                    return Ok(match self.put_chunk(id, object).await? {
+                        PutOutcome::Created => ChunkStored::Uploaded,
+                        PutOutcome::AlreadyPresent => ChunkStored::Reused,
+                    });
+                }
+                e => return Err(e),
+            },
+        };
+        let have = meta.size as u64;
+        let why = if have != object.len() as u64 {
+            Some(format!("{have} bytes where {} were expected", object.len()))
+        } else if self.url().starts_with("file://") {
+            match self.get("check chunk", &path).await {
+                Ok(stored) if stored == object => None,
+                Ok(_) => Some("its bytes differ from the chunk's encoding".to_owned()),
+                // Deleted since (a gc): stored afresh, as a missing chunk.
+                Err(Error::NotFound { .. }) => {
+                    return Ok(match self.put_chunk(id, object).await? {
+                        PutOutcome::Created => ChunkStored::Uploaded,
+                        PutOutcome::AlreadyPresent => ChunkStored::Reused,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            tracing::warn!(chunk = %id, why, "replacing a damaged chunk object");
+            self.up.take(object.len() as u64).await;
+            self.overwrite("replace chunk", &path, object).await?;
+            return Ok(ChunkStored::Replaced(why));
+        }
+        let age = age_of(super::list::to_system_time(
+            meta.last_modified.timestamp_millis(),
+        ));
+        if age >= self.chunk_refresh {
+            self.keep_fresh(&path, object).await?;
+        }
+        Ok(ChunkStored::Reused)
     }
 
     /// Makes sure the existing chunk `path` is young: rewrites it if it is

@@ -39,8 +39,8 @@ mod list;
 mod open;
 mod retry;
 
-pub use fresh::DEFAULT_CHUNK_REFRESH;
 pub(crate) use fresh::age_of;
+pub use fresh::{ChunkStored, DEFAULT_CHUNK_REFRESH};
 pub use list::StoredObject;
 pub(crate) use list::version_of;
 
