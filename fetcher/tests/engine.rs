@@ -427,7 +427,10 @@ fn lease_hint_finds_the_generation_in_one_round_and_a_stale_one_is_checked() {
         .block_on(Lease::acquire(&store, "vm", "host-c", 200, None, false))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("host-b") && err.contains("since 1970-01-01 00:01:40Z"), "{err}");
+    assert!(
+        err.contains("host-b") && err.contains("since 1970-01-01 00:01:40Z"),
+        "{err}"
+    );
     let c = rt
         .block_on(Lease::acquire(&store, "vm", "host-c", 300, None, true))
         .unwrap();
@@ -449,7 +452,10 @@ fn lease_two_hosts_suspend_here_resume_there() {
         .block_on(Lease::acquire(&store, "vm", "host-b", 200, None, false))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("host-a") && err.contains("since 1970-01-01 00:01:40Z"), "{err}");
+    assert!(
+        err.contains("host-a") && err.contains("since 1970-01-01 00:01:40Z"),
+        "{err}"
+    );
 
     let (root_a, root_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Engine::open(parcel.clone(), options(root_a.path())).unwrap();

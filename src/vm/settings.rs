@@ -103,28 +103,93 @@ pub fn choose_settings(
             a.qemu_args.clone()
         },
     };
-    if let Some(version) = restore
-        && let Some(rec) = recorded
-        && s != *rec
-    {
-        bail!(
-            "version {version}'s memory image was saved from a VM with {} MiB, {} CPUs and QEMU arguments {:?}; a VM with {} MiB, {} CPUs and {:?} cannot restore it (leave those out, or pass --cold to boot afresh)",
-            rec.memory_mib,
-            rec.cpus,
-            rec.args,
-            s.memory_mib,
-            s.cpus,
-            s.args
-        );
-    }
     if !has_option(&s.args, &["-machine", "-M"]) {
         s.args
             .splice(0..0, ["-machine".to_owned(), "pc".to_owned()]);
+    }
+    if let Some(version) = restore
+        && let Some(rec) = recorded
+    {
+        // The same command on every host: what isr resolved itself (the
+        // machine type's versioned name) is no difference.
+        let differs = if s.memory_mib != rec.memory_mib {
+            Some(format!(
+                "{} MiB of memory here, {} MiB there",
+                s.memory_mib, rec.memory_mib
+            ))
+        } else if s.cpus != rec.cpus {
+            Some(format!("{} CPUs here, {} there", s.cpus, rec.cpus))
+        } else {
+            args_difference(&s.args, &rec.args)
+        };
+        if let Some(what) = differs {
+            bail!(
+                "version {version}'s memory image was saved from a VM with {} MiB, {} CPUs and QEMU arguments {:?}, which this run's settings do not match ({what}): QEMU cannot restore it on other hardware (leave the difference out, or pass --cold to boot afresh)",
+                rec.memory_mib,
+                rec.cpus,
+                rec.args,
+            );
+        }
+        s.args = rec.args.clone();
     }
     if s.memory_mib == 0 || s.cpus == 0 {
         bail!("a VM needs at least 1 MiB of memory and 1 CPU");
     }
     Ok(s)
+}
+
+/// The first argument in which `here` (this run's QEMU arguments) differs
+/// from `saved` (a saved VM's), said for the user; a machine type given
+/// by its alias (`pc`, `q35`, `virt`) matches the versioned name QEMU
+/// resolved it to on the saving host (`pc-i440fx-7.2`, `pc-q35-8.2`,
+/// `virt-9.0`).
+fn args_difference(here: &[String], saved: &[String]) -> Option<String> {
+    let machine_at = |args: &[String], i: usize| {
+        i > 0 && matches!(args[i - 1].as_str(), "-machine" | "-M" | "--machine")
+    };
+    for i in 0..here.len().max(saved.len()) {
+        let (h, s) = (here.get(i), saved.get(i));
+        let same = match (h, s) {
+            (Some(h), Some(s)) if machine_at(here, i) && machine_at(saved, i) => same_machine(h, s),
+            (Some(h), Some(s)) => spelled(h) == spelled(s),
+            _ => false,
+        };
+        if !same {
+            let show = |a: Option<&String>| a.map_or("nothing".to_owned(), |a| format!("`{a}`"));
+            return Some(format!(
+                "argument {}: {} here, {} there",
+                i + 1,
+                show(h),
+                show(s)
+            ));
+        }
+    }
+    None
+}
+
+/// An option as QEMU reads it: `--opt` is `-opt`, `-M` is `-machine`.
+fn spelled(arg: &str) -> &str {
+    match arg.strip_prefix('-').filter(|a| a.starts_with('-')) {
+        _ if arg == "-M" => "-machine",
+        Some(single) => single,
+        None => arg,
+    }
+}
+
+/// Whether machine spec `here` (`TYPE[,props]`) names the machine `saved`
+/// was resolved to.
+fn same_machine(here: &str, saved: &str) -> bool {
+    let split = |m: &str| -> (String, String) {
+        let (ty, rest) = m.split_once(',').unwrap_or((m, ""));
+        (ty.trim_start_matches("type=").to_owned(), rest.to_owned())
+    };
+    let ((h, hrest), (s, srest)) = (split(here), split(saved));
+    let versioned = match h.as_str() {
+        "pc" => s.starts_with("pc-i440fx-"),
+        "q35" => s.starts_with("pc-q35-"),
+        alias => s.starts_with(&format!("{alias}-")),
+    };
+    hrest == srest && (h == s || versioned)
 }
 
 #[cfg(test)]
@@ -196,6 +261,53 @@ mod tests {
         .to_string();
         assert!(
             err.contains("version 3's memory image") && err.contains("--cold"),
+            "{err}"
+        );
+        assert!(
+            err.contains("256 MiB of memory here, 128 MiB there"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_command_that_saved_a_vm_restores_it_on_another_host() {
+        // Saved by `isr run -- -nographic -device virtio-rng-pci`: isr put
+        // `-machine pc` first, and QEMU resolved it.
+        let recorded = VmSettings {
+            memory_mib: 128,
+            cpus: 1,
+            save_format: SaveFormat::Stream,
+            args: [
+                "-machine",
+                "pc-i440fx-7.2",
+                "-nographic",
+                "-device",
+                "virtio-rng-pci",
+            ]
+            .map(String::from)
+            .to_vec(),
+        };
+        let same = ["--", "-nographic", "-device", "virtio-rng-pci"];
+        let s = choose_settings(&run_args(&same), Some(&recorded), Some(3)).unwrap();
+        assert_eq!(s, recorded, "restored as saved");
+        let pc = ["--", "-M", "pc", "-nographic", "-device", "virtio-rng-pci"];
+        let s = choose_settings(&run_args(&pc), Some(&recorded), Some(3)).unwrap();
+        assert_eq!(s, recorded);
+        // A real difference is refused, and named.
+        let q35 = ["--", "-M", "q35", "-nographic", "-device", "virtio-rng-pci"];
+        let err = choose_settings(&run_args(&q35), Some(&recorded), Some(3))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("argument 2: `q35` here, `pc-i440fx-7.2` there"),
+            "{err}"
+        );
+        let other = ["--", "-nographic", "-device", "virtio-net-pci"];
+        let err = choose_settings(&run_args(&other), Some(&recorded), Some(3))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("argument 5: `virtio-net-pci` here, `virtio-rng-pci` there"),
             "{err}"
         );
     }
