@@ -33,7 +33,7 @@ Exit status:
   0    success
   1    failure (verify: a bad chunk; log, ls: an unreadable version); with --json,
        stdout holds one JSON object with \"error\" and \"kind\" fields
-  2    usage error (bad arguments)
+  2    usage error (bad arguments, a malformed store URL or endpoint)
   3    the store is unreachable (connections refused or timed out for the
        whole --retry-timeout)
   4    conflict: the parcel is leased by another host, this session was
@@ -132,6 +132,7 @@ impl Kind {
                 return match f.class() {
                     ErrorClass::Unreachable => Kind::Unreachable,
                     ErrorClass::Conflict => Kind::Conflict,
+                    ErrorClass::Usage => Kind::Usage,
                     ErrorClass::Other => Kind::Failure,
                 };
             }
@@ -271,20 +272,41 @@ pub fn usage(e: &clap::Error, json: bool) -> ExitCode {
         return ExitCode::SUCCESS; // --help, --version
     }
     if json {
-        let text = e.to_string();
-        let first = text
-            .lines()
-            .next()
-            .unwrap_or("usage error")
-            .trim_start_matches("error: ");
-        let _ = line(json!({ "error": first, "kind": Kind::Usage.name() }));
+        let _ = line(json!({ "error": usage_message(&e.to_string()), "kind": Kind::Usage.name() }));
     }
     ExitCode::from(USAGE)
+}
+
+/// A clap error's message on one line: what precedes its usage lines (a
+/// missing argument's name is on the lines after the first).
+fn usage_message(text: &str) -> String {
+    let body = text.split("\n\nUsage:").next().unwrap_or(text);
+    let body = body
+        .split("\n\nFor more information")
+        .next()
+        .unwrap_or(body);
+    let words: Vec<&str> = body.split_whitespace().collect();
+    let joined = words.join(" ");
+    joined
+        .trim_start_matches("error: ")
+        .trim_end_matches(':')
+        .to_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_errors_keep_what_is_missing() {
+        let text = "error: the following required arguments were not provided:\n  --store <STORE>\n  --to <N>\n\nUsage: isr rollback --store <STORE> --to <N> <PARCEL>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_message(text),
+            "the following required arguments were not provided: --store <STORE> --to <N>"
+        );
+        let text = "error: unexpected argument '--x' found\n\nUsage: isr log\n";
+        assert_eq!(usage_message(text), "unexpected argument '--x' found");
+    }
 
     #[test]
     fn fetcher_errors_map_to_exit_statuses() {

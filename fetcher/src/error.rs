@@ -249,6 +249,8 @@ pub enum ErrorClass {
     /// another, this session was fenced or lost its lease, or another
     /// writer published first (or a cache conflicts with a newer version).
     Conflict,
+    /// What the user typed cannot work: a malformed store URL or endpoint.
+    Usage,
     /// Anything else.
     Other,
 }
@@ -277,6 +279,7 @@ impl Error {
             | Error::Fenced { .. }
             | Error::Conflict(_)
             | Error::VersionExists { .. } => ErrorClass::Conflict,
+            Error::BadUrl { .. } | Error::BadEndpoint { .. } => ErrorClass::Usage,
             _ => ErrorClass::Other,
         }
     }

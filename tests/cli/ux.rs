@@ -90,6 +90,16 @@ fn usage_errors_exit_2_with_a_json_error_when_asked() {
         j["error"].as_str().unwrap().contains("--no-such-flag"),
         "{j}"
     );
+    // The JSON error names what is missing, not only that something is.
+    let r = env.isr(&["rollback", "vm", "--json"]).exits(2);
+    let j = r.json();
+    assert!(j["error"].as_str().unwrap().contains("--to <N>"), "{j}");
+    // A store URL that cannot work is a usage error too.
+    for url in ["bogus://x", "file:relative", "s3://"] {
+        let r = env.isr(&["ls", "--store", url, "--json"]).exits(2);
+        assert_eq!(r.json()["kind"], "usage", "{url}: {}", r.stdout());
+        assert!(r.stderr().contains(url), "{}", r.stderr());
+    }
     // --help and --version are no errors.
     env.isr(&["--version"]).exits(0);
     let help = env.isr(&["--help"]).exits(0);
