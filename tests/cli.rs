@@ -550,12 +550,13 @@ fn bad_endpoints_fail_naming_them() {
         ("localhost:9000", "not http or https"),
         ("http://[::1", "invalid"),
     ] {
-        let r = env.on("log", "vm", &["--endpoint", bad]).fails();
+        // What the user typed cannot work: a usage error (exit 2).
+        let r = env.on("log", "vm", &["--endpoint", bad]).exits(2);
         for want in [&format!("S3 endpoint {bad:?}"), why, "s3://isr-test/x"] {
             assert!(r.stderr().contains(want), "{bad:?}: {}", r.stderr());
         }
         env.vars.push(("AWS_ENDPOINT_URL", bad.into()));
-        let r = env.on("log", "vm", &[]).fails();
+        let r = env.on("log", "vm", &[]).exits(2);
         assert!(r.stderr().contains(why), "{bad:?}: {}", r.stderr());
         env.vars.pop();
     }
@@ -583,7 +584,7 @@ fn file_urls_must_name_an_absolute_path() {
         if cmd == "import" {
             args.push(s(&image));
         }
-        let r = env.isr(&args).fails();
+        let r = env.isr(&args).exits(2);
         assert!(
             r.stderr().contains("not an absolute local path"),
             "{}",

@@ -13,6 +13,17 @@ pub(super) async fn export(a: ExportArgs) -> anyhow::Result<()> {
         .resolve(a.version)
         .await
         .map_err(|e| explain(e, &a.parcel))?;
+    if a.force
+        && let Ok(m) = std::fs::metadata(&a.out)
+        && m.is_file()
+        && std::os::unix::fs::MetadataExt::nlink(&m) > 1
+    {
+        output::note(format_args!(
+            "isr: {} has {} other hard links; they keep the old content (export replaces the file)",
+            a.out.display(),
+            std::os::unix::fs::MetadataExt::nlink(&m) - 1
+        ));
+    }
     let (bar, sink) = progress::bytes_bar(manifest.disk_size, "export", a.json);
     let options = fetcher::ops::ExportOptions { force: a.force };
     let s = fetcher::ops::export_with(&parcel, version, &manifest, &a.out, &options, sink)

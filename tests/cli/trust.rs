@@ -442,3 +442,30 @@ fn an_import_replaces_damaged_chunk_objects_instead_of_naming_them() {
     let r = env.on("import", "vm", &[s(&image)]).ok();
     assert!(!r.stdout().contains("damaged"), "{}", r.stdout());
 }
+
+#[test]
+fn export_names_a_missing_directory_and_keeps_the_owner_of_what_it_replaces() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::file();
+    let image = env.imported(4, 87);
+    let missing = env.path("no/such/dir/out.img");
+    let r = env.on("export", "vm", &[s(&missing)]).fails();
+    assert!(r.stderr().contains("its directory"), "{}", r.stderr());
+    assert!(r.stderr().contains("does not exist"), "{}", r.stderr());
+    assert!(!r.stderr().contains("isr-partial"), "{}", r.stderr());
+
+    // Someone else's file, with a second name: --force keeps its owner,
+    // group and mode; the other name keeps the old content, and is told.
+    let out = env.path("theirs.img");
+    std::fs::write(&out, b"old").unwrap();
+    let link = env.path("theirs-link.img");
+    std::fs::hard_link(&out, &link).unwrap();
+    std::os::unix::fs::chown(&out, Some(4321), Some(4322)).unwrap();
+    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    let r = env.on("export", "vm", &[s(&out), "--force"]).ok();
+    assert!(r.stderr().contains("1 other hard links"), "{}", r.stderr());
+    let m = std::fs::metadata(&out).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (4321, 4322, 0o640));
+    assert_eq!(sha256(&out), sha256(&image));
+    assert_eq!(std::fs::read(&link).unwrap(), b"old");
+}

@@ -270,7 +270,7 @@ impl Target {
         };
         match meta {
             None => Target::temp(&path, size, force, None),
-            Some(m) if m.is_file() && force => Target::temp(&path, size, true, Some(m.permissions())),
+            Some(m) if m.is_file() && force => Target::temp(&path, size, true, Some(m)),
             Some(m) if m.is_file() => Err(refuse(
                 "exists; refusing to overwrite it (use --force to replace it)".into(),
             )),
@@ -316,13 +316,28 @@ impl Target {
 
     /// A new temporary file beside `out` with a name no other export uses
     /// (created with O_EXCL), mode 0600 like any fresh copy of a
-    /// plaintext disk, or the mode of the file it is to replace.
+    /// plaintext disk, or the mode, owner and group of the file it is to
+    /// replace (`old`).
     fn temp(
         out: &Path,
         size: u64,
         replace: bool,
-        permissions: Option<std::fs::Permissions>,
+        old: Option<std::fs::Metadata>,
     ) -> Result<Target, Error> {
+        let dir = match out.parent() {
+            Some(d) if d.as_os_str().is_empty() => Path::new("."),
+            Some(d) => d,
+            None => Path::new("/"),
+        };
+        if !dir.is_dir() {
+            return Err(Error::Refused {
+                path: out.display().to_string(),
+                why: format!(
+                    "its directory {} does not exist; export creates the file, not directories",
+                    dir.display()
+                ),
+            });
+        }
         let name = out
             .file_name()
             .ok_or_else(|| Error::Refused {
@@ -357,10 +372,24 @@ impl Target {
                 committed: false,
             },
         };
-        if let Some(p) = permissions {
+        if let Some(old) = old {
+            use std::os::unix::fs::MetadataExt;
+            std::os::unix::fs::fchown(&*target.file, Some(old.uid()), Some(old.gid())).map_err(
+                |e| match e.kind() {
+                    ErrorKind::PermissionDenied => Error::Refused {
+                        path: out.display().to_string(),
+                        why: format!(
+                            "belongs to uid {} gid {}, which this user cannot give the new file that replaces it: export as its owner (or root), or to another file",
+                            old.uid(),
+                            old.gid()
+                        ),
+                    },
+                    _ => Error::io("chown", &target.path, e),
+                },
+            )?;
             target
                 .file
-                .set_permissions(p)
+                .set_permissions(old.permissions())
                 .map_err(|e| Error::io("chmod", &target.path, e))?;
         }
         target
