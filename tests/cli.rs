@@ -425,6 +425,48 @@ fn hoard_fills_the_cache_and_a_second_hoard_fetches_nothing() {
     assert_eq!(sha256(&dir.join("image")), sha256(&image));
 }
 
+/// A hoard reports every chunk it made local, not only the objects it
+/// fetched: one object fills every chunk that repeats its content.
+#[test]
+fn hoard_counts_the_chunks_it_filled_beside_the_objects_it_fetched() {
+    let env = Env::file();
+    let mut x = 31u64;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let distinct: Vec<Vec<u8>> = (0..6).map(|_| noise(256 << 10)).collect();
+    let image = env.path("repeats");
+    let disk: Vec<u8> = (0..8).flat_map(|i| distinct[i % 6].clone()).collect();
+    std::fs::write(&image, &disk).unwrap();
+    env.on("import", "vm", &[s(&image)]).ok();
+    let cache = env.path("cache");
+    let r = env
+        .on("hoard", "vm", &["--cache-dir", s(&cache), "--json"])
+        .ok()
+        .json();
+    assert_eq!(
+        (r["filled_chunks"].as_u64(), r["fetched_chunks"].as_u64()),
+        (Some(8), Some(6)),
+        "{r}"
+    );
+    let r = env
+        .on("hoard", "vm", &["--cache-dir", s(&env.path("cache2"))])
+        .ok();
+    assert!(
+        r.stdout()
+            .contains("8 chunks filled from 6 objects fetched"),
+        "{}",
+        r.stdout()
+    );
+}
+
 /// On a host whose kernel has no ublk driver, resume says exactly that and
 /// fails. (The control device is pointed at a path that does not exist, so
 /// this checks the message on any host, ublk or not.)

@@ -269,6 +269,15 @@ async fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// "N chunks filled from M objects fetched (X MiB)": one object fills
+/// every chunk that holds its content.
+fn filled_from(filled: u64, objects: u64, bytes: u64) -> String {
+    format!(
+        "{filled} chunks filled from {objects} objects fetched ({:.1} MiB)",
+        mib(bytes)
+    )
+}
+
 async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
     let parcel = open_parcel(&a.parcel)?;
     parcel.store().set_bwlimit(a.bwlimit, a.bwlimit);
@@ -283,7 +292,7 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // The engine runs its own runtime and blocks: keep it off ours.
     let runtime = tokio::runtime::Handle::current();
-    let (stats, report, dir, ram) = tokio::task::spawn_blocking(move || {
+    let ((filled, stats), report, dir, ram) = tokio::task::spawn_blocking(move || {
         let engine = fetcher::Engine::open(parcel.clone(), options.clone())?;
         let total = engine.geometry().disk_size();
         // What is cached already is verified first: a damaged or truncated
@@ -298,12 +307,16 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
                 engine.parcel().name()
             ));
         }
+        let before = engine.stats().cached_chunks;
         let (bar, sink) = progress::bytes_bar(total, "hoard", json);
         let stats = engine.hoard(sink);
         bar.finish_and_clear();
         let report = engine.open_report().clone();
         let dir = engine.cache_dir();
         let stats = stats?;
+        // Chunks this hoard made local: more than the objects it fetched
+        // where one object fills several chunks (repeated content).
+        let filled = stats.cached_chunks.saturating_sub(before);
         engine.close()?;
         // The VM's RAM, where the version keeps it as an image of its own.
         let manifest = runtime.block_on(parcel.manifest(report.base_version))?;
@@ -318,15 +331,16 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
                 )?;
                 let (bar, sink) = progress::bytes_bar(r.size, "hoard RAM", json);
                 let verified = ram.verify_cached(fetcher::no_progress());
+                let before = ram.stats().cached_chunks;
                 let stats = verified.and_then(|_| ram.hoard(sink));
                 bar.finish_and_clear();
                 let stats = stats?;
                 ram.close()?;
-                Some(stats)
+                Some((stats.cached_chunks.saturating_sub(before), stats))
             }
             None => None,
         };
-        Ok::<_, fetcher::Error>((stats, report, dir, ram))
+        Ok::<_, fetcher::Error>(((filled, stats), report, dir, ram))
     })
     .await?
     .map_err(|e| explain(e, &a.parcel))?;
@@ -342,10 +356,12 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
             "chunks": stats.chunks,
             "cached_chunks": stats.cached_chunks,
             "dirty_chunks": stats.dirty_chunks,
+            "filled_chunks": filled,
             "fetched_chunks": stats.fetched_chunks,
             "bytes_fetched": stats.fetched_bytes,
-            "ram": ram.as_ref().map(|r| json!({
+            "ram": ram.as_ref().map(|(filled, r)| json!({
                 "chunks": r.chunks,
+                "filled_chunks": filled,
                 "fetched_chunks": r.fetched_chunks,
                 "bytes_fetched": r.fetched_bytes,
             })),
@@ -353,19 +369,17 @@ async fn hoard(a: HoardArgs) -> anyhow::Result<()> {
         }))?;
     } else {
         output::line(format_args!(
-            "hoarded version {} of parcel {} in {}: {} chunks fetched ({:.1} MiB), {} of {} chunks cached{}, {:.2} s",
+            "hoarded version {} of parcel {} in {}: {}, {} of {} chunks cached{}, {:.2} s",
             report.base_version,
             a.parcel.parcel,
             dir.display(),
-            stats.fetched_chunks,
-            mib(stats.fetched_bytes),
+            filled_from(filled, stats.fetched_chunks, stats.fetched_bytes),
             stats.cached_chunks,
             stats.chunks,
             match &ram {
-                Some(r) => format!(
-                    "; the VM's RAM: {} chunks fetched ({:.1} MiB), {} of {} cached",
-                    r.fetched_chunks,
-                    mib(r.fetched_bytes),
+                Some((filled, r)) => format!(
+                    "; the VM's RAM: {}, {} of {} cached",
+                    filled_from(*filled, r.fetched_chunks, r.fetched_bytes),
                     r.cached_chunks,
                     r.chunks
                 ),
