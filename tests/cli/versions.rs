@@ -479,6 +479,12 @@ fn gc_removes_old_versions_and_their_chunks() {
         "{text}"
     );
     assert!(text.contains("removed 0 (0.0 MiB)"), "{text}");
+    // Keeping more than there are names only what is there.
+    let text = gc(&["--keep", "5", "--dry-run"]).ok().stdout();
+    assert!(
+        text.contains("parcel vm: HEAD 3; no version to remove (kept version 3)"),
+        "{text}"
+    );
 
     // A parcel of another key: gc stops, naming it.
     let other = env.path("other.key");

@@ -197,7 +197,9 @@ pub async fn gc(
         let lease = Lease::holder_of(store, &name).await?;
         let oldest_kept = match lease {
             Some(_) => versions[0],
-            None => (head + 1).saturating_sub(options.keep).max(1),
+            // (never below the oldest version there is: an earlier gc
+            // may have removed those before it)
+            None => (head + 1).saturating_sub(options.keep).max(versions[0]),
         };
         let mut removed_versions = Vec::new();
         for &v in &versions {
