@@ -195,11 +195,22 @@ fn refused_commands_leave_no_parcel_and_no_lease_behind() {
         !env.path("store").join("parcels").join("ghost").exists(),
         "a rollback of a parcel that does not exist created it"
     );
+    // What an older isr left in such a case (a released lease, no
+    // version) is no parcel to `isr ls`.
+    let old = leases_dir(&env, "old-ghost");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(
+        old.join(format!("{:020}", 1)),
+        "host=h\npid=1\nsince=1\nnonce=ab\n",
+    )
+    .unwrap();
+    std::fs::write(old.join(format!("{:020}.released", 1)), "released\n").unwrap();
     let ls = env
         .isr(&["ls", "--store", &env.store, "--json"])
         .ok()
         .json();
     assert!(!ls.to_string().contains("ghost"), "{ls}");
+    assert!(ls.to_string().contains("\"vm\""), "{ls}");
 
     let before = lease_state(&env, "vm");
     let r = env

@@ -48,7 +48,8 @@ impl ParcelListing {
     }
 }
 
-/// Lists every parcel of `store` (sorted by name). With `secret`, HEAD's
+/// Lists every parcel of `store` (sorted by name): those with a version,
+/// or whose first import holds the lease now. With `secret`, HEAD's
 /// manifest of each is decoded (one that cannot be is listed with its
 /// error). A store that cannot list (an http mirror) fails with
 /// [`Error::NoListing`].
@@ -60,6 +61,12 @@ pub async fn list_parcels(
     let mut out = Vec::new();
     for (name, versions) in versions_by_parcel(&objects) {
         let lease = Lease::holder_of(store, &name).await?;
+        // No version and nobody holding it: not a parcel, only the lease
+        // objects of a command that failed before it published (older isr
+        // left them; they stay, as a lease's history must).
+        if versions.is_empty() && lease.is_none() {
+            continue;
+        }
         let head = match (secret, versions.last()) {
             (Some(secret), Some(&v)) => Some(head_info(store, &name, secret, v).await),
             _ => None,
