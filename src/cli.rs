@@ -261,6 +261,10 @@ pub struct CheckinArgs {
     /// Cap the upload at this rate (see `resume --bwlimit`).
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub bwlimit: Option<u64>,
+    /// Take the parcel's lease over from a live holder instead of refusing
+    /// (see `import --steal`): the check-in's own publish fences it.
+    #[arg(long)]
+    pub steal: bool,
     /// Print one JSON object instead of text, and no progress bar.
     #[arg(long)]
     pub json: bool,

@@ -355,9 +355,17 @@ pub fn checkin(a: CheckinArgs) -> anyhow::Result<ExitCode> {
             &host_name(),
             now_unix(),
             reuse.as_deref(),
-            false,
+            a.steal,
         ))
         .map_err(|e| explain(e, &pa))?;
+    if let Some(old) = lease.stolen_from() {
+        // No fence: the publish below is the next version, which the old
+        // holder's commit then cannot take.
+        crate::output::note(format_args!(
+            "isr: took the lease on parcel {name} from {}",
+            old.describe()
+        ));
+    }
     let engine = match Engine::open(parcel, options) {
         Ok(e) => e,
         Err(e) => {

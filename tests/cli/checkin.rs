@@ -167,6 +167,25 @@ fn checkin_is_refused_while_another_host_holds_the_lease_and_keeps_the_changes()
 }
 
 #[test]
+fn checkin_steals_a_live_lease_when_asked_and_its_publish_fences_the_holder() {
+    let env = Env::file();
+    let image = env.imported(4, 10);
+    let mut expect = std::fs::read(&image).unwrap();
+    offline_session(&env, &mut expect, 0..2, 0, false);
+    let p = parcel(&env);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let other = rt
+        .block_on(Lease::acquire(p.store(), "vm", "desktop", 1, None, false))
+        .unwrap();
+    let r = checkin(&env, &["--steal"]).ok();
+    assert!(r.stderr().contains("from host desktop"), "{}", r.stderr());
+    let log = env.on("log", "vm", &["--json"]).ok().json();
+    assert_eq!(log.as_array().unwrap().len(), 2, "published: {log}");
+    // The old holder has lost its lease: its commit would fail.
+    assert!(rt.block_on(other.check()).is_err());
+}
+
+#[test]
 fn checkin_without_a_cache_says_so() {
     let env = Env::file();
     env.imported(1, 3);
