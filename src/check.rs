@@ -14,7 +14,7 @@ pub async fn check(a: HoardArgs) -> anyhow::Result<ExitCode> {
     let root = a
         .cache_dir
         .clone()
-        .unwrap_or_else(fetcher::cache::default_cache_root);
+        .unwrap_or_else(fetcher::local::cache::default_cache_root);
     let json = a.json;
     let name = parcel.name().to_owned();
     let report = tokio::task::spawn_blocking(move || {

@@ -39,7 +39,7 @@ pub fn open_raw(path: &Path) -> anyhow::Result<RawImage> {
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .with_context(|| format!("cannot open image {}", path.display()))?;
-    let size = fetcher::disk_file::image_size(&file)
+    let size = fetcher::local::disk_file::image_size(&file)
         .with_context(|| format!("cannot import {}", path.display()))?;
     let mut magic = [0u8; 32];
     let n = file

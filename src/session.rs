@@ -102,7 +102,7 @@ pub(crate) fn acquire(
         read_nonce(cache_dir).as_deref(),
         steal,
     ))?;
-    if let Err(e) = fetcher::private::write(&nonce_path(cache_dir), &lease.info().nonce) {
+    if let Err(e) = fetcher::local::private::write(&nonce_path(cache_dir), &lease.info().nonce) {
         eprintln!(
             "isr: cannot record the lease in {}: {e}",
             cache_dir.display()
@@ -126,7 +126,7 @@ pub(crate) fn take_lease(
     cache_dir: &Path,
 ) -> anyhow::Result<(Option<Lease>, Option<String>)> {
     let name = &a.parcel.parcel;
-    let has_cache = fetcher::cache::Cache::exists(cache_dir);
+    let has_cache = fetcher::local::cache::Cache::exists(cache_dir);
     if a.device.offline {
         if !has_cache {
             bail!(
@@ -337,8 +337,9 @@ pub fn checkin(a: CheckinArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &a.cache_dir {
         options.cache_root = dir.clone();
     }
-    let cache_dir = fetcher::cache::cache_dir(&options.cache_root, parcel.store().url(), &name);
-    if !fetcher::cache::Cache::exists(&cache_dir) {
+    let cache_dir =
+        fetcher::local::cache::cache_dir(&options.cache_root, parcel.store().url(), &name);
+    if !fetcher::local::cache::Cache::exists(&cache_dir) {
         bail!(
             "parcel {name} has no cache on this host ({}): nothing to check in",
             cache_dir.display()
@@ -386,7 +387,7 @@ pub fn checkin(a: CheckinArgs) -> anyhow::Result<ExitCode> {
     let summary = match summary {
         Ok(s) => s,
         Err(e) => {
-            let _ = fetcher::private::write(&nonce_path(&cache_dir), &lease.info().nonce);
+            let _ = fetcher::local::private::write(&nonce_path(&cache_dir), &lease.info().nonce);
             let _ = engine.close();
             return Err(explain(e, &pa));
         }

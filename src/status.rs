@@ -12,7 +12,7 @@
 //!   vm      running, QEMU pid 4300, QMP /run/isr/vm1.qmp, console …
 //! ```
 //!
-//! The rates are current (the last ~10 s, see `fetcher::meter`), not
+//! The rates are current (the last ~10 s, see `fetcher::transfer::meter`), not
 //! lifetime averages; the link estimate is the fullest second of fetching
 //! in that window (kept while idle). The JSON object is the daemon's reply
 //! (`fetch_rate`, `upload_rate`, `link_estimate` in bytes/s; `dirty_bytes`,

@@ -74,6 +74,9 @@ pub enum Error {
         attempts: u32,
         /// Seconds from the first request to giving up.
         seconds: f64,
+        /// Whether the store could not be reached at all (refused
+        /// connections, timeouts), as the store layer judged the failure.
+        unreachable: bool,
         #[source]
         source: Box<object_store::Error>,
     },
@@ -133,7 +136,7 @@ pub enum Error {
     #[error("chunk {id} ({image} chunk {index}) of parcel {parcel} version {version}: {fault}")]
     BadChunk {
         id: ChunkId,
-        image: crate::ops::Image,
+        image: crate::Image,
         index: u64,
         parcel: String,
         version: u64,
@@ -266,9 +269,9 @@ impl Error {
     /// What kind of failure this is (see [`ErrorClass`]).
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Store { source, .. } if crate::store::is_unreachable(source) => {
-                ErrorClass::Unreachable
-            }
+            Error::Store {
+                unreachable: true, ..
+            } => ErrorClass::Unreachable,
             Error::BadChunk {
                 fault: ChunkFault::Store(inner),
                 ..

@@ -1,43 +1,46 @@
-//! isr's data plane below the block device: store back ends, parcels
-//! (versions, manifests, HEAD), and moving chunks between a store and local
-//! files.
+//! isr's data plane below the block device, in layers (each folder one;
+//! every import points down):
 //!
 //! ```text
-//!   ops::{import, export, verify,   whole-image transfers, parallel;
-//!        rollback, gc, list_parcels} versions and garbage collection
-//!           │
-//!        Parcel                     versions of one VM: HEAD, manifests, chunks
-//!           │
-//!        Store                      one trait object (object_store), any back end:
-//!           │                       file://, s3://, http(s):// (read-only), memory://
-//!   object_store back ends          retries with backoff, conditional create
+//!   ops/        import, export, verify, rollback, gc, listing: whole images
+//!      │        and versions
+//!   engine/     what the block device needs: demand fetch, prefetch,
+//!      │        readahead, dirty tracking, sync, publish, reconcile, check,
+//!      │        hoard, discard, fork
+//!   transfer/   the chunk pipeline both use: encode and upload with dedup
+//!      │        and freshness, concurrency, rates
+//!   remote/     where parcels live: the store (object_store back ends,
+//!      │        retries, limits, conditional create, history, freshness),
+//!      │        leases, the parcel (versions, manifests, HEAD)
+//!   local/      this host's files: the cache (image, chunk map, states),
+//!      │        private files, group sync, sparse files, disk files
+//!   error, image, host, time: the vocabulary every layer shares
 //! ```
 
-pub mod cache;
-pub mod disk_file;
-pub mod engine;
+// The layers, from the bottom: every `use crate::…` points down this list.
 mod error;
-mod group_sync;
-pub mod lease;
-pub mod meter;
-pub mod notify;
-pub mod ops;
-mod parcel;
-pub mod private;
-pub mod sparse;
-mod store;
+pub mod host;
+pub mod image;
 pub mod time;
+
+pub mod local;
+pub mod remote;
+
+pub mod transfer;
+
+pub mod engine;
+
+pub mod ops;
 
 pub use engine::{
     Engine, EngineOptions, EngineStats, OpenReport, PublishSummary, SavedVm, SyncSummary,
 };
 pub use error::{ChunkFault, Error, ErrorClass};
-pub use lease::{Lease, LeaseInfo, Liveness, Task};
-pub use notify::Notifier;
-pub use parcel::{Parcel, Published};
-pub use store::{
-    ChunkStored, DEFAULT_CHUNK_REFRESH, PutOutcome, Store, StoreOptions, StoredObject, parse_rate,
-    validate_parcel_name,
+pub use image::Image;
+pub use local::notify::Notifier;
+pub use remote::{
+    ChunkStored, DEFAULT_CHUNK_REFRESH, Lease, LeaseInfo, Liveness, Parcel, Published, PutOutcome,
+    Store, StoreOptions, StoredObject, Task, parse_rate, validate_parcel_name,
 };
 
 /// A progress sink: called with the number of bytes just processed.

@@ -3,7 +3,7 @@
 //!
 //! A run is a sequence of sessions on one parcel. Each session opens the
 //! engine on a cache whose files go through a recording log
-//! (`fetcher::cache::record`), and runs guest threads — writes (the
+//! (`fetcher::local::cache::record`), and runs guest threads — writes (the
 //! engine's own and the ublk queue's sequence: prepare, mark dirty, data,
 //! mark dirty), reads, discards, FLUSHes — beside prefetch, hoard and
 //! `sync`, over a store that fails and delays chunk GETs; the threads'
@@ -67,7 +67,7 @@ use explore::inspect::{chunks_in, history, read_version};
 use explore::model::{BLOCK, Event, Events, Model, Recorder, block_data, tag_of};
 use explore::splitmix;
 use explore::store::{self as xstore, Objects, URL};
-use fetcher::cache::{FileLog, FileOp};
+use fetcher::local::cache::{FileLog, FileOp};
 use fetcher::{Engine, EngineOptions, Parcel, no_progress};
 use format::{ChunkEntry, Secret};
 
@@ -162,7 +162,7 @@ fn options(root: &Path, boot: u64, prefetch: bool) -> EngineOptions {
 }
 
 fn cache_dir(root: &Path) -> PathBuf {
-    fetcher::cache::cache_dir(root, URL, NAME)
+    fetcher::local::cache::cache_dir(root, URL, NAME)
 }
 
 impl Run {
@@ -281,7 +281,7 @@ impl Run {
                 }
             });
         }
-        let _recording = fetcher::cache::record(&dir, log.clone());
+        let _recording = fetcher::local::cache::record(&dir, log.clone());
         let fail = [0, 20, 100][self.rng.below(3) as usize];
         let (store, mem) = xstore::store(
             &self.rt,
@@ -296,7 +296,7 @@ impl Run {
         if !self.files.is_empty() {
             if self.clean && self.rng.chance(3) {
                 self.damage_and_check(&parcel, &root, &dir, &rec, &initial)?;
-            } else if self.rng.chance(3) && fetcher::cache::Cache::exists(&dir) {
+            } else if self.rng.chance(3) && fetcher::local::cache::Cache::exists(&dir) {
                 // (A crash before the cache was complete left none: there
                 // is nothing to discard.)
                 let published = self.head_tags();
@@ -471,7 +471,7 @@ impl Run {
         if !dir.join("state").exists() {
             return;
         }
-        let absent = chunks_in(dir, fetcher::cache::ABSENT);
+        let absent = chunks_in(dir, fetcher::local::cache::ABSENT);
         let head = self.head_manifest();
         let never_stored: Vec<u64> = absent
             .iter()
@@ -553,7 +553,7 @@ impl Run {
         rec: &Recorder,
         held: &[BTreeSet<u64>],
     ) -> Result<(), String> {
-        let present = chunks_in(dir, fetcher::cache::PRESENT);
+        let present = chunks_in(dir, fetcher::local::cache::PRESENT);
         if present.is_empty() {
             return Ok(());
         }

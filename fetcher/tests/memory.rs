@@ -10,7 +10,9 @@ mod common;
 
 use common::{CHUNK, Rng, file_store, import_parcel};
 
-use fetcher::ops::{ExportOptions, Image, export_image, upload_memory, verify};
+use fetcher::Image;
+use fetcher::ops::{ExportOptions, export_image, verify};
+use fetcher::transfer::upload::upload_memory;
 use fetcher::{Engine, Error, SavedVm, no_progress};
 use format::{ChunkEntry, SaveFormat, Secret, VmSettings};
 

@@ -15,7 +15,7 @@
 //! minimum ¹⁄₁₆, average ¼, maximum 1 chunk size, so every chunk fits the
 //! buffers and decode limits a fixed chunk does.
 //!
-//! The gear table derives from the user's secret ([`Secret::cdc_gear`]):
+//! The gear table derives from the user's secret (its own key, see [`Secret`]):
 //! where a stream is cut says nothing about its content to anyone without
 //! the key (chunk lengths are visible in the store as object sizes).
 

@@ -16,7 +16,7 @@ pub(super) async fn discard(a: DiscardArgs) -> anyhow::Result<ExitCode> {
     let root = a
         .cache_dir
         .clone()
-        .unwrap_or_else(fetcher::cache::default_cache_root);
+        .unwrap_or_else(fetcher::local::cache::default_cache_root);
     let (url, name) = (a.store.store.clone(), a.parcel.clone());
     let opened = tokio::task::spawn_blocking(move || Discard::open(&url, &name, &root)).await?;
     let d = opened.map_err(|e| match e {

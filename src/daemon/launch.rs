@@ -22,10 +22,10 @@ pub(crate) fn start(a: &ResumeArgs) -> anyhow::Result<Value> {
             reply["device"].as_str().unwrap_or("?")
         );
     }
-    fetcher::private::create_dir_all(&run_dir())
+    fetcher::local::private::create_dir_all(&run_dir())
         .with_context(|| format!("cannot create {}", run_dir().display()))?;
     let log_path = run_dir().join(format!("{}.log", a.parcel.parcel));
-    let log = fetcher::private::append(&log_path)
+    let log = fetcher::local::private::append(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(daemon_args(a))

@@ -289,7 +289,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     // SAFETY: prctl with integer arguments only; a refusal (no
     // CAP_SYS_RESOURCE) leaves the process as it was.
     let _ = unsafe { libc::prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) };
-    fetcher::private::create_dir_all(&run_dir())
+    fetcher::local::private::create_dir_all(&run_dir())
         .with_context(|| format!("cannot create {}", run_dir().display()))?;
     let parcel = open_parcel(&a.parcel)?;
     parcel
@@ -304,8 +304,9 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &a.device.cache_dir {
         options.cache_root = dir.clone();
     }
-    let cache_dir = fetcher::cache::cache_dir(&options.cache_root, parcel.store().url(), &name);
-    fetcher::private::create_dir_all(&cache_dir)
+    let cache_dir =
+        fetcher::local::cache::cache_dir(&options.cache_root, parcel.store().url(), &name);
+    fetcher::local::private::create_dir_all(&cache_dir)
         .with_context(|| format!("cannot create {}", cache_dir.display()))?;
 
     // A device whose daemon died is reattached, not replaced (and so is
@@ -327,7 +328,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     let reuse = crate::session::read_nonce(&cache_dir);
     let (lease, offline) = crate::session::take_lease(&rt, &parcel, a, &cache_dir)?;
     if let Some(lease) = &lease {
-        fetcher::private::write(&nonce_path, &lease.info().nonce)
+        fetcher::local::private::write(&nonce_path, &lease.info().nonce)
             .with_context(|| format!("cannot write {}", nonce_path.display()))?;
         if let Some(old) = lease.stolen_from() {
             // Fence the old holder: its commit of the next version now fails.
@@ -423,7 +424,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)
         .with_context(|| format!("cannot listen on {}", sock.display()))?;
-    fetcher::private::narrow(&sock, fetcher::private::FILE_MODE)
+    fetcher::local::private::narrow(&sock, fetcher::local::private::FILE_MODE)
         .with_context(|| format!("cannot make {} private", sock.display()))?;
     {
         let ctl = Arc::new(Control {
@@ -473,7 +474,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         let mut st = ready_state;
         st["device_id"] = json!(info.id);
         st["device"] = json!(info.path);
-        let _ = fetcher::private::write(&state_path(&ready_name), st.to_string());
+        let _ = fetcher::local::private::write(&state_path(&ready_name), st.to_string());
         let reply = json!({
             "parcel": ready_name,
             "device": info.path,

@@ -21,8 +21,9 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use fetcher::Image;
 use fetcher::Parcel;
-use fetcher::ops::{ExportOptions, Image, export_image};
+use fetcher::ops::{ExportOptions, export_image};
 use format::{Manifest, SaveFormat, VmSettings};
 use serde_json::{Value, json};
 
@@ -54,7 +55,7 @@ fn read_record(parcel: &str) -> Option<Value> {
 
 fn write_record(parcel: &str, record: &Value) -> anyhow::Result<()> {
     let path = record_path(parcel);
-    fetcher::private::write(&path, record.to_string())
+    fetcher::local::private::write(&path, record.to_string())
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -526,8 +527,8 @@ fn start_qemu(
     if incoming {
         args.extend(["-incoming".into(), "defer".into()]);
     }
-    let log_file =
-        fetcher::private::append(&log).with_context(|| format!("cannot open {}", log.display()))?;
+    let log_file = fetcher::local::private::append(&log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
     let mut cmd = std::process::Command::new(qemu);
     cmd.args(&args)
         .stdin(Stdio::null())

@@ -58,7 +58,7 @@ fn offline_session(
     lease: bool,
 ) -> PathBuf {
     let p = parcel(env);
-    let dir = fetcher::cache::cache_dir(&env.path("cache"), p.store().url(), "vm");
+    let dir = fetcher::local::cache::cache_dir(&env.path("cache"), p.store().url(), "vm");
     let rt = tokio::runtime::Runtime::new().unwrap();
     if lease {
         let l = rt

@@ -379,7 +379,7 @@ fn discard_keeps_the_lease_nonce_when_the_store_is_unreachable() {
     env.import_as("vm", 2, 31);
     let cache = env.path("cache");
     env.on("hoard", "vm", &["--cache-dir", s(&cache)]).ok();
-    let dir = fetcher::cache::cache_dir(&cache, &env.store, "vm");
+    let dir = fetcher::local::cache::cache_dir(&cache, &env.store, "vm");
     std::fs::write(dir.join("lease"), "0123abcd").unwrap();
     server.stop();
     let mut cmd = env.store_command(&["discard", "vm", "--yes"], &["--cache-dir", s(&cache)]);

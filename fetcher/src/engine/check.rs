@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use super::reconcile::present_mismatches;
-use crate::cache::{self, Cache, DIRTY, PRESENT};
+use crate::local::cache::{self, Cache, DIRTY, PRESENT};
 use crate::{Error, Parcel, Progress};
 
 /// What a check found and did.

@@ -20,7 +20,7 @@
 use std::path::{Path, PathBuf};
 
 use super::sync::SYNCED;
-use crate::cache::{self, Cache, DIRTY};
+use crate::local::cache::{self, Cache, DIRTY};
 use crate::{Error, Lease, Store};
 
 /// The file holding the nonce of the store lease the cache holds.

@@ -11,8 +11,8 @@ use format::{ChunkEntry, ChunkKey};
 use tokio::sync::mpsc;
 
 use super::Shared;
-use crate::cache::{self, ABSENT};
-use crate::notify::Notifier;
+use crate::local::cache::{self, ABSENT};
+use crate::local::notify::Notifier;
 use crate::{ChunkFault, Error};
 
 /// The fetch of one chunk, shared by everyone waiting for it.
@@ -240,8 +240,8 @@ async fn fetch_one(
         let len = shared.geometry.chunk_len(c) as usize;
         attempts += 1;
         let image = match shared.options.ram {
-            Some(_) => crate::ops::Image::Ram,
-            None => crate::ops::Image::Disk,
+            Some(_) => crate::Image::Ram,
+            None => crate::Image::Disk,
         };
         let fetched = shared
             .parcel
@@ -264,6 +264,9 @@ async fn fetch_one(
                     prefetch = prefetch && !slot.demanded(),
                     "fetched a chunk"
                 );
+                // Counted before the fill: a hoard that sees every chunk
+                // cached then sees every fetch that filled one.
+                shared.note_fetched(len as u64);
                 let (s, places) = (
                     shared.clone(),
                     base.by_key.get(&key).cloned().unwrap_or_default(),
@@ -326,7 +329,6 @@ fn shutting_down(shared: &Shared) -> bool {
 fn complete(shared: &Shared, key: ChunkKey, slot: &Arc<Slot>, r: Result<u64, Error>) -> Outcome {
     match r {
         Ok(bytes) => {
-            shared.note_fetched(bytes);
             shared.finish(key, slot, Ok(()));
             Outcome::Fetched(bytes)
         }

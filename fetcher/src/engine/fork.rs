@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use super::{Engine, EngineOptions, PublishSummary};
-use crate::{Error, Parcel, cache};
+use crate::local::cache;
+use crate::{Error, Parcel};
 
 /// Publishes the cache of `parcel` (its base version plus its local
 /// changes, taken as they are, offline) as version 1 of the new parcel `to`

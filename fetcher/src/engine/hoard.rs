@@ -7,7 +7,7 @@ use format::ChunkEntry;
 
 use super::{Engine, EngineStats, reconcile};
 use crate::Error;
-use crate::cache::{self, PRESENT};
+use crate::local::cache::{self, PRESENT};
 
 impl Engine {
     /// Re-hashes every chunk the cache holds as present against the base

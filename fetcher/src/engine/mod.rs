@@ -35,9 +35,9 @@ use std::time::Duration;
 use format::{ChunkEntry, ChunkKey, Geometry, Manifest};
 use tokio::sync::mpsc;
 
-use crate::cache::{self, ABSENT, Cache, DIRTY, Header, PRESENT};
-use crate::meter::RateMeter;
-use crate::notify::Notifier;
+use crate::local::cache::{self, ABSENT, Cache, DIRTY, Header, PRESENT};
+use crate::local::notify::Notifier;
+use crate::transfer::meter::RateMeter;
 use crate::{Error, Parcel};
 
 pub use check::{CheckReport, check};
@@ -553,7 +553,7 @@ impl Shared {
     }
 
     /// Records `bytes` of plaintext fetched.
-    fn note_fetched(&self, bytes: u64) {
+    pub(super) fn note_fetched(&self, bytes: u64) {
         self.fetched_chunks.fetch_add(1, Ordering::Relaxed);
         self.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.fetch_meter.add(bytes);

@@ -19,9 +19,11 @@ use format::{ChunkEntry, ChunkKey, VmSettings};
 use futures::{StreamExt, TryStreamExt, stream};
 
 use super::{Base, Engine, Shared};
-use crate::cache::{DIRTY, PRESENT, state_of};
-use crate::lease::Lease;
-use crate::ops::{DEFAULT_CONCURRENCY, Image, ImageUpload};
+use crate::Image;
+use crate::local::cache::{DIRTY, PRESENT, state_of};
+use crate::remote::lease::Lease;
+use crate::transfer::DEFAULT_CONCURRENCY;
+use crate::transfer::upload::ImageUpload;
 use crate::{ChunkFault, Error, Parcel};
 
 /// What a publish did.
@@ -230,7 +232,7 @@ async fn publish(
         // Each chunk is checked against the store once (none is trusted
         // for being named by the base version: see `Store::store_chunk`).
         let mut known = std::collections::HashSet::new();
-        let mut up = crate::ops::upload_memory(
+        let mut up = crate::transfer::upload::upload_memory(
             &shared.parcel,
             path,
             manifest.chunk_size,

@@ -13,7 +13,7 @@ use std::path::Path;
 use format::{ChunkEntry, Manifest};
 
 use super::{EngineOptions, OpenReport, new_header};
-use crate::cache::{self, Cache, DIRTY, PRESENT};
+use crate::local::cache::{self, Cache, DIRTY, PRESENT};
 use crate::{Error, Parcel};
 
 /// Opens or creates the cache in `dir` and brings it up to date with the
@@ -298,7 +298,7 @@ pub(crate) fn present_mismatches(
 ) -> Result<Mismatches, Error> {
     let g = base.geometry();
     let image_path = cache.dir().join("image");
-    let extents = crate::sparse::data_extents(cache.image.file(), g.disk_size())
+    let extents = crate::local::sparse::data_extents(cache.image.file(), g.disk_size())
         .map_err(|e| Error::io("seek", &image_path, e))?;
     let mut allocated = vec![false; cache.len()];
     for r in &extents {

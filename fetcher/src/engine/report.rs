@@ -47,12 +47,12 @@ pub struct EngineStats {
     /// Bytes uploaded to the store by this engine (chunk objects).
     pub uploaded_bytes: u64,
     /// Plaintext bytes fetched per second, over the last
-    /// [`meter::WINDOW_SECS`](crate::meter::WINDOW_SECS) seconds.
+    /// [`meter::WINDOW_SECS`](crate::transfer::meter::WINDOW_SECS) seconds.
     pub fetch_rate: u64,
     /// Bytes uploaded per second, over the same window.
     pub upload_rate: u64,
     /// The link estimate, bytes/s: the fullest second of fetching in the
-    /// window, else the last such second seen (see [`crate::meter`]).
+    /// window, else the last such second seen (see [`crate::transfer::meter`]).
     pub link_estimate: u64,
     /// Chunks in this session's access trace.
     pub trace_chunks: u64,

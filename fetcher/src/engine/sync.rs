@@ -26,8 +26,8 @@ use format::{ChunkEntry, ChunkKey};
 use futures::{StreamExt, stream};
 
 use super::{Engine, Shared};
-use crate::cache::{Cache, DIRTY};
-use crate::ops::DEFAULT_CONCURRENCY;
+use crate::local::cache::{Cache, DIRTY};
+use crate::transfer::DEFAULT_CONCURRENCY;
 use crate::{Error, Progress};
 
 const MAGIC: &[u8; 4] = b"ISRy";
@@ -288,7 +288,7 @@ mod tests {
     fn records_round_trip_and_damage_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("c");
-        let header = crate::cache::tests::header_of(4);
+        let header = crate::local::cache::tests::header_of(4);
         let cache =
             Cache::create(Cache::lock(&d).unwrap(), &d, header, b"m", &[false; 10]).unwrap();
         let mut r = SyncRecord {

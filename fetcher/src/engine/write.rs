@@ -28,7 +28,7 @@ use std::sync::atomic::Ordering;
 
 use super::{Engine, Shared, Slot};
 use crate::Error;
-use crate::cache::{self, ABSENT, DIRTY, WRITING};
+use crate::local::cache::{self, ABSENT, DIRTY, WRITING};
 
 impl Engine {
     /// Marks every chunk under `len` bytes at `offset` before a write's data

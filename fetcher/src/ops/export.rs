@@ -11,8 +11,9 @@ use std::time::Instant;
 use format::{ChunkEntry, Layout, Manifest};
 use futures::{StreamExt, TryStreamExt, stream};
 
-use super::{DEFAULT_CONCURRENCY, Image, distinct_chunks};
-use crate::disk_file::{block_device_size, kind_name};
+use crate::Image;
+use crate::local::disk_file::{block_device_size, kind_name};
+use crate::transfer::{DEFAULT_CONCURRENCY, distinct_chunks};
 use crate::{Error, Parcel, Progress};
 
 /// What an export did.

@@ -61,8 +61,8 @@ use futures::{StreamExt, stream};
 use tokio::task::JoinSet;
 
 use super::listing::versions_by_parcel;
-use crate::lease::{Lease, LeaseInfo};
-use crate::store::age_of;
+use crate::remote::lease::{Lease, LeaseInfo};
+use crate::remote::store::age_of;
 use crate::{Error, Parcel, Store};
 
 /// Default grace: chunks younger than this are never deleted.
@@ -96,7 +96,7 @@ impl GcOptions {
             grace: DEFAULT_GRACE,
             dry_run: false,
             recheck: DEFAULT_RECHECK,
-            concurrency: super::DEFAULT_CONCURRENCY,
+            concurrency: crate::transfer::DEFAULT_CONCURRENCY,
         }
     }
 }
@@ -164,7 +164,7 @@ struct Refs {
 
 impl Refs {
     fn add(&mut self, m: &Manifest) {
-        for e in super::Image::all_entries(m) {
+        for e in crate::Image::all_entries(m) {
             if let ChunkEntry::Data(k) = e {
                 self.chunks.insert(k.id());
             }

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use format::Secret;
 
-use crate::lease::{Lease, LeaseInfo};
-use crate::store::StoredObject;
+use crate::remote::lease::{Lease, LeaseInfo};
+use crate::remote::store::StoredObject;
 use crate::{Error, Parcel, Store};
 
 /// What HEAD's manifest says (read with the key).
@@ -110,7 +110,7 @@ pub(crate) fn versions_by_parcel(objects: &[StoredObject]) -> BTreeMap<String, V
             continue;
         };
         let versions = by.entry(name.to_owned()).or_default();
-        if let Some(v) = crate::store::version_of(&o.path, name) {
+        if let Some(v) = crate::remote::store::version_of(&o.path, name) {
             versions.push(v);
         }
     }

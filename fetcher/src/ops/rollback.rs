@@ -12,7 +12,8 @@
 use format::{ChunkEntry, ChunkId};
 use futures::{StreamExt, TryStreamExt, stream};
 
-use crate::ops::{DEFAULT_CONCURRENCY, Image};
+use crate::Image;
+use crate::transfer::DEFAULT_CONCURRENCY;
 use crate::{ChunkFault, Error, Parcel};
 
 /// What a rollback did.

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
-use fetcher::cache::FileOp;
+use fetcher::local::cache::FileOp;
 
 /// A cache directory's files: name → content, and which pages of each are
 /// allocated (the rest are holes: recovery tells a hole from written zeros).
@@ -258,7 +258,7 @@ pub fn read_dir(dir: &Path) -> Files {
             continue;
         };
         let data = std::fs::read(dir.join(&name)).unwrap();
-        let extents = fetcher::sparse::data_extents(&f, data.len() as u64).unwrap();
+        let extents = fetcher::local::sparse::data_extents(&f, data.len() as u64).unwrap();
         files.set_len(&name, data.len() as u64);
         for r in extents {
             files.write(&name, r.start, &data[r.start as usize..r.end as usize]);

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use fetcher::cache::{FileLog, FileOp};
+use fetcher::local::cache::{FileLog, FileOp};
 use fetcher::{Engine, EngineOptions, Error, Parcel, no_progress};
 
 use super::crash::{self, Files};
@@ -75,7 +75,7 @@ impl Fixture {
     /// Cache root `name` and the parcel's cache directory under it.
     fn cache(&self, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
         let root = self.root(name);
-        let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+        let dir = fetcher::local::cache::cache_dir(&root, URL, "vm");
         (root, dir)
     }
 
@@ -83,7 +83,7 @@ impl Fixture {
     /// boot `boot` (the tests' sessions run on boot 1).
     fn reopen(&self, parcel: &Parcel, name: &str, files: &Files, boot: u8) -> Engine {
         let root = self.root(name);
-        crash::materialize(files, &fetcher::cache::cache_dir(&root, URL, "vm"));
+        crash::materialize(files, &fetcher::local::cache::cache_dir(&root, URL, "vm"));
         let mut o = options(&root);
         o.boot_id = Some([boot; 16]);
         Engine::open(parcel.clone(), o).unwrap()
@@ -189,8 +189,8 @@ fn defect1_a_zero_fill_never_erases_a_full_chunk_write() {
     let log = Arc::new(FileLog::new());
     let gate = Arc::new(Gate::default());
     gate.hook(&log, "demand: absent zero chunk");
-    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
-    let _rec = fetcher::cache::record(&dir, log.clone());
+    let dir = fetcher::local::cache::cache_dir(&root, URL, "vm");
+    let _rec = fetcher::local::cache::record(&dir, log.clone());
     let e = Arc::new(Engine::open(parcel, options(&root)).unwrap());
     assert!(!e.is_cached(c));
     let reader = {
@@ -228,7 +228,7 @@ fn defect2_a_sync_record_never_publishes_older_data_after_a_host_crash() {
     }
     let base = crash::read_dir(&dir);
     let log = Arc::new(FileLog::new());
-    let rec = fetcher::cache::record(&dir, log.clone());
+    let rec = fetcher::local::cache::record(&dir, log.clone());
     {
         let e = Engine::open(parcel.clone(), options(&root)).unwrap();
         e.write(c * CHUNK, &pattern(0xa1)).unwrap(); // A, not flushed
@@ -276,7 +276,7 @@ fn defect6_no_crash_during_a_repair_leaves_a_present_chunk_over_a_hole() {
         .unwrap();
     let base: Files = crash::read_dir(&dir);
     let log = Arc::new(FileLog::new());
-    let rec = fetcher::cache::record(&dir, log.clone());
+    let rec = fetcher::local::cache::record(&dir, log.clone());
     let report = fetcher::engine::check(&parcel, &root, no_progress()).unwrap();
     assert_eq!(report.damaged, [c]);
     drop(rec);
@@ -309,8 +309,8 @@ fn defect4_a_read_joining_a_failing_prefetch_is_not_failed_for_a_transient_error
     let log = Arc::new(FileLog::new());
     let gate = Arc::new(Gate::default());
     gate.hook(&log, "fetch: giving up");
-    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
-    let _rec = fetcher::cache::record(&dir, log.clone());
+    let dir = fetcher::local::cache::cache_dir(&root, URL, "vm");
+    let _rec = fetcher::local::cache::record(&dir, log.clone());
     let mut o = options(&root);
     o.prefetch = true;
     o.max_fetches = 1;
@@ -397,7 +397,7 @@ fn defect7_reattach_refuses_another_writers_version_and_keeps_the_cache() {
         msg.contains("version 2") && msg.contains("isr fork"),
         "{msg}"
     );
-    let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+    let dir = fetcher::local::cache::cache_dir(&root, URL, "vm");
     assert!(
         dir.join("manifests/1").exists(),
         "the cache stays on version 1"
@@ -429,7 +429,7 @@ fn whole_chunk_write_over_an_absent_chunk_never_shows_holes() {
     let log = Arc::new(FileLog::new());
     let gate = Arc::new(Gate::default());
     gate.hook(&log, "write: marked dirty");
-    let rec = fetcher::cache::record(&dir, log.clone());
+    let rec = fetcher::local::cache::record(&dir, log.clone());
     let e = Arc::new(Engine::open(parcel.clone(), options(&root)).unwrap());
     assert!(!e.is_cached(c));
     let new = pattern(0x5a);
@@ -505,7 +505,7 @@ fn a_sync_never_records_a_chunk_whose_write_is_in_flight() {
     }
     let base = crash::read_dir(&dir);
     let log = Arc::new(FileLog::new());
-    let rec = fetcher::cache::record(&dir, log.clone());
+    let rec = fetcher::local::cache::record(&dir, log.clone());
     let e = Engine::open(parcel.clone(), options(&root)).unwrap();
     // The queue's sequence for a write of the whole chunk: marked...
     let new = pattern(0x32);
@@ -554,7 +554,7 @@ fn a_flush_completes_only_once_every_entry_it_covers_is_written() {
     let log = Arc::new(FileLog::new());
     let gate = Arc::new(Gate::default());
     gate.hook(&log, "settle: writing the entry");
-    let _rec = fetcher::cache::record(&dir, log.clone());
+    let _rec = fetcher::local::cache::record(&dir, log.clone());
     let e = Arc::new(Engine::open(parcel, options(&root)).unwrap());
     e.write(c * CHUNK, &pattern(0x66)).unwrap();
     let first = {
@@ -598,7 +598,7 @@ fn a_discard_of_an_absent_chunk_never_uncovers_old_bytes() {
     let c = 0; // stored data
     let session = |name: &str, files: Option<&Files>, boot: u8, f: &dyn Fn(&Engine)| -> Files {
         let root = fx.root(name);
-        let dir = fetcher::cache::cache_dir(&root, URL, "vm");
+        let dir = fetcher::local::cache::cache_dir(&root, URL, "vm");
         let base = match files {
             Some(files) => {
                 crash::materialize(files, &dir);
@@ -607,7 +607,7 @@ fn a_discard_of_an_absent_chunk_never_uncovers_old_bytes() {
             None => Files::default(),
         };
         let log = Arc::new(FileLog::new());
-        let rec = fetcher::cache::record(&dir, log.clone());
+        let rec = fetcher::local::cache::record(&dir, log.clone());
         let mut o = options(&root);
         o.boot_id = Some([boot; 16]);
         let e = Engine::open(parcel.clone(), o).unwrap();
@@ -654,7 +654,7 @@ fn a_discard_after_a_host_crash_drops_a_write_whose_dirty_mark_was_lost() {
     }
     let base = crash::read_dir(&dir);
     let log = Arc::new(FileLog::new());
-    let rec = fetcher::cache::record(&dir, log.clone());
+    let rec = fetcher::local::cache::record(&dir, log.clone());
     {
         let e = Engine::open(parcel.clone(), options(&root)).unwrap();
         e.write(c * CHUNK + 4096, &[0x5a; 4096]).unwrap();
@@ -663,7 +663,7 @@ fn a_discard_after_a_host_crash_drops_a_write_whose_dirty_mark_was_lost() {
     drop(rec);
     let files = crash::crash_keeping(&base, &log.snapshot(), |f| f == "image");
     let root = fx.root("b");
-    crash::materialize(&files, &fetcher::cache::cache_dir(&root, URL, "vm"));
+    crash::materialize(&files, &fetcher::local::cache::cache_dir(&root, URL, "vm"));
     {
         let d = fetcher::engine::Discard::open(URL, "vm", &root).unwrap();
         assert!(d.host_crashed());

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use fetcher::Engine;
-use fetcher::cache::FileOp;
+use fetcher::local::cache::FileOp;
 
 use super::model::{BLOCK, Event, Recorder, block_data, tag_of};
 use super::splitmix;

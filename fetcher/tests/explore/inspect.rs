@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use fetcher::Parcel;
-use fetcher::cache::FileOp;
+use fetcher::local::cache::FileOp;
 use format::ChunkEntry;
 
 use super::model::{Event, Events};

@@ -19,7 +19,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use fetcher::cache::{FileLog, FileOp};
+use fetcher::local::cache::{FileLog, FileOp};
 
 /// Bytes in a block of the model.
 pub const BLOCK: usize = 4096;

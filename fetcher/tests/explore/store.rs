@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 use fetcher::Store;
-use fetcher::cache::FileLog;
+use fetcher::local::cache::FileLog;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use object_store::memory::InMemory;

@@ -59,7 +59,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::{Error, private};
+use crate::Error;
+use crate::local::private;
 
 /// Chunk states, in the low two bits of an entry.
 pub const ABSENT: u64 = 0;
@@ -137,16 +138,7 @@ pub struct Header {
     pub boot_id: [u8; 16],
 }
 
-/// This boot of the host: the kernel's random boot id (or `$ISR_BOOT_ID`,
-/// which lets a test play a host crash), hashed to 16 bytes.
-pub fn current_boot_id() -> [u8; 16] {
-    let text = std::env::var("ISR_BOOT_ID")
-        .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok())
-        .unwrap_or_default();
-    let h = blake3::hash(text.trim().as_bytes());
-    h.as_bytes()[..16].try_into().expect("16 bytes")
-}
+pub use crate::host::current_boot_id;
 
 /// What [`Cache::repair`] fixed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -176,7 +168,7 @@ pub struct Cache {
     /// The first failed sync of the image, kept until the cache is closed.
     sync_failure: OnceLock<String>,
     /// Syncs of the image shared by concurrent fetches.
-    group: crate::group_sync::GroupSync,
+    group: crate::local::group_sync::GroupSync,
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
@@ -507,7 +499,7 @@ impl Cache {
         }
         let g = self.geometry()?;
         let full = if landed {
-            let extents = crate::sparse::data_extents(self.image.file(), g.disk_size())
+            let extents = crate::local::sparse::data_extents(self.image.file(), g.disk_size())
                 .map_err(io_err("seek", &self.dir.join("image")))?;
             writing
                 .iter()

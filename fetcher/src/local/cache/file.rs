@@ -29,7 +29,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::{Error, private};
+use crate::Error;
+use crate::local::private;
 
 /// One recorded change to a cache file (names are relative to the cache
 /// directory, e.g. `image`, `state`, `manifests/3`), or an event the

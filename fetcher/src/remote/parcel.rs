@@ -4,8 +4,8 @@ use bytes::Bytes;
 use format::chunk::ChunkDecoder;
 use format::{ChunkKey, Manifest, Secret};
 
-use crate::ops::Image;
-use crate::store::validate_parcel_name;
+use crate::Image;
+use crate::remote::store::validate_parcel_name;
 use crate::{ChunkFault, Error, Store};
 
 /// One parcel of a store, with the secret that opens it.

@@ -13,18 +13,18 @@
 //! highest version that exists: found from the hint (or the floor, whichever
 //! is higher) by probing upward, then bisecting, in O(log N) existence checks
 //! and no listing (an http mirror cannot list). Versions below the floor
-//! were removed by gc ([`history`]); versions from the floor to HEAD all
+//! were removed by gc (`history`); versions from the floor to HEAD all
 //! exist. Only where the probe finds nothing does [`head`](Store::head) list
 //! the parcel's versions.
 //!
-//! A chunk is reused by a publisher only while it is young ([`fresh`]): that
+//! A chunk is reused by a publisher only while it is young (`fresh`): that
 //! is what lets `isr gc` delete unreferenced chunks while others publish.
 //!
-//! Every operation goes through one retry policy ([`retry`]): transient
+//! Every operation goes through one retry policy (`retry`): transient
 //! failures are retried for the store's whole retry timeout, permanent ones
 //! fail at once. Because not every S3-compatible server makes its conditional
 //! create atomic (or honours it at all), publishing also checks the store
-//! ([`commit`]): once per `Store`, that it refuses to create an existing
+//! (`commit`): once per `Store`, that it refuses to create an existing
 //! object, and after each manifest, that the manifest read back is ours.
 //!
 //! ```text
@@ -499,6 +499,7 @@ impl Store {
                 store,
                 attempts: failed.attempts,
                 seconds: failed.elapsed.as_secs_f64(),
+                unreachable: is_unreachable(&source),
                 source: Box::new(source),
             },
         }

@@ -397,7 +397,7 @@ impl Lease {
 
 /// This boot's id, as leases record it.
 fn current_boot() -> String {
-    crate::cache::current_boot_id()
+    crate::host::current_boot_id()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
