@@ -430,18 +430,7 @@ fn hoard_fills_the_cache_and_a_second_hoard_fetches_nothing() {
 #[test]
 fn hoard_counts_the_chunks_it_filled_beside_the_objects_it_fetched() {
     let env = Env::file();
-    let mut x = 31u64;
-    let mut noise = |n: usize| -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
-    let distinct: Vec<Vec<u8>> = (0..6).map(|_| noise(256 << 10)).collect();
+    let distinct: Vec<Vec<u8>> = (0..6).map(|i| support::noise(256 << 10, 31 + 2 * i)).collect();
     let image = env.path("repeats");
     let disk: Vec<u8> = (0..8).flat_map(|i| distinct[i % 6].clone()).collect();
     std::fs::write(&image, &disk).unwrap();

@@ -53,6 +53,20 @@ pub fn is_zero(buf: &[u8]) -> bool {
     wide_zero && words.remainder().iter().all(|&b| b == 0)
 }
 
+/// Deterministic pseudo-random bytes (xorshift64) for the unit tests.
+#[cfg(test)]
+pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,17 +14,7 @@ fn text(len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use crate::noise;
 
 fn round_trip(plain: &[u8]) -> EncodedChunk {
     let enc = ChunkEncoder::new(secret(), 1).encode(plain).unwrap();
