@@ -98,17 +98,77 @@ impl Drop for Reaper {
     }
 }
 
+/// [`ok`] within `limit`: a command that hangs fails the test, with the
+/// end of every log in its run directory (the daemon's, QEMU's console),
+/// instead of stalling the suite until vm-run's timeout.
+fn ok_within(cmd: &mut Command, limit: Duration) -> String {
+    use std::process::Stdio;
+    let run_dir = cmd
+        .get_envs()
+        .find(|(k, _)| *k == "ISR_RUN_DIR")
+        .and_then(|(_, v)| v.map(PathBuf::from));
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            // SAFETY: kill sends a signal to the child started above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let mut logs = String::new();
+            for e in run_dir
+                .iter()
+                .flat_map(|d| std::fs::read_dir(d).into_iter().flatten())
+            {
+                let path = e.unwrap().path();
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let tail: String = text
+                    .chars()
+                    .rev()
+                    .take(4000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                logs.push_str(&format!("\n--- {} (end):\n{tail}", path.display()));
+            }
+            panic!("{cmd:?} did not finish within {limit:?}{logs}");
+        }
+    };
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// How long `isr run` and `isr suspend` of the tiny VM may take (they take
+/// 2 to 15 s here).
+const COMMAND_LIMIT: Duration = Duration::from_secs(240);
+
 fn run_vm(vm: &Vm, host: Option<&Path>, extra: &[&str]) -> Value {
     let mut cmd = vm.isr();
     if let Some(h) = host {
         cmd.env("ISR_RUN_DIR", h.join("run"))
             .env("ISR_CACHE_DIR", h.join("cache"));
     }
-    let out = ok(cmd
-        .arg("run")
-        .args(vm.parcel_args())
-        .args(["--memory-mib", "128", "--json"])
-        .args(extra));
+    let out = ok_within(
+        cmd.arg("run")
+            .args(vm.parcel_args())
+            .args(["--memory-mib", "128", "--json"])
+            .args(extra),
+        COMMAND_LIMIT,
+    );
     serde_json::from_str(&out).unwrap()
 }
 
@@ -126,7 +186,11 @@ fn suspend_vm(vm: &Vm, host: Option<&Path>) -> Value {
             .env("ISR_CACHE_DIR", h.join("cache"));
     }
     let start = Instant::now();
-    let mut v: Value = serde_json::from_str(&ok(cmd.args(["suspend", "vm", "--json"]))).unwrap();
+    let mut v: Value = serde_json::from_str(&ok_within(
+        cmd.args(["suspend", "vm", "--json"]),
+        COMMAND_LIMIT,
+    ))
+    .unwrap();
     v["wall_seconds"] = start.elapsed().as_secs_f64().into();
     v
 }
