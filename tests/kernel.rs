@@ -27,6 +27,11 @@ fn run(cmd: &mut Command) -> Output {
 
 fn ok(cmd: &mut Command) -> String {
     let out = run(cmd);
+    succeeded(cmd, out)
+}
+
+/// The stdout of `cmd`'s output `out`, which must say it succeeded.
+fn succeeded(cmd: &Command, out: Output) -> String {
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}\n{}",

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{Vm, ok, run};
+use super::{Vm, ok, run, succeeded};
 
 /// The tiny VM's disk image, built on the host by scripts/vm-test.
 fn tiny_vm() -> PathBuf {
@@ -142,14 +142,7 @@ fn ok_within(cmd: &mut Command, limit: Duration) -> String {
             panic!("{cmd:?} did not finish within {limit:?}{logs}");
         }
     };
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    succeeded(cmd, out)
 }
 
 /// How long `isr run` and `isr suspend` of the tiny VM may take (they take

@@ -121,12 +121,7 @@ impl Store {
         {
             Ok(meta) => meta,
             Err(f) => match self.error("check chunk", &path, f) {
-                Error::NotFound { .. } => {
-                    return Ok(match self.put_chunk(id, object).await? {
-                        PutOutcome::Created => ChunkStored::Uploaded,
-                        PutOutcome::AlreadyPresent => ChunkStored::Reused,
-                    });
-                }
+                Error::NotFound { .. } => return self.store_missing_chunk(id, object).await,
                 e => return Err(e),
             },
         };
@@ -138,12 +133,7 @@ impl Store {
                 Ok(stored) if stored == object => None,
                 Ok(_) => Some("its bytes differ from the chunk's encoding".to_owned()),
                 // Deleted since (a gc): stored afresh, as a missing chunk.
-                Err(Error::NotFound { .. }) => {
-                    return Ok(match self.put_chunk(id, object).await? {
-                        PutOutcome::Created => ChunkStored::Uploaded,
-                        PutOutcome::AlreadyPresent => ChunkStored::Reused,
-                    });
-                }
+                Err(Error::NotFound { .. }) => return self.store_missing_chunk(id, object).await,
                 Err(e) => return Err(e),
             }
         } else {
@@ -162,6 +152,15 @@ impl Store {
             self.keep_fresh(&path, object).await?;
         }
         Ok(ChunkStored::Reused)
+    }
+
+    /// [`store_chunk`](Self::store_chunk) of a chunk found missing: put (a
+    /// racing writer's copy, of the same bytes, is reused).
+    async fn store_missing_chunk(&self, id: &ChunkId, object: Bytes) -> Result<ChunkStored, Error> {
+        Ok(match self.put_chunk(id, object).await? {
+            PutOutcome::Created => ChunkStored::Uploaded,
+            PutOutcome::AlreadyPresent => ChunkStored::Reused,
+        })
     }
 
     /// Makes sure the existing chunk `path` is young: rewrites it if it is
