@@ -2,19 +2,30 @@
 //!
 //! This package owns the CLI and the lifecycle; the formats live in
 //! `format`, stores, the cache and the chunk engine in `fetcher`, the block
-//! device in `ublk-target`.
+//! device in `ublk-target`. Its modules, top to bottom (each uses only
+//! those below it; `scripts/check-layers` checks):
+//!
+//! ```text
+//! main, cli      the command line: which command, and running it
+//! commands/      one file per command, with its arguments
+//! daemon/        the daemon that serves a device, its control protocol
+//! session, vm/   a daemon's lease and offline work; the VM, QEMU and QMP
+//! args, run_dir, interrupt   where a parcel is and opening it; the run
+//!                directory; a command's SIGINT/SIGTERM
+//! output/, image, logging, time   stdout/stderr, exit status, progress bars;
+//!                raw images; the daemon's log; dates
+//! ```
 
-mod check;
+mod args;
 mod cli;
 mod commands;
 mod daemon;
 mod image;
+mod interrupt;
 mod logging;
 mod output;
-mod progress;
-mod qmp;
+mod run_dir;
 mod session;
-mod status;
 mod time;
 mod vm;
 
@@ -30,28 +41,5 @@ fn main() -> ExitCode {
     let json = cli.command.json();
     output::set_quiet(cli.quiet);
     logging::init(matches!(&cli.command, cli::Command::Resume(a) if a.foreground));
-    // The device commands run their own runtimes (the engine's, the
-    // daemon's): keep them out of the CLI's.
-    let result = match cli.command {
-        cli::Command::Resume(a) => daemon::resume(a),
-        cli::Command::Run(a) => vm::run(a),
-        cli::Command::Suspend(a) => daemon::suspend(a),
-        cli::Command::Status(a) => status::status(a),
-        cli::Command::Recover(a) => daemon::recover(a),
-        cli::Command::Sync(a) => session::sync(a),
-        cli::Command::Checkin(a) => session::checkin(a),
-        command => run_async(cli::Cli {
-            command,
-            quiet: cli.quiet,
-        }),
-    };
-    result.unwrap_or_else(|e| output::fail(&e, json))
-}
-
-fn run_async(cli: cli::Cli) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(commands::run(cli))
+    cli.command.run().unwrap_or_else(|e| output::fail(&e, json))
 }

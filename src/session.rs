@@ -1,8 +1,6 @@
 //! A resumed parcel's link to its store: the lease (taken at resume, or
 //! later when the daemon started offline and the store came back), working
-//! offline, background uploads (`--trickle`), and the commands that upload
-//! without removing the device (`isr sync`) or publish a cache whose device
-//! is gone (`isr checkin`).
+//! offline, and background uploads (`--trickle`).
 //!
 //! ```text
 //! resume ── store reachable? ── yes ─► lease, reconcile, online
@@ -13,17 +11,15 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use fetcher::{Engine, EngineOptions, Lease, Parcel};
+use fetcher::{Engine, Lease, Parcel};
 use serde_json::{Value, json};
 
-use crate::cli::{CheckinArgs, ResumeArgs, SyncArgs};
-use crate::commands::{explain, host_name, open_parcel};
+use crate::args::{DeviceArgs, ParcelArgs, explain, host_name};
 use crate::time::now_unix;
 
 /// How long a resume with a cache to fall back on tries the store before
@@ -122,12 +118,12 @@ pub(crate) fn probe_timeout(retry_timeout: u64) -> Duration {
 pub(crate) fn take_lease(
     rt: &tokio::runtime::Runtime,
     parcel: &Parcel,
-    a: &ResumeArgs,
+    (pa, device): (&ParcelArgs, &DeviceArgs),
     cache_dir: &Path,
 ) -> anyhow::Result<(Option<Lease>, Option<String>)> {
-    let name = &a.parcel.parcel;
+    let name = &pa.parcel;
     let has_cache = fetcher::local::cache::Cache::exists(cache_dir);
-    if a.device.offline {
+    if device.offline {
         if !has_cache {
             bail!(
                 "parcel {name} has no cache on this host ({}): resume or hoard it once while the store can be reached, then it works offline",
@@ -139,25 +135,25 @@ pub(crate) fn take_lease(
     // With a cache to fall back on, a store that is away costs seconds,
     // not the whole retry timeout.
     let probe = if has_cache {
-        probe_timeout(a.parcel.retry_timeout)
+        probe_timeout(pa.retry_timeout)
     } else {
-        Duration::from_secs(a.parcel.retry_timeout)
+        Duration::from_secs(pa.retry_timeout)
     };
-    match acquire(rt, parcel, cache_dir, probe, a.device.steal) {
+    match acquire(rt, parcel, cache_dir, probe, device.steal) {
         Ok(l) => Ok((Some(l), None)),
-        Err(e) if has_cache && e.is_unreachable() && !a.device.steal => {
+        Err(e) if has_cache && e.is_unreachable() && !device.steal => {
             Ok((None, Some(format!("the store cannot be reached ({e})"))))
         }
-        Err(e) => Err(explain(e, &a.parcel)),
+        Err(e) => Err(explain(e, pa)),
     }
 }
 
 /// While the daemon is offline, tries the store every [`RECONNECT_EVERY`];
 /// once it answers, takes the lease (this cache's own if it kept one) and
 /// works online. Ends when the device stops.
-pub(crate) fn spawn_reconnect(session: Arc<Session>, engine: Arc<Engine>, a: &ResumeArgs) {
-    let name = a.parcel.parcel.clone();
-    let timeout = probe_timeout(a.parcel.retry_timeout);
+pub(crate) fn spawn_reconnect(session: Arc<Session>, engine: Arc<Engine>, pa: &ParcelArgs) {
+    let name = pa.parcel.clone();
+    let timeout = probe_timeout(pa.retry_timeout);
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -289,131 +285,6 @@ pub(crate) fn sync_json(name: &str, s: &fetcher::SyncSummary, engine: &Engine) -
         "unsynced_bytes": left_bytes,
         "interrupted": s.interrupted,
         "seconds": s.seconds,
-    })
-}
-
-/// `isr sync NAME`: the daemon uploads; a bar shows how far.
-pub fn sync(a: SyncArgs) -> anyhow::Result<ExitCode> {
-    let request = json!({ "bwlimit": a.bwlimit });
-    let reply = crate::daemon::ask_with_progress(&a.parcel, "sync", &request, "sync", a.json)?;
-    crate::daemon::answer(reply, a.json, |r| {
-        format!(
-            "synced parcel {}: {} chunks uploaded ({} bytes), {} found in the store or zero, {} synced before; {} of {} dirty chunks left to upload, in {:.1} s",
-            r["parcel"].as_str().unwrap_or("?"),
-            r["uploaded_chunks"],
-            r["bytes_uploaded"],
-            r["synced_chunks"].as_u64().unwrap_or(0) - r["uploaded_chunks"].as_u64().unwrap_or(0),
-            r["already_synced"],
-            r["unsynced_chunks"],
-            r["dirty_chunks"],
-            r["seconds"].as_f64().unwrap_or(0.0),
-        )
-    })
-}
-
-/// `isr checkin NAME`: publishes the cache of a parcel whose device is gone
-/// (suspended with `--offline`, or whose suspend could not reach the
-/// store), with the VM state a failed suspend saved, and releases the
-/// lease. Conflicts (the parcel moved on elsewhere; another host holds
-/// its lease) are refused and the cache kept.
-pub fn checkin(a: CheckinArgs) -> anyhow::Result<ExitCode> {
-    let name = a.parcel.clone();
-    if let Ok(st) = crate::daemon::ask(&name, "status")
-        && st.get("error").is_none()
-    {
-        bail!(
-            "parcel {name} is resumed on this host ({}); `isr suspend {name}` publishes it (or `isr sync {name}` uploads while it runs)",
-            st["device"].as_str().unwrap_or("?")
-        );
-    }
-    let pa = crate::commands::parcel_args(&a.store, &name, &a.key_file);
-    let parcel = open_parcel(&pa)?;
-    parcel.store().set_bwlimit(a.bwlimit, None);
-    let mut options = EngineOptions {
-        host: host_name(),
-        prefetch: false,
-        ..Default::default()
-    };
-    if let Some(dir) = &a.cache_dir {
-        options.cache_root = dir.clone();
-    }
-    let cache_dir =
-        fetcher::local::cache::cache_dir(&options.cache_root, parcel.store().url(), &name);
-    if !fetcher::local::cache::Cache::exists(&cache_dir) {
-        bail!(
-            "parcel {name} has no cache on this host ({}): nothing to check in",
-            cache_dir.display()
-        );
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let reuse = read_nonce(&cache_dir);
-    let lease = rt
-        .block_on(Lease::acquire(
-            parcel.store(),
-            &name,
-            &host_name(),
-            now_unix(),
-            reuse.as_deref(),
-            a.steal,
-        ))
-        .map_err(|e| explain(e, &pa))?;
-    if let Some(old) = lease.stolen_from() {
-        // No fence: the publish below is the next version, which the old
-        // holder's commit then cannot take.
-        crate::output::note(format_args!(
-            "isr: took the lease on parcel {name} from {}",
-            old.describe()
-        ));
-    }
-    let engine = match Engine::open(parcel, options) {
-        Ok(e) => e,
-        Err(e) => {
-            if reuse.as_deref() != Some(lease.info().nonce.as_str()) {
-                let _ = rt.block_on(lease.release());
-            }
-            return Err(explain(e, &pa));
-        }
-    };
-    for w in &engine.open_report().warnings {
-        crate::output::warn(w);
-    }
-    // A VM a failed (or offline) suspend saved: its state goes in too.
-    let saved = crate::vm::save(&name)?;
-    let saved = crate::vm::saved_from_json(&saved.to_string())?;
-    let base = engine.base_version();
-    let summary = engine.publish_with(Some(&lease), now_unix(), &saved);
-    let summary = match summary {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = fetcher::local::private::write(&nonce_path(&cache_dir), &lease.info().nonce);
-            let _ = engine.close();
-            return Err(explain(e, &pa));
-        }
-    };
-    let released = rt.block_on(lease.release());
-    let _ = std::fs::remove_file(nonce_path(&cache_dir));
-    crate::vm::forget(&name);
-    engine.close().map_err(|e| explain(e, &pa))?;
-    let mut reply = crate::daemon::publish_json(&name, &summary, released.is_ok());
-    reply["published"] = json!(summary.version != base);
-    crate::daemon::answer(reply, a.json, |r| {
-        if r["published"] == false {
-            return format!(
-                "parcel {name}: nothing to check in (no local changes); version {} stays HEAD; lease released",
-                r["version"]
-            );
-        }
-        format!(
-            "checked in parcel {name}: version {} published ({} dirty chunks, {} uploaded, {} bytes, {} synced before) in {:.1} s; lease released",
-            r["version"],
-            r["dirty_chunks"],
-            r["uploaded_chunks"],
-            r["bytes_uploaded"],
-            r["synced_chunks"],
-            r["seconds"].as_f64().unwrap_or(0.0)
-        )
     })
 }
 

@@ -3,16 +3,35 @@
 //! one it refuses unless `--yes`. Refused while the parcel is resumed here.
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::Args;
 use fetcher::engine::{CacheLease, Discard};
 use serde_json::json;
 
-use super::open_store;
-use crate::cli::DiscardArgs;
+use crate::args::{StoreArgs, open_store};
 use crate::output;
 
-pub(super) async fn discard(a: DiscardArgs) -> anyhow::Result<ExitCode> {
+#[derive(Debug, Args)]
+pub struct DiscardArgs {
+    /// The parcel's name.
+    pub parcel: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Root of the local caches (default: /var/lib/isr as root, else
+    /// $XDG_CACHE_HOME/isr).
+    #[arg(long, env = "ISR_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Do not ask (needed when there is no terminal to ask on).
+    #[arg(long)]
+    pub yes: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn discard(a: DiscardArgs) -> anyhow::Result<ExitCode> {
     let root = a
         .cache_dir
         .clone()

@@ -1,12 +1,37 @@
 //! `isr export`: a version of a parcel's disk, written to a file or device.
 
+use std::path::PathBuf;
+
+use clap::Args;
 use serde_json::json;
 
-use super::{explain, mib, open_parcel};
-use crate::cli::ExportArgs;
-use crate::{output, progress};
+use crate::args::{ParcelArgs, explain, open_parcel, parse_rate};
+use crate::output::{self, mib, progress};
 
-pub(super) async fn export(a: ExportArgs) -> anyhow::Result<()> {
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub parcel: ParcelArgs,
+    /// Version to export (default: HEAD).
+    #[arg(long)]
+    pub version: Option<u64>,
+    /// Output file or block device. A symbolic link is followed to the file
+    /// it names; a character device, FIFO, socket or directory is refused.
+    pub out: PathBuf,
+    /// Replace an existing file, or write over a block device (which must
+    /// be at least as large as the disk). Without it, export writes only a
+    /// new file.
+    #[arg(long)]
+    pub force: bool,
+    /// Cap the transfer at this rate (see `resume --bwlimit`).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub bwlimit: Option<u64>,
+    /// Print one JSON object instead of text, and no progress bar.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn export(a: ExportArgs) -> anyhow::Result<()> {
     let parcel = open_parcel(&a.parcel)?;
     parcel.store().set_bwlimit(None, a.bwlimit);
     let (version, manifest) = parcel

@@ -2,17 +2,42 @@
 //! rules that keep it safe next to running publishes are in the module docs
 //! of `fetcher::ops::gc` and in the README), and says what it removed.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Args;
 use fetcher::ops::{GcOptions, GcPhase, GcProgress, GcReport, ParcelGc};
 use serde_json::json;
 
-use super::{mib, open_store, read_key};
-use crate::cli::GcArgs;
-use crate::{output, progress, time};
+use crate::args::{StoreArgs, open_store, read_key};
+use crate::output::{self, mib, progress};
+use crate::time;
 
-pub(super) async fn gc(a: GcArgs) -> anyhow::Result<()> {
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The secret key file: it must open every parcel of the store.
+    #[arg(long, env = "ISR_KEY_FILE")]
+    pub key_file: PathBuf,
+    /// Versions to keep per parcel (HEAD and the N-1 before it).
+    #[arg(long, value_name = "N")]
+    pub keep: u64,
+    /// Seconds: an unreferenced chunk younger than this is kept (it may
+    /// belong to a publish under way). Must exceed the chunk refresh age
+    /// (6 h, or ISR_CHUNK_REFRESH_SECS).
+    #[arg(long, value_name = "SECS", default_value_t = 86_400)]
+    pub grace: u64,
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print one JSON object instead of text, and no progress bar.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn gc(a: GcArgs) -> anyhow::Result<()> {
     let store = open_store(&a.store)?;
     let secret = read_key(&a.key_file)?;
     let mut options = GcOptions::new(a.keep);

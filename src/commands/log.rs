@@ -5,18 +5,28 @@
 
 use std::process::ExitCode;
 
+use clap::Args;
 use format::Manifest;
 use serde_json::json;
 
-use super::{describe, explain, open_parcel};
-use crate::cli::LogArgs;
-use crate::{output, time};
+use crate::args::{ParcelArgs, explain, open_parcel};
+use crate::output::{self, describe};
+use crate::time;
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    #[command(flatten)]
+    pub parcel: ParcelArgs,
+    /// Print a JSON array instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// One version: its manifest and count of stored chunks, or why it could
 /// not be read.
 type Row = (u64, Result<(Manifest, usize), anyhow::Error>);
 
-pub(super) async fn log(a: LogArgs) -> anyhow::Result<ExitCode> {
+pub async fn log(a: LogArgs) -> anyhow::Result<ExitCode> {
     let parcel = open_parcel(&a.parcel)?;
     let head = parcel
         .require_head()

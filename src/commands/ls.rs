@@ -3,20 +3,35 @@
 //! parcel whose HEAD manifest cannot be read is listed with its error, and
 //! the command exits 1 (like `isr log`).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::Args;
 use fetcher::LeaseInfo;
 use fetcher::ops::ParcelListing;
 use serde_json::{Value, json};
 
-use super::{mib, open_store, read_key};
-use crate::cli::LsArgs;
-use crate::{output, time};
+use crate::args::{StoreArgs, open_store, read_key};
+use crate::output::{self, mib};
+use crate::time;
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The secret key file; without it, what needs no key is shown (HEAD,
+    /// versions, leases), not disk sizes or memory images.
+    #[arg(long, env = "ISR_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
 
 const NO_KEY: &str =
     "no key given (--key-file or ISR_KEY_FILE): disk sizes and memory images are not shown";
 
-pub(super) async fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
+pub async fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&a.store)?;
     let secret = a.key_file.as_deref().map(read_key).transpose()?;
     let parcels = fetcher::ops::list_parcels(&store, secret.as_ref()).await?;

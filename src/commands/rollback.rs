@@ -6,13 +6,38 @@
 //! that does not exist is refused before any lease is taken. N = HEAD
 //! publishes nothing: it says so and exits 0.
 
+use std::path::PathBuf;
+
+use clap::Args;
 use serde_json::json;
 
-use super::{explain, host_name, open_parcel, parcel_args, released_or_not, until_signal};
-use crate::cli::RollbackArgs;
-use crate::{output, time};
+use crate::args::{StoreArgs, explain, host_name, open_parcel, parcel_args};
+use crate::interrupt::{released_or_not, until_signal};
+use crate::output;
+use crate::time;
 
-pub(super) async fn rollback(a: RollbackArgs) -> anyhow::Result<()> {
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The parcel's name.
+    pub parcel: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The secret key file (see `isr keygen`).
+    #[arg(long, env = "ISR_KEY_FILE")]
+    pub key_file: PathBuf,
+    /// The version whose content becomes the next version.
+    #[arg(long, value_name = "N")]
+    pub to: u64,
+    /// Take the parcel's lease over from a live holder instead of refusing
+    /// (see `import --steal`).
+    #[arg(long)]
+    pub steal: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn rollback(a: RollbackArgs) -> anyhow::Result<()> {
     let pa = parcel_args(&a.store, &a.parcel, &a.key_file);
     let parcel = open_parcel(&pa)?;
     let name = parcel.name().to_owned();

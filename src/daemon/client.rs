@@ -10,14 +10,14 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::{pid_alive, read_state, run_dir, socket_path};
-use crate::output::ReplyError;
+use crate::output::{self, ReplyError};
+use crate::run_dir::{pid_alive, read_state, run_dir, socket_path};
 /// How long a daemon may take to answer a command (for `suspend`: to
 /// acknowledge it; the publish that follows may take as long as the upload).
 pub(super) const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends one command to a parcel's daemon; its one-line JSON answer.
-pub(crate) fn ask(parcel: &str, command: &str) -> anyhow::Result<Value> {
+pub fn ask(parcel: &str, command: &str) -> anyhow::Result<Value> {
     let (_stream, mut reader) = send(parcel, command)?;
     read_answer(parcel, command, &mut reader, ANSWER_TIMEOUT)
 }
@@ -99,7 +99,7 @@ pub(super) fn read_answer_while(
 /// Sends `command JSON` to a parcel's daemon and waits for its answer for
 /// as long as the daemon lives, showing the progress lines it sends before
 /// it (`{"progress": DONE, "total": BYTES}`) on a bar labelled `what`.
-pub(crate) fn ask_with_progress(
+pub fn ask_with_progress(
     parcel: &str,
     command: &str,
     request: &Value,
@@ -110,7 +110,7 @@ pub(crate) fn ask_with_progress(
         .and_then(|s| s["pid"].as_i64())
         .unwrap_or(0);
     let (_stream, mut reader) = send(parcel, &format!("{command} {request}"))?;
-    let (bar, _) = crate::progress::bytes_bar(0, what, json);
+    let (bar, _) = output::progress::bytes_bar(0, what, json);
     let result = loop {
         let v = read_answer_while(parcel, command, &mut reader, Duration::from_secs(2), || {
             pid_alive(pid)
@@ -132,7 +132,7 @@ pub(crate) fn ask_with_progress(
 
 /// Prints a daemon's reply (with `json` as it is, else as `text` makes
 /// it); a reply with an `error` fails with the exit status of its `kind`.
-pub(crate) fn answer(
+pub fn answer(
     mut reply: Value,
     json: bool,
     text: impl FnOnce(&Value) -> String,
@@ -141,14 +141,14 @@ pub(crate) fn answer(
         let error = ReplyError::of(&reply, json);
         if json {
             reply["kind"] = json!(error.kind.name());
-            crate::output::line(&reply)?;
+            output::line(&reply)?;
         }
         return Err(error.into());
     }
     if json {
-        crate::output::line(&reply)?;
+        output::line(&reply)?;
     } else {
-        crate::output::line(text(&reply))?;
+        output::line(text(&reply))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use fetcher::{Engine, LeaseInfo, SavedVm};
 use serde_json::{Value, json};
 
-use super::Reply;
+/// Replies to a daemon command.
+pub(super) type Reply = mpsc::Sender<Value>;
+
 use super::client::ANSWER_TIMEOUT;
 use crate::session::Session;
 /// Writes `{"progress": DONE, "total": BYTES}` lines to `writer` every half
@@ -179,7 +181,7 @@ impl Control {
         })
     }
 
-    /// The answer to `status` (see `crate::status` for its fields).
+    /// The answer to `status` (`isr status` shows its fields).
     fn status(&self) -> Value {
         let (engine, s) = (&self.engine, self.engine.stats());
         let geometry = engine.geometry();

@@ -2,18 +2,33 @@
 //! --foreground --daemon` in its own session and read its one line.
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use super::{ask, run_dir};
-use crate::cli::ResumeArgs;
+use super::client::ask;
+use crate::args::{DeviceArgs, ParcelArgs};
+use crate::run_dir::{in_own_session, run_dir};
 
-/// Starts the daemon that serves parcel `a`; its reply (the device, or an
+/// What a daemon serves and how: built by `isr resume`, `isr run` and
+/// `isr recover` (and, in the daemon, from its own command line).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub parcel: ParcelArgs,
+    pub device: DeviceArgs,
+    /// The guest's RAM as a second device, of this many MiB.
+    pub ram_mib: Option<u32>,
+    /// The RAM device starts as zeros (a cold boot).
+    pub ram_zero: bool,
+    /// Report readiness (or the error) as one JSON line on stdout, for the
+    /// process that launched the daemon.
+    pub report_ready: bool,
+}
+
+/// Starts the daemon that serves `a`'s parcel; its reply (the device, or an
 /// error in an `error` field).
-pub(crate) fn start(a: &ResumeArgs) -> anyhow::Result<Value> {
+pub fn start(a: &Options) -> anyhow::Result<Value> {
     ublk_target::check_ublk()?;
     if let Ok(reply) = ask(&a.parcel.parcel, "status") {
         bail!(
@@ -48,21 +63,8 @@ pub(crate) fn start(a: &ResumeArgs) -> anyhow::Result<Value> {
     Ok(reply)
 }
 
-/// Makes `cmd`'s process leave our session and terminal when it starts, so
-/// that it outlives this command (the daemon, a VM's QEMU).
-pub(crate) fn in_own_session(cmd: &mut std::process::Command) {
-    // SAFETY: setsid is async-signal-safe and touches no memory; the child
-    // runs it between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-}
-
 /// The command line of the daemon that serves `a`.
-fn daemon_args(a: &ResumeArgs) -> Vec<std::ffi::OsString> {
+fn daemon_args(a: &Options) -> Vec<std::ffi::OsString> {
     let p = &a.parcel;
     let mut args: Vec<std::ffi::OsString> = vec![
         "resume".into(),

@@ -1,6 +1,7 @@
-//! `isr resume` / `suspend` / `status` / `recover`: the daemon that serves a
-//! parcel's block device, and the commands that talk to it over a unix
-//! socket under the run directory (`/run/isr`, or `$ISR_RUN_DIR`).
+//! The daemon that serves a parcel's block device (`isr resume`, `isr run`
+//! and `isr recover` start it), its control protocol over a unix socket
+//! under the run directory (`/run/isr`, or `$ISR_RUN_DIR`), and the client
+//! side that `isr status`, `suspend` and `sync` talk to it with.
 //!
 //! ```text
 //! isr resume ──spawns──► isr resume --foreground --daemon   (setsid, own mount ns)
@@ -12,17 +13,17 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use fetcher::{Engine, EngineOptions, SavedVm};
 use serde_json::{Value, json};
 
-use crate::cli::{DeviceArgs, NameArgs, ParcelArgs, ResumeArgs, SuspendArgs};
-use crate::commands::{explain, host_name, open_parcel};
+use crate::args::{explain, host_name, open_parcel};
+use crate::output;
+use crate::run_dir::{pid_alive, read_state, run_dir, socket_path, state_path};
 use crate::session::{Session, nonce_path};
 use crate::time::now_unix;
 
@@ -31,257 +32,31 @@ mod control;
 mod launch;
 mod ram;
 
-pub(crate) use client::{answer, ask, ask_with_progress};
-use control::{Control, SuspendRequest};
-pub(crate) use launch::{in_own_session, start};
+pub use client::{answer, ask, ask_with_progress};
+use control::{Control, Reply, SuspendRequest};
+pub use launch::{Options, start};
 use ram::{open_ram, serve_ram};
-
-pub(crate) fn run_dir() -> PathBuf {
-    std::env::var_os("ISR_RUN_DIR").map_or_else(|| "/run/isr".into(), PathBuf::from)
-}
-
-pub(crate) fn socket_path(parcel: &str) -> PathBuf {
-    run_dir().join(format!("{parcel}.sock"))
-}
-
-pub(crate) fn state_path(parcel: &str) -> PathBuf {
-    run_dir().join(format!("{parcel}.json"))
-}
-
-pub(crate) fn read_state(parcel: &str) -> Option<Value> {
-    let text = std::fs::read_to_string(state_path(parcel)).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-/// Whether process `pid` runs (a zombie, dead but not yet reaped, does not).
-pub(crate) fn pid_alive(pid: i64) -> bool {
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    if pid <= 0 || unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
-        return false;
-    }
-    // "pid (comm) S ...": the state follows the last ')'.
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rsplit(')')
-        .next()
-        .and_then(|r| r.split_whitespace().next());
-    !matches!(state, Some("Z" | "X"))
-}
-
-/// Who still uses block device `dev`: processes holding it open, and
-/// mounts of it (in this mount namespace).
-fn users_of(dev: &str) -> Vec<String> {
-    let mut users = Vec::new();
-    let target = std::fs::canonicalize(dev).unwrap_or_else(|_| dev.into());
-    if let Ok(procs) = std::fs::read_dir("/proc") {
-        for p in procs.flatten() {
-            let pid = p.file_name().to_string_lossy().into_owned();
-            if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == std::process::id().to_string() {
-                continue;
-            }
-            let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
-                continue;
-            };
-            if fds
-                .flatten()
-                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l == target))
-            {
-                let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-                users.push(format!("pid {pid} ({})", comm.trim()));
-            }
-        }
-    }
-    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
-        for line in mounts.lines() {
-            let mut f = line.split_whitespace();
-            if f.next() == Some(dev) {
-                users.push(format!("mounted at {}", f.next().unwrap_or("?")));
-            }
-        }
-    }
-    users
-}
-
-/// `isr suspend NAME`.
-pub fn suspend(a: SuspendArgs) -> anyhow::Result<ExitCode> {
-    let status = ask(&a.parcel, "status")?;
-    if let Some(e) = status.get("error") {
-        bail!("the daemon of parcel {}: {e}", a.parcel);
-    }
-    // The VM's memory: a state file given, or saved from the VM `isr run`
-    // started (stopped, saved, quit); either way QEMU is gone after this.
-    let saved = match &a.memory {
-        Some(path) => {
-            let path = std::fs::canonicalize(path)
-                .with_context(|| format!("memory image {}", path.display()))?;
-            json!({ "memory": path })
-        }
-        None => crate::vm::save(&a.parcel)?,
-    };
-    if let Some(dev) = status["device"].as_str() {
-        let users = users_of(dev);
-        if !users.is_empty() {
-            bail!(
-                "{dev} (parcel {}) is still in use: {}; stop its users (the VM, mounts) first, then suspend",
-                a.parcel,
-                users.join(", ")
-            );
-        }
-    }
-    let mut request = saved;
-    request["offline"] = json!(a.offline);
-    request["bwlimit"] = json!(a.bwlimit);
-    // The publish may take as long as the upload: wait while the daemon
-    // lives, showing how far it is.
-    let reply = ask_with_progress(&a.parcel, "suspend", &request, "suspend", a.json)?;
-    if reply.get("error").is_none() {
-        crate::vm::forget(&a.parcel);
-    }
-    answer(reply, a.json, |r| {
-        if r["offline"] == true {
-            return format!(
-                "suspended parcel {} offline: device {} removed, nothing published; {} dirty chunks ({} not yet uploaded) kept in the cache, {}; `isr checkin {}` publishes them",
-                r["parcel"].as_str().unwrap_or("?"),
-                r["device"].as_str().unwrap_or("?"),
-                r["dirty_chunks"],
-                r["unsynced_chunks"],
-                if r["lease_kept"] == true {
-                    "lease kept"
-                } else {
-                    "no lease held (the store was not reached)"
-                },
-                r["parcel"].as_str().unwrap_or("?"),
-            );
-        }
-        let memory = match r.get("memory").filter(|m| !m.is_null()) {
-            Some(m) => format!(
-                "; memory image {} bytes in {} chunks: {} uploaded ({} bytes), {} deduplicated, {} zero",
-                m["size"],
-                m["chunks"],
-                m["uploaded_chunks"],
-                m["bytes_uploaded"],
-                m["dedup_chunks"],
-                m["zero_chunks"]
-            ),
-            None => "; no memory image (the next run boots afresh)".into(),
-        };
-        let memory = match r["ram"]["dirty_chunks"].as_u64() {
-            Some(n) if n > 0 => format!(
-                "{memory}; RAM: {n} chunks changed, {} uploaded ({} bytes)",
-                r["ram"]["uploaded_chunks"], r["ram"]["bytes_uploaded"]
-            ),
-            _ => memory,
-        };
-        format!(
-            "suspended parcel {}: version {} published ({} dirty chunks, {} uploaded, {} bytes, {} synced before{memory}) in {:.1} s, device {} removed, lease released",
-            r["parcel"].as_str().unwrap_or("?"),
-            r["version"],
-            r["dirty_chunks"],
-            r["uploaded_chunks"],
-            r["bytes_uploaded"],
-            r["synced_chunks"],
-            r["seconds"].as_f64().unwrap_or(0.0),
-            r["device"].as_str().unwrap_or("?"),
-        )
-    })
-}
-
-/// `isr recover NAME`: resume again with what the dead daemon recorded.
-pub fn recover(a: NameArgs) -> anyhow::Result<ExitCode> {
-    let st = read_state(&a.parcel)
-        .with_context(|| format!("parcel {} was not resumed on this host", a.parcel))?;
-    if pid_alive(st["pid"].as_i64().unwrap_or(0)) {
-        bail!(
-            "the daemon of parcel {} (pid {}) is running; nothing to recover",
-            a.parcel,
-            st["pid"]
-        );
-    }
-    let s = |k: &str| st[k].as_str().map(str::to_owned);
-    let args = ResumeArgs {
-        parcel: ParcelArgs {
-            store: s("store").context("state file lacks the store")?,
-            endpoint: s("endpoint"),
-            parcel: a.parcel.clone(),
-            key_file: s("key_file")
-                .context("state file lacks the key file")?
-                .into(),
-            retry_timeout: st["retry_timeout"].as_u64().unwrap_or(60),
-        },
-        device: DeviceArgs {
-            cache_dir: s("cache_root").map(PathBuf::from),
-            steal: false,
-            miss_timeout: st["miss_timeout"].as_u64().unwrap_or(600),
-            no_prefetch: st["no_prefetch"].as_bool().unwrap_or(false),
-            offline: false,
-            trickle: st["trickle"].as_u64(),
-            bwlimit: st["bwlimit"].as_u64(),
-        },
-        foreground: false,
-        memory_out: None,
-        ram_mib: st["ram_mib"].as_u64().and_then(|m| u32::try_from(m).ok()),
-        ram_zero: false,
-        json: a.json,
-        daemon: false,
-    };
-    resume(args)
-}
-
-/// `isr resume`: starts the daemon and reports its device, or (with
-/// `--foreground`) is the daemon.
-pub fn resume(a: ResumeArgs) -> anyhow::Result<ExitCode> {
-    if a.foreground {
-        ublk_target::check_ublk()?;
-        return serve(a);
-    }
-    let mut reply = start(&a)?;
-    if let (Some(out), None) = (&a.memory_out, reply.get("error")) {
-        let version = reply["base_version"].as_u64().unwrap_or(0);
-        reply["memory"] = crate::vm::fetch_memory(&a.parcel, version, out, a.json)?;
-    }
-    if !a.json
-        && let Some(why) = reply.get("offline").and_then(Value::as_str)
-    {
-        crate::output::warn(format_args!(
-            "parcel {} works offline: {why}; reads of chunks not cached wait for the store, and the daemon reconnects by itself",
-            a.parcel.parcel
-        ));
-    }
-    if !a.json
-        && let Some(m) = reply.get("memory")
-    {
-        // stdout keeps only the device, for `dev=$(isr resume …)`.
-        crate::output::note(crate::vm::memory_text(
-            m,
-            reply["base_version"].as_u64().unwrap_or(0),
-        ));
-    }
-    answer(reply, a.json, |r| {
-        r["device"].as_str().unwrap_or("?").to_owned()
-    })
-}
 
 /// prctl: the process writes back for the kernel (Linux 5.6; not in libc).
 const PR_SET_IO_FLUSHER: libc::c_int = 57;
 
-/// Replies to a daemon command.
-type Reply = mpsc::Sender<Value>;
-
-/// The daemon: lease, engine, device, control socket; returns after suspend.
-fn serve(a: ResumeArgs) -> anyhow::Result<ExitCode> {
-    let report_ready = a.daemon;
+/// The daemon (`isr resume --foreground`): lease, engine, device, control
+/// socket; returns after suspend.
+pub fn serve(a: Options) -> anyhow::Result<ExitCode> {
+    ublk_target::check_ublk()?;
+    let report_ready = a.report_ready;
     let result = serve_inner(&a);
     match result {
         Ok(code) => Ok(code),
         Err(e) if report_ready => {
-            println!("{}", crate::output::error_json(&e));
+            println!("{}", output::error_json(&e));
             Err(e)
         }
         Err(e) => Err(e),
     }
 }
 
-fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
+fn serve_inner(a: &Options) -> anyhow::Result<ExitCode> {
     let name = a.parcel.parcel.clone();
     private_mounts();
     // The kernel writes back through this process (the guest's RAM pages
@@ -326,7 +101,8 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     let nonce_path = nonce_path(&cache_dir);
     let reuse = crate::session::read_nonce(&cache_dir);
-    let (lease, offline) = crate::session::take_lease(&rt, &parcel, a, &cache_dir)?;
+    let (lease, offline) =
+        crate::session::take_lease(&rt, &parcel, (&a.parcel, &a.device), &cache_dir)?;
     if let Some(lease) = &lease {
         fetcher::local::private::write(&nonce_path, &lease.info().nonce)
             .with_context(|| format!("cannot write {}", nonce_path.display()))?;
@@ -392,7 +168,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     }
     let session = Arc::new(Session::new(lease, offline.clone()));
     if offline.is_some() {
-        crate::session::spawn_reconnect(session.clone(), engine.clone(), a);
+        crate::session::spawn_reconnect(session.clone(), engine.clone(), &a.parcel);
     }
     if let Some(secs) = a.device.trickle {
         crate::session::spawn_trickle(session.clone(), engine.clone(), Duration::from_secs(secs));
@@ -456,7 +232,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
     }
     let ready_name = name.clone();
     let ready_base = engine.base_version();
-    let report_ready = a.daemon;
+    let report_ready = a.report_ready;
     let dev_options = ublk_target::DeviceOptions {
         recover,
         ..Default::default()
@@ -540,7 +316,7 @@ fn serve_inner(a: &ResumeArgs) -> anyhow::Result<ExitCode> {
                     "device": device_path,
                 })
             }
-            Err(e) => crate::output::error_json(e),
+            Err(e) => output::error_json(e),
         };
         tracing::info!(
             parcel = name,
@@ -587,7 +363,7 @@ fn publish_and_release(
     engine: &Engine,
     session: &Session,
     saved: &SavedVm,
-    a: &ResumeArgs,
+    a: &Options,
     device: Option<String>,
 ) -> (Value, anyhow::Result<ExitCode>) {
     let name = &a.parcel.parcel;
@@ -639,14 +415,14 @@ fn publish_and_release(
             (reply, Ok(ExitCode::SUCCESS))
         }
         Err(e) => {
-            tracing::info!(parcel = name, error = %crate::commands::describe(&e), "publish failed");
-            (crate::output::error_json(&e), Err(e))
+            tracing::info!(parcel = name, error = %output::describe(&e), "publish failed");
+            (output::error_json(&e), Err(e))
         }
     }
 }
 
 /// The JSON of a publish's summary.
-pub(crate) fn publish_json(name: &str, s: &fetcher::PublishSummary, released: bool) -> Value {
+pub fn publish_json(name: &str, s: &fetcher::PublishSummary, released: bool) -> Value {
     let mut v = json!({
         "parcel": name,
         "version": s.version,

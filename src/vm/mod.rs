@@ -1,6 +1,7 @@
-//! The VM itself: `isr run` starts QEMU on the parcel's device (restoring
-//! the version's memory image when it has one), and `isr suspend` saves it
-//! through QMP before the disk is published.
+//! The VM itself: QEMU started on the parcel's device (restoring the
+//! version's memory image when it has one) for `isr run`, saved through QMP
+//! for `isr suspend` before the disk is published, and its record in the
+//! run directory.
 //!
 //! ```text
 //! isr run ── resume (daemon, /dev/ublkbN) ── fetch memory image ── QEMU -incoming defer
@@ -17,7 +18,7 @@
 //! display, console file) are added on each host.
 
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -27,15 +28,16 @@ use fetcher::ops::{ExportOptions, export_image};
 use format::{Manifest, SaveFormat, VmSettings};
 use serde_json::{Value, json};
 
-use crate::cli::{ParcelArgs, ResumeArgs, RunArgs};
-use crate::commands::{explain, mib, open_parcel};
-use crate::daemon::{ask, pid_alive, run_dir};
-use crate::qmp::Qmp;
+use crate::args::{ParcelArgs, explain, open_parcel};
+use crate::output::{self, mib};
+use crate::run_dir::{in_own_session, pid_alive, run_dir};
 
+mod qmp;
 mod settings;
 
-pub use settings::saved_from_json;
-use settings::{choose_settings, has_option, settings_from_json, settings_to_json};
+use qmp::Qmp;
+pub use settings::{Wanted, choose_settings, saved_from_json};
+use settings::{has_option, settings_from_json, settings_to_json};
 
 /// How long QEMU may take to open its QMP socket.
 const QMP_START: Duration = Duration::from_secs(30);
@@ -142,7 +144,7 @@ pub fn fetch_memory(p: &ParcelArgs, version: u64, out: &Path, json: bool) -> any
 }
 
 /// [`fetch_memory`] of `manifest`, the manifest of version `version`.
-async fn fetch_memory_of(
+pub async fn fetch_memory_of(
     parcel: &Parcel,
     version: u64,
     manifest: &Manifest,
@@ -152,7 +154,7 @@ async fn fetch_memory_of(
     if manifest.memory_size == 0 {
         return Ok(Value::Null);
     }
-    let (bar, progress) = crate::progress::bytes_bar(manifest.memory_size, "memory", json);
+    let (bar, progress) = output::progress::bytes_bar(manifest.memory_size, "memory", json);
     let s = export_image(
         parcel,
         version,
@@ -186,7 +188,7 @@ pub fn memory_text(m: &Value, version: u64) -> String {
 }
 
 /// Finds the QEMU binary (a name on PATH, or a path).
-fn find_qemu(qemu: &Path) -> anyhow::Result<PathBuf> {
+pub fn find_qemu(qemu: &Path) -> anyhow::Result<PathBuf> {
     let found = if qemu.components().count() > 1 {
         qemu.is_file().then(|| qemu.to_owned())
     } else {
@@ -222,150 +224,68 @@ fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
 }
 
-/// `isr run`.
-pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
-    let started = Instant::now();
-    let name = a.parcel.parcel.clone();
-    let qemu = find_qemu(&a.qemu)?;
-    if let Some(r) = read_record(&name)
+/// Refuses to start a second VM for `parcel`: one runs already, or a
+/// suspend saved one and did not finish publishing it.
+pub fn check_none_running(parcel: &str) -> anyhow::Result<()> {
+    if let Some(r) = read_record(parcel)
         && pid_alive(r["pid"].as_i64().unwrap_or(0))
     {
         bail!(
-            "the VM of parcel {name} is running already (QEMU pid {}, QMP {})",
+            "the VM of parcel {parcel} is running already (QEMU pid {}, QMP {})",
             r["pid"],
             r["qmp"].as_str().unwrap_or("?")
         );
     }
-    if read_record(&name).is_some_and(|r| r["saved"].is_string()) {
+    if read_record(parcel).is_some_and(|r| r["saved"].is_string()) {
         bail!(
-            "the VM of parcel {name} was saved by a suspend that did not finish; run `isr suspend {name}` again to publish it"
+            "the VM of parcel {parcel} was saved by a suspend that did not finish; run `isr suspend {parcel}` again to publish it"
         );
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let parcel = open_parcel(&a.parcel)?;
-    // The version to run: the device's, if resumed already, else HEAD
-    // (which the daemon about to start resumes).
-    let running = ask(&name, "status")
-        .ok()
-        .filter(|s| s.get("error").is_none());
-    let wanted = match &running {
-        Some(s) => s["base_version"].as_u64().unwrap_or(0),
-        None => rt
-            .block_on(parcel.require_head())
-            .map_err(|e| explain(e, &a.parcel))?,
-    };
-    let manifest = rt
-        .block_on(parcel.manifest(wanted))
-        .map_err(|e| explain(e, &a.parcel))?;
-    let restore = (manifest.memory_size > 0 && !a.cold).then_some(wanted);
-    let settings = choose_settings(&a, manifest.vm.as_ref(), restore)?;
-    // The RAM on a device of the parcel: for a version saved so, and for a
-    // cold boot unless the stream path is asked for. A version saved as a
-    // stream restores as one.
-    let lazy = match restore {
-        Some(_) => settings.save_format == SaveFormat::SharedRam,
-        None => !a.stream_memory,
-    };
+    Ok(())
+}
 
-    // The device (and the RAM's): resumed now, or already.
-    let status = match running {
-        Some(s) => s,
-        None => {
-            let reply = crate::daemon::start(&ResumeArgs {
-                parcel: clone_parcel_args(&a.parcel),
-                device: a.device.clone(),
-                foreground: false,
-                memory_out: None,
-                ram_mib: lazy.then_some(settings.memory_mib),
-                ram_zero: lazy && restore.is_none(),
-                json: a.json,
-                daemon: false,
-            })?;
-            if reply.get("error").is_some() {
-                return Err(crate::output::ReplyError::of(&reply, false).into());
-            }
-            ask(&name, "status")?
-        }
-    };
-    let device = status["device"]
-        .as_str()
-        .context("the daemon reports no device")?
-        .to_owned();
-    let version = status["base_version"].as_u64().unwrap_or(0);
-    if version != wanted {
-        bail!(
-            "parcel {name} moved on to version {version} while its device came up (version {wanted} was read); run again"
-        );
-    }
-    let ram_device = match (lazy, status["ram"]["device"].as_str()) {
-        (false, _) => None,
-        (true, Some(dev))
-            if status["ram"]["size"].as_u64() == Some(u64::from(settings.memory_mib) << 20) =>
-        {
-            Some(dev.to_owned())
-        }
-        (true, _) if restore.is_some() => bail!(
-            "version {version} of parcel {name} keeps the VM's RAM on a RAM device of {} MiB, but parcel {name} was resumed without one ({}): suspend it and run again",
-            settings.memory_mib,
-            if status["ram"].is_null() {
-                "isr resume without --ram-mib".to_owned()
-            } else {
-                format!("its RAM device has {} bytes", status["ram"]["size"])
-            }
-        ),
-        (true, _) => {
-            crate::output::note(format_args!(
-                "isr: parcel {name} was resumed without a RAM device of {} MiB: the VM's RAM stays in QEMU and is saved whole at suspend",
-                settings.memory_mib
-            ));
-            None
-        }
-    };
-    let device_secs = started.elapsed().as_secs_f64();
+/// Where `isr run` fetches the memory image it restores from.
+pub fn memory_file(parcel: &str) -> PathBuf {
+    run_dir().join(format!("{parcel}.memory"))
+}
 
-    let dirty = status["dirty_chunks"].as_u64().unwrap_or(0);
-    let ram_dirty = status["ram"]["dirty_chunks"].as_u64().unwrap_or(0);
-    if restore.is_some() && (dirty > 0 || (ram_device.is_some() && ram_dirty > 0)) {
-        bail!(
-            "the {} of parcel {name} changed since version {version} was resumed ({} chunks written on {}); restoring that version's memory image over it would corrupt the guest: pass --cold to boot afresh, or suspend and resume first",
-            if dirty > 0 { "disk" } else { "RAM" },
-            if dirty > 0 { dirty } else { ram_dirty },
-            if dirty > 0 {
-                device.as_str()
-            } else {
-                ram_device.as_deref().unwrap_or("?")
-            }
-        );
-    }
-    let memory_file = run_dir().join(format!("{name}.memory"));
-    let memory = match restore {
-        Some(v) => rt
-            .block_on(fetch_memory_of(&parcel, v, &manifest, &memory_file, a.json))
-            .map_err(|e| explain(e, &a.parcel))?,
-        None => Value::Null,
-    };
-    drop(rt);
-    let memory_secs = started.elapsed().as_secs_f64() - device_secs;
+/// What to boot: the VM of `parcel` on `device` (and its RAM on
+/// `ram_device`), with `settings`.
+pub struct Boot<'a> {
+    pub parcel: &'a str,
+    pub qemu: &'a Path,
+    pub device: &'a str,
+    pub ram_device: Option<&'a str>,
+    pub settings: &'a VmSettings,
+    /// The version whose memory image, fetched to [`memory_file`], is
+    /// restored; `None`: a cold boot.
+    pub restore: Option<u64>,
+}
 
+/// Starts QEMU (detached) on the devices, restores the memory image or
+/// records the machine type QEMU resolved, lets the VM run and writes its
+/// record (what `isr status` and `isr suspend` find). The memory file is
+/// removed either way; a QEMU that fails is killed, the device left
+/// resumed.
+pub fn boot(b: &Boot) -> anyhow::Result<Started> {
+    let memory_file = memory_file(b.parcel);
     let vm = start_qemu(
-        &name,
-        &qemu,
-        &device,
-        ram_device.as_deref(),
-        &settings,
-        restore.is_some(),
+        b.parcel,
+        b.qemu,
+        b.device,
+        b.ram_device,
+        b.settings,
+        b.restore.is_some(),
     )?;
     let restored = (|| {
         let alive = || pid_alive(vm.pid);
         let mut qmp = Qmp::connect(&vm.qmp, &vm.who(), QMP_START, alive)?;
-        let mut settings = settings.clone();
-        match restore {
+        let mut settings = b.settings.clone();
+        match b.restore {
             Some(_) => restore_memory(&mut qmp, &settings, &memory_file, alive)?,
             None => {
                 resolve_machine(&mut qmp, &mut settings)?;
-                if ram_device.is_some() {
+                if b.ram_device.is_some() {
                     settings.save_format = SaveFormat::SharedRam;
                 }
             }
@@ -378,10 +298,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         Err(e) => {
             // SAFETY: kill sends a signal to the QEMU we started; no memory.
             unsafe { libc::kill(vm.pid as libc::pid_t, libc::SIGKILL) };
-            let _ = std::fs::remove_file(record_path(&name));
+            let _ = std::fs::remove_file(record_path(b.parcel));
             return Err(e.context(format!(
-                "{}; the device {device} stays resumed (isr run again, or isr suspend {name})",
-                log_tail(&vm.log)
+                "{}; the device {} stays resumed (isr run again, or isr suspend {})",
+                log_tail(&vm.log),
+                b.device,
+                b.parcel
             )));
         }
     };
@@ -391,65 +313,19 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         "console": vm.console,
         "log": vm.log,
         "settings": settings_to_json(&settings),
-        "restored_from": restore,
-        "ram_device": ram_device,
+        "restored_from": b.restore,
+        "ram_device": b.ram_device,
     });
-    write_record(&name, &record)?;
-    let total_secs = started.elapsed().as_secs_f64();
-    let after = ask(&name, "status").unwrap_or_default();
-    let reply = json!({
-        "parcel": name,
-        "device": device,
-        "version": version,
-        "vm_pid": vm.pid,
-        "qmp": vm.qmp,
-        "console": vm.console,
-        "restored": restore.is_some(),
-        "memory": memory,
-        "ram_device": ram_device,
-        "ram_fetched_bytes": after["ram"]["fetched_bytes"],
-        "disk_fetched_bytes": after["fetched_bytes"],
-        "seconds_device": device_secs,
-        "seconds_memory": memory_secs,
-        "seconds_total": total_secs,
-    });
-    if a.json {
-        crate::output::line(&reply)?;
-    } else {
-        crate::output::line(format_args!(
-            "parcel {name} version {version} running on {device}: QEMU pid {}, QMP {}, console {}\n{} in {total_secs:.1} s (device {device_secs:.1} s, memory image {memory_secs:.1} s); {} bytes of disk fetched so far",
-            vm.pid,
-            vm.qmp.display(),
-            vm.console.display(),
-            if restore.is_some() {
-                format!("restored from version {version}'s memory image")
-            } else if manifest.memory_size > 0 {
-                "booted afresh (--cold)".into()
-            } else {
-                format!("version {version} has no memory image: booted afresh")
-            },
-            after["fetched_bytes"],
-        ))?;
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn clone_parcel_args(p: &ParcelArgs) -> ParcelArgs {
-    ParcelArgs {
-        store: p.store.clone(),
-        endpoint: p.endpoint.clone(),
-        parcel: p.parcel.clone(),
-        key_file: p.key_file.clone(),
-        retry_timeout: p.retry_timeout,
-    }
+    write_record(b.parcel, &record)?;
+    Ok(vm)
 }
 
 /// A QEMU that `isr run` started.
-struct Started {
-    pid: i64,
-    qmp: PathBuf,
-    console: PathBuf,
-    log: PathBuf,
+pub struct Started {
+    pub pid: i64,
+    pub qmp: PathBuf,
+    pub console: PathBuf,
+    pub log: PathBuf,
 }
 
 impl Started {
@@ -534,7 +410,7 @@ fn start_qemu(
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file);
-    crate::daemon::in_own_session(&mut cmd);
+    in_own_session(&mut cmd);
     let child = cmd
         .spawn()
         .with_context(|| format!("cannot start {}", qemu.display()))?;
@@ -667,7 +543,7 @@ pub fn save(parcel: &str) -> anyhow::Result<Value> {
     let pid = r["pid"].as_i64().unwrap_or(0);
     let who = format!("QEMU (pid {pid}) of parcel {parcel}");
     if !pid_alive(pid) {
-        crate::output::warn(format_args!(
+        output::warn(format_args!(
             "{who} is not running (it exited or crashed): its memory is lost; publishing the disk alone, and the next run boots afresh. {}",
             log_tail(Path::new(r["log"].as_str().unwrap_or_default()))
         ));
@@ -717,7 +593,7 @@ pub fn save(parcel: &str) -> anyhow::Result<Value> {
         std::thread::sleep(Duration::from_millis(50));
     }
     if alive() {
-        crate::output::warn(format_args!(
+        output::warn(format_args!(
             "{who} did not exit within {} s of quit; killing it (its state is saved)",
             QUIT_WAIT.as_secs()
         ));
@@ -728,7 +604,7 @@ pub fn save(parcel: &str) -> anyhow::Result<Value> {
         }
     }
     write_back_ram(&r)?;
-    crate::output::note(format_args!(
+    output::note(format_args!(
         "isr: saved the VM of parcel {parcel} ({:.1} MiB) in {saved_secs:.1} s",
         mib(std::fs::metadata(&file).map_or(0, |m| m.len()))
     ));

@@ -8,8 +8,6 @@ use fetcher::SavedVm;
 use format::{SaveFormat, VmSettings};
 use serde_json::{Value, json};
 
-use crate::cli::RunArgs;
-
 /// Guest RAM of a VM with no recorded settings, in MiB.
 pub const DEFAULT_MEMORY_MIB: u32 = 1024;
 
@@ -80,10 +78,19 @@ pub fn has_option(args: &[String], names: &[&str]) -> bool {
     })
 }
 
+/// What a run asks for (`isr run`'s flags and QEMU arguments); `None`
+/// and no arguments: the version's recorded settings.
+#[derive(Debug, Default)]
+pub struct Wanted {
+    pub memory_mib: Option<u32>,
+    pub cpus: Option<u32>,
+    pub qemu_args: Vec<String>,
+}
+
 /// The settings a run uses: flags, else the version's recorded ones, else
 /// defaults. Restoring a memory image needs the hardware it was saved on.
 pub fn choose_settings(
-    a: &RunArgs,
+    a: &Wanted,
     recorded: Option<&VmSettings>,
     restore: Option<u64>,
 ) -> anyhow::Result<VmSettings> {
@@ -195,25 +202,23 @@ fn same_machine(here: &str, saved: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
     use std::path::Path;
 
-    fn run_args(extra: &[&str]) -> RunArgs {
-        let mut argv = vec![
-            "isr",
-            "run",
-            "--store",
-            "file:///s",
-            "--parcel",
-            "p",
-            "--key-file",
-            "k",
-        ];
-        argv.extend(extra);
-        match crate::cli::Cli::parse_from(argv).command {
-            crate::cli::Command::Run(a) => a,
-            _ => unreachable!(),
+    /// What `isr run` asks for with flags `extra` (`--cpus N`,
+    /// `--memory-mib N`, then `--` and QEMU's arguments).
+    fn run_args(extra: &[&str]) -> Wanted {
+        let mut w = Wanted::default();
+        let mut it = extra.iter();
+        while let Some(&flag) = it.next() {
+            let mut n = || it.next().and_then(|v| v.parse().ok());
+            match flag {
+                "--cpus" => w.cpus = n(),
+                "--memory-mib" => w.memory_mib = n(),
+                "--" => w.qemu_args = it.by_ref().map(|s| s.to_string()).collect(),
+                _ => panic!("unknown flag {flag}"),
+            }
         }
+        w
     }
 
     #[test]

@@ -23,11 +23,21 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::ExitCode;
 
+use clap::Args;
 use serde_json::{Value, json};
 
-use crate::cli::StatusArgs;
-use crate::daemon::{answer, ask, pid_alive, read_state, run_dir, socket_path};
+use crate::daemon::{answer, ask};
 use crate::output;
+use crate::run_dir::{pid_alive, read_state, run_dir, socket_path};
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The parcel's name (default: every parcel resumed on this host).
+    pub parcel: Option<String>,
+    /// Print one JSON object (without a name: an array) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// `isr status [NAME]`.
 pub fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -92,7 +102,7 @@ fn entry(name: &str) -> Value {
                 "parcel": name,
                 "state": "not answering",
                 "pid": pid,
-                "error": crate::commands::describe(&e),
+                "error": output::describe(&e),
             })
         }),
     }

@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A byte-counting bar on stderr, and the sink that feeds it.
 pub fn bytes_bar(total: u64, what: &str, json: bool) -> (ProgressBar, fetcher::Progress) {
-    let bar = if json || crate::output::quiet() || !std::io::stderr().is_terminal() {
+    let bar = if json || super::quiet() || !std::io::stderr().is_terminal() {
         ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden())
     } else {
         ProgressBar::new(total)

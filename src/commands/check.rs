@@ -1,15 +1,19 @@
-//! Commands on a local cache, offline: `isr check` verifies (and repairs)
-//! it, `isr fork` publishes it as a new parcel.
+//! `isr check`: verifies a parcel's local cache against its manifest,
+//! offline (every cached chunk re-hashed, the map and the image's size
+//! checked); damaged chunks are dropped, to be fetched again.
 
 use std::process::ExitCode;
 
 use serde_json::json;
 
-use crate::cli::{ForkArgs, HoardArgs};
-use crate::commands::{explain, host_name, open_parcel};
-use crate::{output, progress};
+use super::hoard::HoardArgs;
+use crate::args::{explain, open_parcel};
+use crate::output::{self, progress};
 
-pub async fn check(a: HoardArgs) -> anyhow::Result<ExitCode> {
+/// `isr check` takes `isr hoard`'s arguments: a parcel and its cache.
+pub type CheckArgs = HoardArgs;
+
+pub async fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     let parcel = open_parcel(&a.parcel)?;
     let root = a
         .cache_dir
@@ -90,43 +94,4 @@ pub async fn check(a: HoardArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-pub async fn fork(a: ForkArgs) -> anyhow::Result<ExitCode> {
-    let parcel = open_parcel(&a.cache.parcel)?;
-    let to = fetcher::Parcel::new(parcel.store().clone(), &a.to, parcel.secret().clone())?;
-    let mut options = fetcher::EngineOptions {
-        host: host_name(),
-        ..Default::default()
-    };
-    if let Some(dir) = &a.cache.cache_dir {
-        options.cache_root = dir.clone();
-    }
-    let (from, to_name) = (parcel.name().to_owned(), a.to.clone());
-    let (s, dir) = tokio::task::spawn_blocking(move || {
-        fetcher::engine::fork(&parcel, &to, options, crate::time::now_unix())
-    })
-    .await?
-    .map_err(|e| explain(e, &a.cache.parcel))?;
-    if a.cache.json {
-        output::line(json!({
-            "parcel": to_name,
-            "from": from,
-            "version": s.version,
-            "dirty_chunks": s.dirty_chunks,
-            "uploaded_chunks": s.uploaded_chunks,
-            "bytes_uploaded": s.bytes_uploaded,
-            "cache": dir,
-        }))?;
-    } else {
-        output::line(format_args!(
-            "published the cache of parcel {from} as version {} of parcel {to_name}: {} changed chunks, {} uploaded ({} bytes); the cache is now {to_name}'s ({})",
-            s.version,
-            s.dirty_chunks,
-            s.uploaded_chunks,
-            s.bytes_uploaded,
-            dir.display()
-        ))?;
-    }
-    Ok(ExitCode::SUCCESS)
 }

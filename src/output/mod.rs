@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use fetcher::ErrorClass;
 use serde_json::{Value, json};
 
+pub mod progress;
+
 /// Exit status when stdout's reader went away (128 + SIGPIPE, as a shell
 /// reports a process killed by SIGPIPE).
 pub const BROKEN_PIPE: u8 = 141;
@@ -149,6 +151,26 @@ pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, Ordering::Relaxed);
 }
 
+/// One line for the user: the error and its causes, each said once.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+/// Bytes in MiB, for a message.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 /// Whether `--quiet` was given.
 pub fn quiet() -> bool {
     QUIET.load(Ordering::Relaxed)
@@ -157,7 +179,7 @@ pub fn quiet() -> bool {
 /// The JSON form of a failure: `{"error": MESSAGE, "kind": KIND}` (what
 /// `--json` prints, and what a daemon answers with).
 pub fn error_json(e: &anyhow::Error) -> Value {
-    json!({ "error": crate::commands::describe(e), "kind": Kind::of(e).name() })
+    json!({ "error": describe(e), "kind": Kind::of(e).name() })
 }
 
 /// A write to stdout failed.
@@ -252,7 +274,7 @@ pub fn fail(e: &anyhow::Error, json: bool) -> ExitCode {
     if stdout_error == Some(ErrorKind::BrokenPipe) {
         return ExitCode::from(BROKEN_PIPE);
     }
-    let message = crate::commands::describe(e);
+    let message = describe(e);
     error(format_args!("isr: {message}"));
     let printed = e
         .chain()
