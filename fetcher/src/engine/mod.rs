@@ -13,18 +13,15 @@
 //! ```
 //!
 //! Writes mark chunks dirty (with a generation); [`Engine::publish`] uploads
-//! dirty chunks and commits the next version (see `publish.rs`).
+//! dirty chunks and commits the next version (see `upload/publish.rs`).
+//!
+//! Its rooms: `io/` (the data path: fetch, write, hoard), `upload/` (sync,
+//! publish, fork), `repair/` (open and reconcile, check, discard).
 
-mod check;
-mod discard;
-mod fetch;
-mod fork;
-mod hoard;
-mod publish;
-mod reconcile;
+mod io;
+mod repair;
 mod report;
-mod sync;
-mod write;
+mod upload;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,14 +37,16 @@ use crate::local::notify::Notifier;
 use crate::transfer::meter::RateMeter;
 use crate::{Error, Parcel};
 
-pub use check::{CheckReport, check};
-pub use discard::{CacheLease, Discard, DiscardReport, release_cache_lease};
-pub use fetch::Slot;
-pub use fork::fork;
-pub use publish::{PublishSummary, SavedVm};
+use io::fetch;
+pub use io::fetch::Slot;
+pub use repair::check::{CheckReport, check};
+pub use repair::discard::{CacheLease, Discard, DiscardReport, release_cache_lease};
+use repair::reconcile;
 pub use report::{EngineStats, OpenReport};
-use sync::SyncRecord;
-pub use sync::SyncSummary;
+pub use upload::fork::fork;
+pub use upload::publish::{PublishSummary, SavedVm};
+use upload::sync::SyncRecord;
+pub use upload::sync::SyncSummary;
 
 /// How an engine runs.
 #[derive(Debug, Clone)]

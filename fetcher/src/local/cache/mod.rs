@@ -7,7 +7,7 @@
 //!     image           sparse plaintext disk image
 //!     state           4 KiB header + one u64 per chunk: state (2 bits: absent,
 //!                     present, dirty, writing) | generation
-//!     synced          what `isr sync` uploaded (engine/sync.rs)
+//!     synced          what `isr sync` uploaded (engine/upload/sync.rs)
 //!     trace           u64 chunk indices, first touches of this session, in order
 //!     manifests/<v>   the encrypted manifest the cache is based on
 //!     lease           nonce of the store lease this cache holds, if any

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use format::ChunkEntry;
 
-use super::{Engine, EngineStats, reconcile};
 use crate::Error;
+use crate::engine::{Engine, EngineStats, repair::reconcile};
 use crate::local::cache::{self, PRESENT};
 
 impl Engine {
@@ -51,7 +51,7 @@ impl Engine {
         self.set_prefetch(true);
         // A hoard wants everything now: no slow start (on a 1 Gbit/s link
         // 40 ms away the ramp from 4 cost a tenth of the throughput).
-        let _ = s.demand_tx.send(super::fetch::OPEN_WINDOW);
+        let _ = s.demand_tx.send(crate::engine::io::fetch::OPEN_WINDOW);
         let mut reported = 0u64;
         let (lock, cv) = &s.progress;
         let mut seen = lock.lock().expect("progress lock");

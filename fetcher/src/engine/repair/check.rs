@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use super::reconcile::present_mismatches;
+use crate::engine::repair::reconcile::present_mismatches;
 use crate::local::cache::{self, Cache, DIRTY, PRESENT};
 use crate::{Error, Parcel, Progress};
 

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use format::{ChunkEntry, Manifest};
 
-use super::{EngineOptions, OpenReport, new_header};
+use crate::engine::{EngineOptions, OpenReport, new_header};
 use crate::local::cache::{self, Cache, DIRTY, PRESENT};
 use crate::{Error, Parcel};
 
@@ -119,7 +119,7 @@ pub(crate) async fn open_cache(
                 "dropped the RAM a previous run left unpublished"
             );
             cache.drop_chunks(&stale)?;
-            let _ = cache.remove_file(super::sync::SYNCED);
+            let _ = cache.remove_file(crate::engine::upload::sync::SYNCED);
         }
     }
     let mut base = (header.base_version, base);

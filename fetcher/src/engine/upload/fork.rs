@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use super::{Engine, EngineOptions, PublishSummary};
+use crate::engine::{Engine, EngineOptions, PublishSummary};
 use crate::local::cache;
 use crate::{Error, Parcel};
 

@@ -19,7 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::sync::SYNCED;
+use crate::engine::upload::sync::SYNCED;
 use crate::local::cache::{self, Cache, DIRTY};
 use crate::{Error, Lease, Store};
 

@@ -18,8 +18,8 @@ use format::chunk::ChunkEncoder;
 use format::{ChunkEntry, ChunkKey, VmSettings};
 use futures::{StreamExt, TryStreamExt, stream};
 
-use super::{Base, Engine, Shared};
 use crate::Image;
+use crate::engine::{Base, Engine, Shared};
 use crate::local::cache::{DIRTY, PRESENT, state_of};
 use crate::remote::lease::Lease;
 use crate::transfer::DEFAULT_CONCURRENCY;
@@ -80,7 +80,7 @@ impl Engine {
     /// changed chunks upload; the others are shared, once made young in
     /// the store (written again, from this cache or the store's old copy,
     /// if they are old or gc removed them). The cache is then based on
-    /// `to` (move it with [`fork`](super::fork)).
+    /// `to` (move it with [`fork`](crate::engine::fork)).
     pub fn publish_fork(&self, to: &Parcel, created_unix: i64) -> Result<PublishSummary, Error> {
         self.shared.refuse_if_ram()?;
         let (shared, to) = (self.shared.clone(), to.clone());
@@ -325,7 +325,8 @@ fn adopt(
         let _ = record.save(&shared.cache);
     }
     shared.cache.update_header(|h| h.base_version = version)?;
-    *shared.base.write().expect("base lock") = Arc::new(super::Base::new(version, manifest));
+    *shared.base.write().expect("base lock") =
+        Arc::new(crate::engine::Base::new(version, manifest));
     shared.cache.clear_trace()?;
     shared.trace.lock().expect("trace lock").clear();
     for word in shared.touched.iter() {
@@ -381,24 +382,27 @@ async fn upload_dirty(
 }
 
 /// One dirty chunk, held by the store in the generation read.
-pub(super) struct Uploaded {
-    pub(super) chunk: u64,
+pub(in crate::engine) struct Uploaded {
+    pub(in crate::engine) chunk: u64,
     /// The chunk's map entry (state and generation) when it was read;
     /// `None` if a write of it was in flight then (between its two marks:
     /// its data may land without a generation of its own if the process
     /// dies before the second, so what was read stands for no generation).
-    pub(super) map_entry: Option<u64>,
+    pub(in crate::engine) map_entry: Option<u64>,
     /// Its entry in the new chunk table.
-    pub(super) table_entry: ChunkEntry,
+    pub(in crate::engine) table_entry: ChunkEntry,
     /// Bytes sent, if this created the object.
-    pub(super) sent: Option<u64>,
+    pub(in crate::engine) sent: Option<u64>,
     /// An earlier sync had uploaded it (nothing was read or sent now).
-    pub(super) synced: bool,
+    pub(in crate::engine) synced: bool,
 }
 
 /// Reads dirty chunk `c` with its map entry, encodes it and uploads it
 /// unless the store holds it (an all-zero chunk is never stored).
-pub(super) async fn upload_chunk(shared: Arc<Shared>, c: u64) -> Result<Uploaded, Error> {
+pub(in crate::engine) async fn upload_chunk(
+    shared: Arc<Shared>,
+    c: u64,
+) -> Result<Uploaded, Error> {
     // Read and encode under the chunk's stripe lock: the snapshot and its
     // generation belong together.
     let s = shared.clone();

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use format::{ChunkEntry, ChunkKey};
 use futures::{StreamExt, stream};
 
-use super::{Engine, Shared};
+use crate::engine::{Engine, Shared};
 use crate::local::cache::{Cache, DIRTY};
 use crate::transfer::DEFAULT_CONCURRENCY;
 use crate::{Error, Progress};
@@ -34,7 +34,7 @@ const MAGIC: &[u8; 4] = b"ISRy";
 const FORMAT: u32 = 1;
 const RECORD_LEN: usize = 8 + 8 + 1 + 32;
 /// The record's file in the cache directory.
-pub(super) const SYNCED: &str = "synced";
+pub(in crate::engine) const SYNCED: &str = "synced";
 /// How often a long sync saves what it has done so far.
 const CHECKPOINT: Duration = Duration::from_secs(2);
 
@@ -230,7 +230,7 @@ async fn sync(
     shared.start_pass(&todo);
     let mut uploads = stream::iter(todo)
         .take_while(|_| std::future::ready(!stop.load(Ordering::Relaxed)))
-        .map(|c| super::publish::upload_chunk(shared.clone(), c))
+        .map(|c| crate::engine::upload::publish::upload_chunk(shared.clone(), c))
         .buffer_unordered(DEFAULT_CONCURRENCY);
     let mut failure = None;
     let mut saved_at = Instant::now();

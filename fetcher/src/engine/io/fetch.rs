@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use format::{ChunkEntry, ChunkKey};
 use tokio::sync::mpsc;
 
-use super::Shared;
+use crate::engine::Shared;
 use crate::local::cache::{self, ABSENT};
 use crate::local::notify::Notifier;
 use crate::{ChunkFault, Error};
@@ -73,7 +73,7 @@ impl Slot {
         }
     }
 
-    pub(super) fn complete(&self, result: Result<(), Arc<Error>>) {
+    pub(in crate::engine) fn complete(&self, result: Result<(), Arc<Error>>) {
         let mut st = self.state.lock().expect("slot lock");
         st.done = Some(result);
         for n in st.notifiers.drain(..) {

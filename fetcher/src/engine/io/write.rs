@@ -26,8 +26,8 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{Engine, Shared, Slot};
 use crate::Error;
+use crate::engine::{Engine, Shared, Slot};
 use crate::local::cache::{self, ABSENT, DIRTY, WRITING};
 
 impl Engine {
