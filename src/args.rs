@@ -80,6 +80,13 @@ pub struct DeviceArgs {
     /// KiB, MiB, GiB.
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub bwlimit: Option<u64>,
+    /// How the cache image's data is read and written: `direct` (O_DIRECT:
+    /// past this host's page cache; the guest caches its own disk) or
+    /// `buffered` (through it). Recorded in the cache: without it, as the
+    /// cache last worked (a new cache: buffered). A file system that keeps
+    /// files in memory (tmpfs) works buffered, and says so.
+    #[arg(long, env = "ISR_CACHE_IO", value_name = "MODE", value_parser = fetcher::CacheIo::parse)]
+    pub cache_io: Option<fetcher::CacheIo>,
 }
 
 /// A transfer rate (`--bwlimit`): `10M`, `512KiB`, ….

@@ -14,10 +14,11 @@
 //!      │        leases, the parcel (versions, manifests, HEAD)
 //!   local/      this host's files: the cache (image, chunk map, states),
 //!      │        private files, group sync, sparse files, disk files
-//!   error, image, host, time: the vocabulary every layer shares
+//!   error, image, host, time, aligned: the vocabulary every layer shares
 //! ```
 
 // The layers, from the bottom: every `use crate::…` points down this list.
+pub mod aligned;
 mod error;
 pub mod host;
 pub mod image;
@@ -37,6 +38,7 @@ pub use engine::{
 };
 pub use error::{ChunkFault, Error, ErrorClass};
 pub use image::Image;
+pub use local::cache::CacheIo;
 pub use local::notify::Notifier;
 pub use remote::{
     ChunkStored, DEFAULT_CHUNK_REFRESH, Lease, LeaseInfo, Liveness, Parcel, Published, PutOutcome,

@@ -51,6 +51,8 @@ pub fn recover(a: RecoverArgs) -> anyhow::Result<ExitCode> {
             offline: false,
             trickle: st["trickle"].as_u64(),
             bwlimit: st["bwlimit"].as_u64(),
+            // As the dead daemon asked (else as the cache recorded).
+            cache_io: s("cache_io").and_then(|m| fetcher::CacheIo::parse(&m).ok()),
         },
         foreground: false,
         memory_out: None,

@@ -221,10 +221,14 @@ fn running_text(name: &str, r: &Value) -> String {
             r["base_version"]
         ),
         format!(
-            "  cache   {cached:.1}% of {chunks} chunks  dirty {} ({}), {} to upload",
+            "  cache   {cached:.1}% of {chunks} chunks  dirty {} ({}), {} to upload{}",
             n("dirty_chunks"),
             size(n("dirty_bytes")),
-            size(n("pending_upload_bytes"))
+            size(n("pending_upload_bytes")),
+            match r["cache_io"].as_str() {
+                Some(mode) => format!("  I/O {mode}"),
+                None => String::new(),
+            }
         ),
         format!(
             "  rates   fetch {}  upload {}  link ~{}",
@@ -363,6 +367,19 @@ mod tests {
         assert_eq!(lines[4], "  trace   311 chunks  up 2m13s  daemon pid 4242");
         assert_eq!(lines[5], "  vm      none started by isr");
         assert_eq!(lines.len(), 6);
+    }
+
+    #[test]
+    fn the_cache_line_says_how_the_cache_does_its_io() {
+        let mut r = running();
+        r["cache_io"] = json!("direct");
+        let t = text(&r);
+        assert_eq!(
+            t.lines().nth(1),
+            Some(
+                "  cache   82.5% of 4096 chunks  dirty 12 (3.0 MiB), 3.0 MiB to upload  I/O direct"
+            )
+        );
     }
 
     #[test]

@@ -178,6 +178,7 @@ impl Control {
             "fetched_chunks": s.fetched_chunks,
             "fetched_bytes": s.fetched_bytes,
             "cache": r.cache_dir(),
+            "cache_io": r.cache_io().name(),
         })
     }
 
@@ -224,6 +225,7 @@ impl Control {
             })),
             "uptime_seconds": self.started.elapsed().as_secs(),
             "cache": engine.cache_dir(),
+            "cache_io": engine.cache_io().name(),
             "unclean_stop": report.recovered,
             "scanned_chunks": report.scanned_chunks,
             "recovered_dirty": report.recovered_dirty,

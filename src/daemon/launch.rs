@@ -102,6 +102,9 @@ fn daemon_args(a: &Options) -> Vec<std::ffi::OsString> {
     if let Some(r) = a.device.bwlimit {
         args.extend(["--bwlimit".into(), r.to_string().into()]);
     }
+    if let Some(m) = a.device.cache_io {
+        args.extend(["--cache-io".into(), m.name().into()]);
+    }
     if let Some(m) = a.ram_mib {
         args.extend(["--ram-mib".into(), m.to_string().into()]);
     }

@@ -74,6 +74,7 @@ fn serve_inner(a: &Options) -> anyhow::Result<ExitCode> {
         host: host_name(),
         miss_timeout: Duration::from_secs(a.device.miss_timeout),
         prefetch: !a.device.no_prefetch,
+        cache_io: a.device.cache_io,
         ..Default::default()
     };
     if let Some(dir) = &a.device.cache_dir {
@@ -185,6 +186,7 @@ fn serve_inner(a: &Options) -> anyhow::Result<ExitCode> {
         "no_prefetch": a.device.no_prefetch,
         "trickle": a.device.trickle,
         "bwlimit": a.device.bwlimit,
+        "cache_io": a.device.cache_io.map(fetcher::CacheIo::name),
         "ram_mib": a.ram_mib,
     });
     let device: Arc<OnceLock<ublk_target::DeviceInfo>> = Arc::new(OnceLock::new());

@@ -421,6 +421,52 @@ pub fn strace_events(log: &str) -> Vec<Syscall> {
     out
 }
 
+/// A file system on a block device, for what tmpfs cannot show (direct
+/// I/O: tmpfs keeps file data in memory whatever the flags): an ext4 on a
+/// loop device over a sparse file. Needs root and a loop device.
+pub struct Ext4Fs {
+    dir: tempfile::TempDir,
+    device: String,
+}
+
+impl Ext4Fs {
+    pub fn new(mib: u64) -> Ext4Fs {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("m");
+        std::fs::create_dir_all(&m).unwrap();
+        let back = dir.path().join("back");
+        sh(&format!("truncate -s {mib}M {}", back.display()));
+        let device = sh(&format!("losetup -f --show {}", back.display()));
+        let fs = Ext4Fs { dir, device };
+        sh(&format!("mkfs.ext4 -q -F {}", fs.device));
+        sh(&format!("mount {} {}", fs.device, m.display()));
+        fs
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("m")
+    }
+}
+
+impl Drop for Ext4Fs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
+
+/// Runs `cmd` in a shell; its stdout, or a panic that says what failed.
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}{} (this test needs root and a loop device)",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// A small file system whose device fails writes once 4 MiB of data are
 /// written: an ext4 on a loop device over a sparse file in a tmpfs with
 /// that much room left. Writes land
@@ -437,16 +483,6 @@ impl FailingFs {
         let (t, m) = (dir.path().join("t"), dir.path().join("m"));
         std::fs::create_dir_all(&t).unwrap();
         std::fs::create_dir_all(&m).unwrap();
-        let sh = |cmd: &str| {
-            let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{cmd}: {}{} (this test needs root and a loop device)",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).trim().to_owned()
-        };
         sh(&format!(
             "mount -t tmpfs -o size=8m isr-test {}",
             t.display()

@@ -148,6 +148,9 @@ pub fn serve(
         .map_err(ublk("create device"))?;
     let size = engine.geometry().disk_size();
     let image_fd = std::os::fd::AsRawFd::as_raw_fd(engine.image_file());
+    let direct_fd = engine
+        .image_direct()
+        .map(|(f, _)| std::os::fd::AsRawFd::as_raw_fd(f));
     let tgt_init = move |dev: &mut UblkDev| {
         dev.set_default_params(size);
         let p = &mut dev.tgt.params;
@@ -161,9 +164,14 @@ pub fn serve(
             max_discard_segments: 1,
             ..Default::default()
         };
+        // Fixed files 1 and 2 (0 is the ublk char device): the image
+        // through the page cache, and opened with O_DIRECT (the buffered
+        // one again when the cache works buffered).
         let tgt = &mut dev.tgt;
+        debug_assert_eq!(tgt.nr_fds as u32, queue::BUFFERED_FILE);
         tgt.fds[tgt.nr_fds as usize] = image_fd;
-        tgt.nr_fds += 1;
+        tgt.fds[tgt.nr_fds as usize + 1] = direct_fd.unwrap_or(image_fd);
+        tgt.nr_fds += 2;
         Ok(())
     };
     let q_engine = engine.clone();

@@ -120,8 +120,15 @@ struct Flusher {
     finished: Wakeups,
 }
 
+/// The ring's fixed files: the cache image through the page cache, and
+/// (when the cache works direct) the image opened with `O_DIRECT`.
+pub(crate) const BUFFERED_FILE: u32 = 1;
+pub(crate) const DIRECT_FILE: u32 = 2;
+
 struct QueueCtx {
     engine: Arc<Engine>,
+    /// The alignment of direct I/O on the image, when the cache works direct.
+    direct: Option<usize>,
     notifier: Arc<Notifier>,
     wakeups: Wakeups,
     timer: Timer,
@@ -144,6 +151,7 @@ pub(crate) fn run(qid: u16, dev: &UblkDev, engine: Arc<Engine>) {
         }
     };
     let ctx = Rc::new(QueueCtx {
+        direct: engine.image_direct().map(|(_, align)| align),
         engine,
         notifier,
         wakeups: Wakeups::default(),
@@ -324,7 +332,7 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, data: Data<'_>, max
             if write && let Err(e) = engine.begin_write(offset, len) {
                 return fail("write", offset, len, &e);
             }
-            let res = image_io(write, offset, len, data).await;
+            let res = image_io(write, offset, len, data, ctx.direct).await;
             if write && let Err(e) = engine.end_write(offset, len) {
                 return fail("write", offset, len, &e);
             }
@@ -392,7 +400,7 @@ async fn sync_files(ctx: &QueueCtx) {
     // Dirty entries that must not reach the map before their data is
     // durable: taken now, written once the image's sync has ended.
     let settling = ctx.engine.settling();
-    let image_sqe = opcode::Fsync::new(types::Fixed(1))
+    let image_sqe = opcode::Fsync::new(types::Fixed(BUFFERED_FILE))
         .flags(types::FsyncFlags::DATASYNC)
         .build()
         .flags(squeue::Flags::FIXED_FILE);
@@ -461,24 +469,44 @@ async fn wait_cached(ctx: &QueueCtx, c: u64, deadline: Instant) -> Result<(), i3
 }
 
 /// Reads or writes `len` bytes of the cache image at `offset` through the
-/// queue's ring (fixed file 1; the image holds disk byte x at offset x, so
-/// one request is one op, or more after a short transfer).
-async fn image_io(write: bool, offset: u64, len: usize, mut data: Data<'_>) -> i32 {
+/// queue's ring (the image holds disk byte x at offset x, so one request is
+/// one op, or more after a short transfer). When the cache works direct
+/// (`direct`: the alignment its I/O needs), what is aligned goes through
+/// the `O_DIRECT` descriptor (fixed file 2), the rest (a disk's last
+/// partial block, or pages the file system refuses: EINVAL) through the
+/// page cache (fixed file 1).
+async fn image_io(
+    write: bool,
+    offset: u64,
+    len: usize,
+    mut data: Data<'_>,
+    mut direct: Option<usize>,
+) -> i32 {
     let mut done = 0usize;
     while done < len {
-        let n = (len - done) as u32;
         let at = offset + done as u64;
+        let mut n = len - done;
+        let mem_aligned = |a: usize| match &data {
+            Data::Buf(buf) => (buf[done..].as_ptr() as usize).is_multiple_of(a),
+            // The request's own pages: the kernel checks them (EINVAL).
+            Data::Fixed(_) => true,
+        };
+        let fixed = match direct {
+            Some(a) if at.is_multiple_of(a as u64) && n >= a && mem_aligned(a) => {
+                n &= !(a - 1);
+                DIRECT_FILE
+            }
+            _ => BUFFERED_FILE,
+        };
+        let file = types::Fixed(fixed);
+        let n32 = n as u32;
         let sqe = match &mut data {
             Data::Buf(buf) => {
-                let ptr = buf[done..len].as_mut_ptr();
+                let ptr = buf[done..done + n].as_mut_ptr();
                 if write {
-                    opcode::Write::new(types::Fixed(1), ptr, n)
-                        .offset(at)
-                        .build()
+                    opcode::Write::new(file, ptr, n32).offset(at).build()
                 } else {
-                    opcode::Read::new(types::Fixed(1), ptr, n)
-                        .offset(at)
-                        .build()
+                    opcode::Read::new(file, ptr, n32).offset(at).build()
                 }
             }
             // A buffer the kernel registered is addressed from 0: the
@@ -486,11 +514,11 @@ async fn image_io(write: bool, offset: u64, len: usize, mut data: Data<'_>) -> i
             Data::Fixed(index) => {
                 let ptr = std::ptr::without_provenance_mut(done);
                 if write {
-                    opcode::WriteFixed::new(types::Fixed(1), ptr, n, *index)
+                    opcode::WriteFixed::new(file, ptr, n32, *index)
                         .offset(at)
                         .build()
                 } else {
-                    opcode::ReadFixed::new(types::Fixed(1), ptr, n, *index)
+                    opcode::ReadFixed::new(file, ptr, n32, *index)
                         .offset(at)
                         .build()
                 }
@@ -502,6 +530,12 @@ async fn image_io(write: bool, offset: u64, len: usize, mut data: Data<'_>) -> i
         )
         .await
         .unwrap_or(-libc::EIO);
+        if r == -libc::EINVAL && fixed == DIRECT_FILE {
+            // Memory the file system will not take directly: the rest of
+            // this request goes through the page cache.
+            direct = None;
+            continue;
+        }
         if r <= 0 {
             return if r == 0 { -libc::EIO } else { r };
         }

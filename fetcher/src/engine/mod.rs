@@ -32,7 +32,7 @@ use std::time::Duration;
 use format::{ChunkEntry, ChunkKey, Geometry, Manifest};
 use tokio::sync::mpsc;
 
-use crate::local::cache::{self, ABSENT, Cache, DIRTY, Header, PRESENT};
+use crate::local::cache::{self, ABSENT, Cache, CacheIo, DIRTY, Header, PRESENT};
 use crate::local::notify::Notifier;
 use crate::transfer::meter::RateMeter;
 use crate::{Error, Parcel};
@@ -80,6 +80,10 @@ pub struct EngineOptions {
     /// (not `reattach`), it drops the chunks a previous run left dirty:
     /// they belonged to a VM that is gone.
     pub ram: Option<u64>,
+    /// How the cache image's data is read and written: `O_DIRECT` or
+    /// through the page cache (`None`: as the cache last recorded, else
+    /// [`CacheIo::DEFAULT`]). The choice is recorded in the cache.
+    pub cache_io: Option<CacheIo>,
 }
 
 impl EngineOptions {
@@ -115,6 +119,7 @@ impl Default for EngineOptions {
             reattach: false,
             boot_id: None,
             ram: None,
+            cache_io: None,
         }
     }
 }
@@ -363,9 +368,27 @@ impl Engine {
         Ok(need)
     }
 
-    /// The cache image, for a device that does its own I/O on it.
+    /// The cache image, for a device that does its own I/O on it (through
+    /// the page cache; see [`image_direct`](Self::image_direct)).
     pub fn image_file(&self) -> &std::fs::File {
         self.shared.cache.image.file()
+    }
+
+    /// The cache image opened with `O_DIRECT` and the alignment its I/O
+    /// needs, when the cache works direct: a device reads and writes
+    /// through it what is aligned, the rest through
+    /// [`image_file`](Self::image_file) (one fdatasync on either covers
+    /// both).
+    pub fn image_direct(&self) -> Option<(&std::fs::File, usize)> {
+        self.shared.cache.image_direct()
+    }
+
+    /// How the cache image's data is read and written now.
+    pub fn cache_io(&self) -> CacheIo {
+        match self.image_direct() {
+            Some(_) => CacheIo::Direct,
+            None => CacheIo::Buffered,
+        }
     }
 
     /// How long a read of a missing chunk may wait.
@@ -775,5 +798,6 @@ fn new_header(version: u64, manifest: &Manifest) -> Result<Header, Error> {
         cache_id,
         open: false,
         boot_id: [0; 16],
+        cache_io: None,
     })
 }

@@ -5,6 +5,7 @@ use format::chunk::ChunkDecoder;
 use format::{ChunkKey, Manifest, Secret};
 
 use crate::Image;
+use crate::aligned::AlignedBuf;
 use crate::remote::store::validate_parcel_name;
 use crate::{ChunkFault, Error, Store};
 
@@ -199,7 +200,7 @@ impl Parcel {
         len: usize,
         index: u64,
         version: u64,
-    ) -> Result<Vec<u8>, Error> {
+    ) -> Result<AlignedBuf, Error> {
         self.fetch_image_chunk(key, len, Image::Disk, index, version)
             .await
     }
@@ -212,7 +213,7 @@ impl Parcel {
         image: Image,
         index: u64,
         version: u64,
-    ) -> Result<Vec<u8>, Error> {
+    ) -> Result<AlignedBuf, Error> {
         let id = key.id();
         let bad = |fault| Error::BadChunk {
             id,
@@ -230,8 +231,13 @@ impl Parcel {
         let secret = self.secret.clone();
         // A runtime that shuts down (a suspend with fetches in flight)
         // cancels a decode not yet started: an error, not a panic.
+        // Decoded into an aligned buffer: a cache that works direct
+        // writes it as it is.
         let decoded = tokio::task::spawn_blocking(move || {
-            ChunkDecoder::new(secret).decode(&key, &object, len)
+            let mut out = AlignedBuf::zeroed(len.min(format::MAX_CHUNK_SIZE as usize));
+            ChunkDecoder::new(secret)
+                .decode_into(&key, &object, &mut out)
+                .map(|()| out)
         })
         .await
         .map_err(|e| {

@@ -94,9 +94,11 @@ impl Fixture {
         self.rt.block_on(async {
             let m = parcel.manifest(v).await.unwrap();
             match m.chunks[c as usize] {
-                format::ChunkEntry::Data(k) => {
-                    parcel.fetch_chunk(k, CHUNK as usize, c, v).await.unwrap()
-                }
+                format::ChunkEntry::Data(k) => parcel
+                    .fetch_chunk(k, CHUNK as usize, c, v)
+                    .await
+                    .unwrap()
+                    .to_vec(),
                 format::ChunkEntry::Zero => vec![0; CHUNK as usize],
             }
         })

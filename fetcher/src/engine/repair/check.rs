@@ -62,6 +62,9 @@ pub fn check(parcel: &Parcel, cache_root: &Path, progress: Progress) -> Result<C
         )));
     }
     let cache = Cache::open(Cache::lock(&dir)?, &dir)?;
+    // Every chunk is read: as the cache reads (past the page cache, when
+    // direct).
+    crate::engine::reconcile::use_io(&cache, None, &mut Default::default());
     let repaired = cache.repair()?;
     let header = cache.header();
     let path = cache.manifest_path(header.base_version);

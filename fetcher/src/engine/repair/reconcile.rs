@@ -12,8 +12,9 @@ use std::path::Path;
 
 use format::{ChunkEntry, Manifest};
 
+use crate::aligned::AlignedBuf;
 use crate::engine::{EngineOptions, OpenReport, new_header};
-use crate::local::cache::{self, Cache, DIRTY, PRESENT};
+use crate::local::cache::{self, Cache, CacheIo, DIRTY, PRESENT};
 use crate::{Error, Parcel};
 
 /// Opens or creates the cache in `dir` and brings it up to date with the
@@ -37,10 +38,12 @@ pub(crate) async fn open_cache(
     if !Cache::exists(dir) {
         report.created = true;
         let created = create(parcel, lock, dir, options).await?;
+        use_io(&created.0, options.cache_io, report);
         report.reached_store = true;
         return Ok(created);
     }
     let cache = Cache::open(lock, dir)?;
+    use_io(&cache, options.cache_io, report);
     let repaired = cache.repair()?;
     if repaired != Default::default() {
         tracing::warn!(
@@ -240,6 +243,21 @@ async fn create(
     Ok((cache, (head, manifest)))
 }
 
+/// Reads and writes the image as `asked` (else as the cache recorded, else
+/// [`CacheIo::DEFAULT`]): from the first read on, a recovery's scan
+/// included. Direct I/O that cannot be is a warning, not a failure.
+pub(crate) fn use_io(cache: &Cache, asked: Option<CacheIo>, report: &mut OpenReport) {
+    let mode = asked
+        .or(cache.header().cache_io)
+        .unwrap_or(CacheIo::DEFAULT);
+    if let (_, Some(why)) = cache.use_io(mode) {
+        tracing::warn!(cache = %cache.dir().display(), "direct I/O not used: {why}");
+        report
+            .warnings
+            .push(format!("the cache works through the page cache: {why}"));
+    }
+}
+
 /// Whether `data` is what `entry` says the chunk holds.
 fn matches(parcel: &Parcel, data: &[u8], entry: &ChunkEntry) -> bool {
     match entry {
@@ -248,9 +266,14 @@ fn matches(parcel: &Parcel, data: &[u8], entry: &ChunkEntry) -> bool {
     }
 }
 
-fn read_chunk(cache: &Cache, m: &Manifest, c: u64, buf: &mut Vec<u8>) -> Result<(), Error> {
+/// Reads chunk `c` of `m`'s disk from the image into `buf` (aligned: a
+/// cache that works direct reads it past the page cache).
+fn read_chunk(cache: &Cache, m: &Manifest, c: u64, buf: &mut AlignedBuf) -> Result<(), Error> {
     let g = m.geometry();
-    buf.resize(g.chunk_len(c) as usize, 0);
+    let len = g.chunk_len(c) as usize;
+    if buf.len() != len {
+        *buf = AlignedBuf::zeroed(len);
+    }
     cache.read_image(buf, g.chunk_offset(c))
 }
 
@@ -322,7 +345,7 @@ pub(crate) fn present_mismatches(
             .chunks(per)
             .map(|part| {
                 scope.spawn(move || {
-                    let mut buf = Vec::new();
+                    let mut buf = AlignedBuf::zeroed(0);
                     let mut bad = Vec::new();
                     for &c in part {
                         read_chunk(cache, base, c, &mut buf)?;
@@ -352,7 +375,7 @@ pub(crate) fn present_mismatches(
 /// chunk rewritten with the bytes it had (zeros over zeros, a block written
 /// again unchanged) is dirty although its entry did not change.
 fn adopt_own(parcel: &Parcel, cache: &Cache, next: &Manifest) -> Result<(), Error> {
-    let mut buf = Vec::new();
+    let mut buf = AlignedBuf::zeroed(0);
     for c in 0..cache.len() as u64 {
         let i = c as usize;
         if cache::state_of(cache.entry(c)) == DIRTY {

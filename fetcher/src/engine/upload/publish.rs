@@ -19,6 +19,7 @@ use format::{ChunkEntry, ChunkKey, VmSettings};
 use futures::{StreamExt, TryStreamExt, stream};
 
 use crate::Image;
+use crate::aligned::AlignedBuf;
 use crate::engine::{Base, Engine, Shared};
 use crate::local::cache::{DIRTY, PRESENT, state_of};
 use crate::remote::lease::Lease;
@@ -407,7 +408,7 @@ pub(in crate::engine) async fn upload_chunk(
     // generation belong together.
     let s = shared.clone();
     let (map_entry, encoded) = tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; s.geometry.chunk_len(c) as usize];
+        let mut buf = AlignedBuf::zeroed(s.geometry.chunk_len(c) as usize);
         let _g = s.stripe(c);
         let entry = (!s.write_in_flight(c)).then(|| s.cache.entry(c));
         s.cache
@@ -543,7 +544,7 @@ async fn keep_young(
 fn encode_from_cache(s: &Shared, base: &Base, key: ChunkKey) -> Result<Option<Vec<u8>>, Error> {
     let secret = s.parcel.secret();
     for &c in base.by_key.get(&key).into_iter().flatten() {
-        let mut buf = vec![0u8; s.geometry.chunk_len(c) as usize];
+        let mut buf = AlignedBuf::zeroed(s.geometry.chunk_len(c) as usize);
         {
             let _g = s.stripe(c);
             if state_of(s.cache.entry(c)) != PRESENT {

@@ -25,11 +25,12 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::Error;
+use crate::aligned::{ALIGN, AlignedBuf};
 use crate::local::private;
 
 /// One recorded change to a cache file (names are relative to the cache
@@ -166,13 +167,23 @@ pub(crate) fn log_for(dir: &Path) -> Option<Arc<FileLog>> {
 }
 
 /// A file of the cache: the file, its name in the cache directory, and the
-/// log recording it, if any.
+/// log recording it, if any; and, once [`enable_direct`](Self::enable_direct)
+/// succeeded, a second descriptor that bypasses the page cache.
 #[derive(Debug)]
 pub struct CacheFile {
     file: File,
     name: &'static str,
     path: PathBuf,
     log: Option<Arc<FileLog>>,
+    direct: OnceLock<Direct>,
+}
+
+/// A cache file opened again with `O_DIRECT`, and the alignment (of file
+/// offset, length and memory) its file system asks for direct I/O.
+#[derive(Debug)]
+struct Direct {
+    file: File,
+    align: usize,
 }
 
 impl CacheFile {
@@ -185,12 +196,107 @@ impl CacheFile {
             name,
             path,
             log: log_for(dir),
+            direct: OnceLock::new(),
         })
     }
 
-    /// The file itself, for reads and for a device doing its own I/O.
+    /// The file itself (through the page cache), for reads and for a
+    /// device doing its own I/O.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// Opens the file again with `O_DIRECT`: from then on, reads and writes
+    /// whose offset, length and memory are aligned bypass the page cache
+    /// (what is not aligned, a disk's last partial block, goes through it;
+    /// the kernel keeps the two coherent, and an fdatasync covers both).
+    /// Returns the alignment, or why direct I/O is not used: a file system
+    /// that keeps file data in memory anyway (tmpfs, ramfs), or one that
+    /// refuses `O_DIRECT` or asks more than a page of alignment.
+    pub fn enable_direct(&self) -> Result<usize, String> {
+        if let Some(d) = self.direct.get() {
+            return Ok(d.align);
+        }
+        if let Some(fs) = in_memory_fs(&self.file) {
+            return Err(format!(
+                "{} is on {fs}, which keeps file data in memory: O_DIRECT would keep nothing out of the page cache",
+                self.path.display()
+            ));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&self.path)
+            .map_err(|e| {
+                format!(
+                    "the file system of {} refuses O_DIRECT ({e})",
+                    self.path.display()
+                )
+            })?;
+        let align = dio_align(&file).unwrap_or(ALIGN);
+        if align > ALIGN {
+            return Err(format!(
+                "the file system of {} asks {align}-byte alignment for O_DIRECT",
+                self.path.display()
+            ));
+        }
+        // A direct read proves the descriptor works (a short file reads
+        // short, which is no error).
+        let mut probe = AlignedBuf::zeroed(ALIGN);
+        if let Err(e) = file.read_at(&mut probe, 0) {
+            return Err(format!(
+                "a direct read of {} failed ({e})",
+                self.path.display()
+            ));
+        }
+        let _ = self.direct.set(Direct { file, align });
+        Ok(align)
+    }
+
+    /// The `O_DIRECT` descriptor and its alignment, once enabled.
+    pub fn direct(&self) -> Option<(&File, usize)> {
+        self.direct.get().map(|d| (&d.file, d.align))
+    }
+
+    /// How much of `len` bytes at `offset` can go direct: the descriptor
+    /// and an aligned prefix (the rest goes buffered).
+    fn direct_part(&self, len: usize, offset: u64) -> Option<(&File, usize)> {
+        let d = self.direct.get()?;
+        let prefix = len & !(d.align - 1);
+        (offset.is_multiple_of(d.align as u64) && prefix > 0).then_some((&d.file, prefix))
+    }
+
+    /// Whether memory at `ptr` suits direct I/O (else it goes through an
+    /// aligned copy).
+    fn mem_aligned(&self, ptr: *const u8) -> bool {
+        self.direct
+            .get()
+            .is_some_and(|d| (ptr as usize).is_multiple_of(d.align))
+    }
+
+    /// Reads `buf.len()` bytes at `offset` through the `O_DIRECT`
+    /// descriptor `direct` (both aligned), through an aligned copy when
+    /// `buf` is not.
+    fn read_direct(&self, direct: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.mem_aligned(buf.as_ptr()) {
+            return direct.read_exact_at(buf, offset);
+        }
+        let mut bounce = AlignedBuf::zeroed(buf.len());
+        direct.read_exact_at(&mut bounce, offset)?;
+        buf.copy_from_slice(&bounce);
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` through the `O_DIRECT` descriptor `direct`
+    /// (both aligned), through an aligned copy when `data` is not.
+    fn write_direct(&self, direct: &File, data: &[u8], offset: u64) -> io::Result<()> {
+        if self.mem_aligned(data.as_ptr()) {
+            return direct.write_all_at(data, offset);
+        }
+        let mut bounce = AlignedBuf::zeroed(data.len());
+        bounce.copy_from_slice(data);
+        direct.write_all_at(&bounce, offset)
     }
 
     /// Its path.
@@ -209,8 +315,18 @@ impl CacheFile {
         }
     }
 
-    /// Reads exactly `buf.len()` bytes at `offset`.
+    /// Reads exactly `buf.len()` bytes at `offset` (directly where it can:
+    /// see [`enable_direct`](Self::enable_direct)).
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some((direct, n)) = self.direct_part(buf.len(), offset) {
+            match self.read_direct(direct, &mut buf[..n], offset) {
+                Ok(()) => return self.file.read_exact_at(&mut buf[n..], offset + n as u64),
+                // Refused after all (an alignment the probe did not see):
+                // the page cache serves it.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
         self.file.read_exact_at(buf, offset)
     }
 
@@ -222,7 +338,16 @@ impl CacheFile {
                 offset,
                 data: data.to_vec(),
             },
-            || self.file.write_all_at(data, offset),
+            || {
+                if let Some((direct, n)) = self.direct_part(data.len(), offset) {
+                    match self.write_direct(direct, &data[..n], offset) {
+                        Ok(()) => return self.file.write_all_at(&data[n..], offset + n as u64),
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                self.file.write_all_at(data, offset)
+            },
         )
     }
 
@@ -284,6 +409,48 @@ impl CacheFile {
             log.point(name);
         }
     }
+}
+
+/// The in-memory file system `file` is on (tmpfs, ramfs), if it is.
+fn in_memory_fs(file: &File) -> Option<&'static str> {
+    // SAFETY: fstatfs writes into the zeroed struct we pass; the fd is ours.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return None;
+    }
+    match st.f_type {
+        libc::TMPFS_MAGIC => Some("tmpfs"),
+        // RAMFS_MAGIC (linux/magic.h; not in libc).
+        0x8584_58f6 => Some("ramfs"),
+        _ => None,
+    }
+}
+
+/// The alignment direct I/O on `file` needs (`statx`'s `STATX_DIOALIGN`,
+/// Linux 6.1), if the file system says.
+fn dio_align(file: &File) -> Option<usize> {
+    // SAFETY: statx writes into the zeroed struct we pass; the path is an
+    // empty C string with AT_EMPTY_PATH, so the fd itself is asked.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut st,
+        )
+    };
+    if r != 0 || st.stx_mask & libc::STATX_DIOALIGN == 0 || st.stx_dio_offset_align == 0 {
+        return None;
+    }
+    Some(
+        (st.stx_dio_offset_align as usize)
+            .max(st.stx_dio_mem_align as usize)
+            .max(512),
+    )
 }
 
 /// Replaces `dir/name` durably with `bytes`: a temporary file, synced,

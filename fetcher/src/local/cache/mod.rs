@@ -136,6 +136,57 @@ pub struct Header {
     pub open: bool,
     /// The boot the cache was last opened in (see [`current_boot_id`]).
     pub boot_id: [u8; 16],
+    /// How its image's data is read and written, as last asked (`None`:
+    /// never asked, a cache from before the choice existed).
+    pub cache_io: Option<CacheIo>,
+}
+
+/// How a cache image's data is read and written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheIo {
+    /// `O_DIRECT`: the data bypasses the host's page cache (the guest
+    /// caches its own disk; QEMU's `cache=none` does the same). Where the
+    /// file system cannot (tmpfs), the cache works buffered and says so.
+    Direct,
+    /// Through the host's page cache.
+    Buffered,
+}
+
+impl CacheIo {
+    /// The mode of a cache that never recorded one.
+    pub const DEFAULT: CacheIo = CacheIo::Buffered;
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheIo::Direct => "direct",
+            CacheIo::Buffered => "buffered",
+        }
+    }
+
+    /// `direct` or `buffered`.
+    pub fn parse(s: &str) -> Result<CacheIo, String> {
+        match s {
+            "direct" => Ok(CacheIo::Direct),
+            "buffered" => Ok(CacheIo::Buffered),
+            _ => Err(format!("{s:?} is no cache I/O mode (direct or buffered)")),
+        }
+    }
+
+    fn code(mode: Option<CacheIo>) -> u32 {
+        match mode {
+            None => 0,
+            Some(CacheIo::Direct) => 1,
+            Some(CacheIo::Buffered) => 2,
+        }
+    }
+
+    fn from_code(code: u32) -> Option<CacheIo> {
+        match code {
+            1 => Some(CacheIo::Direct),
+            2 => Some(CacheIo::Buffered),
+            _ => None,
+        }
+    }
 }
 
 pub use crate::host::current_boot_id;
@@ -294,6 +345,7 @@ impl Cache {
             chunk_size: u32::from_le_bytes(head[32..36].try_into().expect("4")),
             cache_id: head[40..56].try_into().expect("16"),
             boot_id: head[56..72].try_into().expect("16"),
+            cache_io: CacheIo::from_code(u32::from_le_bytes(head[36..40].try_into().expect("4"))),
         };
         let count = format::Geometry::new(header.disk_size, header.chunk_size)
             .map_err(|e| bad(&e.to_string()))?
@@ -628,6 +680,25 @@ impl Cache {
             .map_err(io_err("punch hole", &self.dir.join("image")))
     }
 
+    /// Reads and writes the image's data as `mode` asks, and records it in
+    /// the header (written with the header's next update); returns the
+    /// mode in effect and, when direct I/O was asked and cannot be, why.
+    pub fn use_io(&self, mode: CacheIo) -> (CacheIo, Option<String>) {
+        self.header.lock().expect("header lock").cache_io = Some(mode);
+        match mode {
+            CacheIo::Buffered => (CacheIo::Buffered, None),
+            CacheIo::Direct => match self.image.enable_direct() {
+                Ok(_) => (CacheIo::Direct, None),
+                Err(why) => (CacheIo::Buffered, Some(why)),
+            },
+        }
+    }
+
+    /// The image's `O_DIRECT` descriptor and its alignment, when direct.
+    pub fn image_direct(&self) -> Option<(&File, usize)> {
+        self.image.direct()
+    }
+
     /// Writes `data` into the image at `offset`.
     pub fn write_image(&self, data: &[u8], offset: u64) -> Result<(), Error> {
         self.image
@@ -720,6 +791,7 @@ fn encode_header(h: &Header) -> Vec<u8> {
     b[16..24].copy_from_slice(&h.base_version.to_le_bytes());
     b[24..32].copy_from_slice(&h.disk_size.to_le_bytes());
     b[32..36].copy_from_slice(&h.chunk_size.to_le_bytes());
+    b[36..40].copy_from_slice(&CacheIo::code(h.cache_io).to_le_bytes());
     b[40..56].copy_from_slice(&h.cache_id);
     b[56..72].copy_from_slice(&h.boot_id);
     b

@@ -10,6 +10,7 @@ pub(crate) fn header_of(base_version: u64) -> Header {
         cache_id: [9; 16],
         open: true,
         boot_id: [7; 16],
+        cache_io: None,
     }
 }
 
