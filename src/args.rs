@@ -83,8 +83,8 @@ pub struct DeviceArgs {
     /// How the cache image's data is read and written: `direct` (O_DIRECT:
     /// past this host's page cache; the guest caches its own disk) or
     /// `buffered` (through it). Recorded in the cache: without it, as the
-    /// cache last worked (a new cache: buffered). A file system that keeps
-    /// files in memory (tmpfs) works buffered, and says so.
+    /// cache was last asked (never asked: direct). A file system that keeps
+    /// files in memory (tmpfs) works buffered (and warns, when asked).
     #[arg(long, env = "ISR_CACHE_IO", value_name = "MODE", value_parser = fetcher::CacheIo::parse)]
     pub cache_io: Option<fetcher::CacheIo>,
 }

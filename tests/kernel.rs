@@ -737,7 +737,9 @@ fn ublk_flush_fails_for_good_once_the_cache_cannot_sync() {
     let fs = support::FailingFs::new();
     let mut vm = Vm::new(32);
     vm.cache = fs.path().join("cache");
-    let dev = vm.resume(&["--no-prefetch"]);
+    // Writeback that fails is the page cache's: buffered whatever the run
+    // asks (direct I/O reports the failure at the write itself).
+    let dev = vm.resume(&["--no-prefetch", "--cache-io", "buffered"]);
     let f = direct(&dev);
     let mut a = Aligned::new(1 << 20);
     let mut x = 7u64;

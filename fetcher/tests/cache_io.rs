@@ -14,8 +14,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{CHUNK, Rng, read_all};
-use fetcher::ops::{ImportOptions, import};
+use common::{Rng, read_all};
 use fetcher::{CacheIo, Engine, EngineOptions, Parcel, Store, no_progress};
 use format::Secret;
 
@@ -25,19 +24,8 @@ fn secret() -> Secret {
 
 /// A parcel of an image of `size` bytes in a memory store, and the image.
 fn parcel_of(size: u64) -> (Parcel, Vec<u8>) {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("image");
-    support::write_mixed_image(&image, size, 5);
     let store = Store::open("memory://", &Default::default()).unwrap();
-    let parcel = Parcel::new(store, "vm", secret()).unwrap();
-    let options = ImportOptions {
-        chunk_size: Some(CHUNK as u32),
-        ..Default::default()
-    };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(import(&parcel, &image, &options, no_progress()))
-        .unwrap();
-    (parcel, std::fs::read(&image).unwrap())
+    common::import_parcel_of(store, size, 5, secret())
 }
 
 fn options(root: &Path, io: Option<CacheIo>) -> EngineOptions {
@@ -151,4 +139,23 @@ fn direct_io_on_tmpfs_works_buffered_and_says_why() {
         "{warnings}"
     );
     assert!(read_all(&engine) == model);
+}
+
+#[test]
+fn the_default_mode_on_tmpfs_works_buffered_without_a_warning() {
+    let root = tempfile::tempdir_in("/dev/shm").unwrap();
+    let (parcel, model) = parcel_of(1 << 20);
+    let engine = Engine::open(parcel.clone(), options(root.path(), None)).unwrap();
+    assert_eq!(engine.cache_io(), CacheIo::Buffered);
+    assert!(
+        engine.open_report().warnings.is_empty(),
+        "{:?}",
+        engine.open_report().warnings
+    );
+    assert!(read_all(&engine) == model);
+    engine.close().unwrap();
+    // Nothing was asked, so nothing was recorded: a later ask is followed.
+    let again = Engine::open(parcel, options(root.path(), Some(CacheIo::Direct))).unwrap();
+    assert_eq!(again.cache_io(), CacheIo::Buffered);
+    assert_eq!(again.open_report().warnings.len(), 1);
 }

@@ -320,6 +320,9 @@ fn flush_fails_forever_after_a_fill_swallowed_a_writeback_error() {
     let (parcel, _) = make_parcel(store, 24, 99);
     let mut opts = options(&fs.path());
     opts.prefetch = true;
+    // A writeback error is the page cache's: buffered (direct I/O reports
+    // the failure at the fill's write itself).
+    opts.cache_io = Some(fetcher::CacheIo::Buffered);
     let engine = Engine::open(parcel, opts).unwrap();
     // Prefetch fills the cache until a fill's sync fails.
     let err = engine

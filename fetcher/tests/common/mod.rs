@@ -87,9 +87,14 @@ pub const CHUNK: u64 = 64 * 1024;
 /// Imports a generated image of `mib` MiB as version 1 of parcel "vm"
 /// under `secret`; returns the parcel and the image.
 pub fn import_parcel(store: Store, mib: u64, seed: u64, secret: Secret) -> (Parcel, Vec<u8>) {
+    import_parcel_of(store, mib << 20, seed, secret)
+}
+
+/// [`import_parcel`] of an image of `size` bytes (a multiple of nothing).
+pub fn import_parcel_of(store: Store, size: u64, seed: u64, secret: Secret) -> (Parcel, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("image");
-    support::write_mixed_image(&image, mib << 20, seed);
+    support::write_mixed_image(&image, size, seed);
     let parcel = Parcel::new(store, "vm", secret).unwrap();
     let options = ImportOptions {
         chunk_size: Some(CHUNK as u32),

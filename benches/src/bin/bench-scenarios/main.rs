@@ -178,7 +178,7 @@ fn run(args: &Args) -> Result<(), String> {
         "# Scenario benchmarks\n\n\
          Written by `scripts/bench-scenarios` on {date} (commit {commit}, {took:.0} s{quick}). \
          Every ratio is computed in the same run; the JSON lines of every run are in \
-         `benches/results.jsonl`.\n\n{table}\n{plot}\
+         `benches/results.jsonl`.\n\n{table}\n{plot}{p1}\
          ## Machine\n\n{machine}\n\n\
          ## How to reproduce\n\n    scripts/bench-scenarios            # all (installs what it needs)\n    \
          scripts/bench-scenarios --only P6  # one scenario\n    \
@@ -189,6 +189,7 @@ fn run(args: &Args) -> Result<(), String> {
          Each P6 row runs the proxy's self-test at the same shape first (in `details.proxy_check` \
          of its JSON line).\n\n{analysis}",
         commit = sh("git rev-parse --short HEAD"),
+        p1 = report::p1_tables(&rows),
         quick = if q { ", --quick" } else { "" },
         machine = machine(),
     );

@@ -63,6 +63,41 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
+/// The P1 section: each kernel's tables (direct, the headline, and
+/// buffered) from the rows' details, as `scripts/bench-ublk` printed them.
+pub fn p1_tables(rows: &[Row]) -> String {
+    let mut kernels = std::collections::BTreeMap::new();
+    for r in rows.iter().filter(|r| r.id == "P1") {
+        if let (Some(k), Some(t)) = (r.details["kernel"].as_str(), r.details.get("tables")) {
+            kernels.entry(k.to_owned()).or_insert_with(|| t.clone());
+        }
+    }
+    if kernels.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "## P1: cached I/O, like for like\n\n\
+         Every target in both cache I/O modes over the same kind of file (an ext4 on a block \
+         device): direct (isr `--cache-io direct`, rublk's default O_DIRECT, the kernel loop \
+         device with `--direct-io=on`) is the headline, as both peers' default and isr's; \
+         buffered (`--cache-io buffered`, `rublk --buffered-io`, `--direct-io=off`) holds the \
+         whole disk in the host's page cache.\n\n",
+    );
+    for tables in kernels.values() {
+        for mode in ["direct", "buffered"] {
+            if let Some(lines) = tables[mode].as_array() {
+                out.push_str("```\n");
+                for l in lines {
+                    out.push_str(l.as_str().unwrap_or_default());
+                    out.push('\n');
+                }
+                out.push_str("```\n\n");
+            }
+        }
+    }
+    out
+}
+
 /// The P3 plot (time to the boot's working set against the link speed),
 /// drawn by gnuplot into `png`.
 pub fn plot_p3(

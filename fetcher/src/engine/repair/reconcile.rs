@@ -243,18 +243,28 @@ async fn create(
     Ok((cache, (head, manifest)))
 }
 
-/// Reads and writes the image as `asked` (else as the cache recorded, else
-/// [`CacheIo::DEFAULT`]): from the first read on, a recovery's scan
-/// included. Direct I/O that cannot be is a warning, not a failure.
+/// Reads and writes the image as `asked` (recorded in the cache), else as
+/// the cache recorded, else [`CacheIo::DEFAULT`]: from the first read on, a
+/// recovery's scan included. Direct I/O that cannot be is no failure: the
+/// cache works buffered, with a warning when direct was asked (now or
+/// before), quietly when it was only the default (a cache on tmpfs).
 pub(crate) fn use_io(cache: &Cache, asked: Option<CacheIo>, report: &mut OpenReport) {
-    let mode = asked
-        .or(cache.header().cache_io)
-        .unwrap_or(CacheIo::DEFAULT);
-    if let (_, Some(why)) = cache.use_io(mode) {
-        tracing::warn!(cache = %cache.dir().display(), "direct I/O not used: {why}");
-        report
-            .warnings
-            .push(format!("the cache works through the page cache: {why}"));
+    let chosen = asked.or(cache.header().cache_io);
+    if let Some(mode) = asked {
+        cache.record_io(mode);
+    }
+    let mode = chosen.unwrap_or(CacheIo::DEFAULT);
+    match cache.use_io(mode) {
+        (_, Some(why)) if chosen.is_some() => {
+            tracing::warn!(cache = %cache.dir().display(), "direct I/O not used: {why}");
+            report
+                .warnings
+                .push(format!("the cache works through the page cache: {why}"));
+        }
+        (_, Some(why)) => {
+            tracing::info!(cache = %cache.dir().display(), "direct I/O not used: {why}");
+        }
+        _ => {}
     }
 }
 
