@@ -154,9 +154,9 @@ pub enum CacheIo {
 
 impl CacheIo {
     /// The mode of a cache that was never asked for one: direct, measured
-    /// faster on the device path (`scripts/bench-ublk`: 4 KiB random reads
-    /// 1.9× buffered on Linux 6.12) and free of a second copy of the disk
-    /// in the host's page cache.
+    /// as fast or faster on the device path on Linux 6.12 and steadier on
+    /// 7.3 (`scripts/bench-ublk`; figures in the README), and free of a
+    /// second copy of the disk in the host's page cache.
     pub const DEFAULT: CacheIo = CacheIo::Direct;
 
     pub fn name(self) -> &'static str {
