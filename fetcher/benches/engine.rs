@@ -54,6 +54,9 @@ fn options(root: &std::path::Path) -> EngineOptions {
     EngineOptions {
         cache_root: root.to_owned(),
         prefetch: false,
+        // Like for like with the reference, `pread` through the page cache
+        // (the device path in direct mode is scripts/bench-ublk's).
+        cache_io: Some(fetcher::CacheIo::Buffered),
         ..Default::default()
     }
 }
