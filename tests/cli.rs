@@ -431,7 +431,7 @@ fn hoard_fills_the_cache_and_a_second_hoard_fetches_nothing() {
 fn hoard_counts_the_chunks_it_filled_beside_the_objects_it_fetched() {
     let env = Env::file();
     let distinct: Vec<Vec<u8>> = (0..6)
-        .map(|i| support::noise(256 << 10, 31 + 2 * i))
+        .map(|i| format::noise(256 << 10, 31 + 2 * i))
         .collect();
     let image = env.path("repeats");
     let disk: Vec<u8> = (0..8).flat_map(|i| distinct[i % 6].clone()).collect();

@@ -20,15 +20,7 @@ fn text(len: usize) -> Vec<u8> {
 }
 
 fn noise(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    format::noise(len, 0x9e37_79b9_7f4a_7c15)
 }
 
 fn codec(c: &mut Criterion) {

@@ -53,9 +53,11 @@ pub fn is_zero(buf: &[u8]) -> bool {
     wide_zero && words.remainder().iter().all(|&b| b == 0)
 }
 
-/// Deterministic pseudo-random bytes (xorshift64) for the unit tests.
-#[cfg(test)]
-pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
+/// `len` deterministic pseudo-random bytes (xorshift64) for seed `seed`:
+/// incompressible data for the tests and benchmarks of every crate (never
+/// for keys or nonces).
+#[doc(hidden)]
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len)
         .map(|_| {

@@ -282,19 +282,6 @@ impl Drop for FaultProxy {
     }
 }
 
-/// `len` deterministic pseudo-random bytes (xorshift64) for seed `seed`.
-pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Writes a disk image of `size` bytes (a multiple of 1 MiB) mixing, per
 /// MiB: random bytes, holes, repeats of earlier MiBs, and text; the last
 /// 1000 bytes are data. Deterministic for a seed.
