@@ -47,12 +47,6 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
-impl PartialEq<[u8]> for AlignedBuf {
-    fn eq(&self, other: &[u8]) -> bool {
-        **self == *other
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

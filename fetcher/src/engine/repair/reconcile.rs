@@ -255,16 +255,16 @@ pub(crate) fn use_io(cache: &Cache, asked: Option<CacheIo>, report: &mut OpenRep
     }
     let mode = chosen.unwrap_or(CacheIo::DEFAULT);
     match cache.use_io(mode) {
-        (_, Some(why)) if chosen.is_some() => {
+        Err(why) if chosen.is_some() => {
             tracing::warn!(cache = %cache.dir().display(), "direct I/O not used: {why}");
             report
                 .warnings
                 .push(format!("the cache works through the page cache: {why}"));
         }
-        (_, Some(why)) => {
+        Err(why) => {
             tracing::info!(cache = %cache.dir().display(), "direct I/O not used: {why}");
         }
-        _ => {}
+        Ok(()) => {}
     }
 }
 

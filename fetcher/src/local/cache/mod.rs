@@ -640,15 +640,12 @@ impl Cache {
         self.header.lock().expect("header lock").cache_io = Some(mode);
     }
 
-    /// Reads and writes the image's data as `mode` says; returns the mode
-    /// in effect and, when direct I/O cannot be, why.
-    pub fn use_io(&self, mode: CacheIo) -> (CacheIo, Option<String>) {
+    /// Reads and writes the image's data as `mode` says; `Err`: direct
+    /// I/O was asked and cannot be (why), so the image works buffered.
+    pub fn use_io(&self, mode: CacheIo) -> Result<(), String> {
         match mode {
-            CacheIo::Buffered => (CacheIo::Buffered, None),
-            CacheIo::Direct => match self.image.enable_direct() {
-                Ok(_) => (CacheIo::Direct, None),
-                Err(why) => (CacheIo::Buffered, Some(why)),
-            },
+            CacheIo::Buffered => Ok(()),
+            CacheIo::Direct => self.image.enable_direct().map(drop),
         }
     }
 
