@@ -359,6 +359,9 @@ async fn wait_needed(ctx: &QueueCtx, offset: u64, len: usize, write: bool) -> Re
         Ok(n) => n,
         Err(e) => return Err(fail("prepare", offset, len, &e)),
     };
+    if need.is_empty() {
+        return Ok(());
+    }
     let deadline = Instant::now() + ctx.engine.miss_timeout();
     for c in need {
         wait_cached(ctx, c, deadline).await?;

@@ -84,7 +84,7 @@ pub fn p1_tables(rows: &[Row]) -> String {
          whole disk in the host's page cache.\n\n",
     );
     for tables in kernels.values() {
-        for mode in ["direct", "buffered"] {
+        for mode in ["direct", "buffered", "memory"] {
             if let Some(lines) = tables[mode].as_array() {
                 out.push_str("```\n");
                 for l in lines {
