@@ -81,7 +81,8 @@ pub fn p1_tables(rows: &[Row]) -> String {
          device): direct (isr `--cache-io direct`, rublk's default O_DIRECT, the kernel loop \
          device with `--direct-io=on`) is the headline, as both peers' default and isr's; \
          buffered (`--cache-io buffered`, `rublk --buffered-io`, `--direct-io=off`) holds the \
-         whole disk in the host's page cache.\n\n",
+         whole disk in the host's page cache. After each kernel's two tables, host memory: a \
+         1 GiB working set read once whole through isr in each mode.\n\n",
     );
     for tables in kernels.values() {
         for mode in ["direct", "buffered", "memory"] {
