@@ -325,10 +325,11 @@ async fn handle(q: &UblkQueue<'_>, tag: u16, ctx: &QueueCtx, data: Data<'_>, max
             if let Err(res) = wait_needed(ctx, offset, len, write).await {
                 return res;
             }
-            // A write is marked before its data goes in (fencing off a
-            // fetch that completes meanwhile) and after, failed or not (so
-            // that a publish that read the chunk in between keeps it dirty,
-            // and the readers of a chunk written whole go on).
+            // A write is marked before its data goes in (a new generation,
+            // fencing off a fetch that completes meanwhile) and ended
+            // after, failed or not (until then no sync or publish vouches
+            // for the chunk's content, and the readers of a chunk written
+            // whole wait).
             if write && let Err(e) = engine.begin_write(offset, len) {
                 return fail("write", offset, len, &e);
             }

@@ -92,7 +92,8 @@ pub(crate) struct Shared {
     /// Chunks being written whole while not local: the writes in flight
     /// and the slot their readers wait on (see `write.rs`).
     writing: Mutex<HashMap<u64, (usize, Arc<Slot>)>>,
-    /// Per chunk, the writes between their two marks (see `write.rs`).
+    /// Per chunk, the writes between their begin and their end (see
+    /// `write.rs`).
     writes_in_flight: Box<[std::sync::atomic::AtomicU32]>,
     demand_tx: mpsc::UnboundedSender<u64>,
     touched: Box<[AtomicU64]>,

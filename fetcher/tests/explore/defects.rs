@@ -541,6 +541,51 @@ fn a_sync_never_records_a_chunk_whose_write_is_in_flight() {
     );
 }
 
+/// Not a defect, a cost: the queue's write of a chunk already dirty
+/// writes one map entry (the new generation, before its data); ending it
+/// writes none (no sync vouches for what it read while the write was in
+/// flight, so that generation stands for the new data), and a publish
+/// afterwards still sends what the cache holds.
+#[test]
+fn a_device_write_of_a_dirty_chunk_writes_one_map_entry() {
+    let fx = Fixture::new();
+    let (parcel, _) = fx.parcel(0);
+    let (root, dir) = fx.cache("a");
+    let c = 3;
+    let log = Arc::new(FileLog::new());
+    let rec = fetcher::local::cache::record(&dir, log.clone());
+    let e = Engine::open(parcel.clone(), options(&root)).unwrap();
+    e.write(c * CHUNK, &pattern(0x31)).unwrap(); // dirty
+    e.flush().unwrap();
+    let before = log.snapshot().len();
+    let writes = 4u64;
+    for i in 0..writes {
+        let at = c * CHUNK + i * BLOCK as u64;
+        e.begin_write(at, BLOCK).unwrap();
+        e.image_file()
+            .write_all_at(&[0x40 + i as u8; BLOCK], at)
+            .unwrap();
+        e.end_write(at, BLOCK).unwrap();
+    }
+    drop(rec);
+    let entries = log.snapshot()[before..]
+        .iter()
+        .filter(|op| matches!(op, FileOp::Write { file, .. } if file == "state"))
+        .count();
+    assert_eq!(
+        entries as u64, writes,
+        "map entries written for {writes} writes"
+    );
+    let mut disk = vec![0u8; CHUNK as usize];
+    e.read(c * CHUNK, &mut disk).unwrap();
+    assert_eq!(disk[0], 0x40);
+    let v = e.publish(None, 0).unwrap().version;
+    assert!(
+        fx.stored_chunk(&parcel, v, c) == disk,
+        "version {v} differs from the cache"
+    );
+}
+
 /// Found by the explorer: two FLUSHes. The first had taken a chunk's dirty
 /// entry to write (after its image sync) and cleared the chunk's flag, but
 /// not written the entry yet; the second, begun later, found the chunk

@@ -57,9 +57,11 @@ impl Engine {
         Ok(())
     }
 
-    /// Marks every chunk under `len` bytes at `offset` dirty again after a
-    /// write (so that a publish that read a chunk in between keeps it
-    /// dirty), and lets the readers of a chunk being written whole go on.
+    /// Ends a write of every chunk under `len` bytes at `offset`, once its
+    /// data is in the image (or the write failed): a sync or publish may
+    /// vouch for the chunk's content again, the readers of a chunk being
+    /// written whole go on, and a chunk that is no longer dirty (a discard
+    /// changed it meanwhile) is marked again.
     pub fn end_write(&self, offset: u64, len: usize) -> Result<(), Error> {
         let s = &self.shared;
         for span in s.spans(offset, len)? {
@@ -171,8 +173,8 @@ impl Shared {
         !matches!(cache::state_of(self.cache.entry(c)), ABSENT | WRITING)
     }
 
-    /// Whether a write of chunk `c` is between its two marks (its data may
-    /// be landing). Callers hold the stripe lock.
+    /// Whether a write of chunk `c` is between its begin and its end (its
+    /// data may be landing). Callers hold the stripe lock.
     pub(crate) fn write_in_flight(&self, c: u64) -> bool {
         self.writes_in_flight[c as usize].load(Ordering::Relaxed) > 0
     }
@@ -204,23 +206,29 @@ impl Shared {
         Ok(())
     }
 
-    /// Marks chunk `c` after a write's data went in (or failed): the last
-    /// whole write of a chunk being written makes it dirty and lets its
-    /// readers go on. Caller holds the stripe lock.
+    /// Ends a write of chunk `c` after its data went in (or failed): the
+    /// last whole write of a chunk being written makes it dirty and lets
+    /// its readers go on. A chunk still dirty keeps the entry its
+    /// [`begin_chunk_write`](Self::begin_chunk_write) wrote: that new
+    /// generation already stands for this write's data, since nothing that
+    /// reads a chunk to upload it vouches for what it read while a write of
+    /// it is in flight (`write_in_flight`), so a second entry would only
+    /// cost a map write per request. One that is no longer dirty (changed
+    /// meanwhile) is marked again. Caller holds the stripe lock.
     fn end_chunk_write(&self, c: u64) -> Result<(), Error> {
         self.writes_in_flight[c as usize].fetch_sub(1, Ordering::Relaxed);
-        let done = {
+        let whole = {
             let mut map = self.writing.lock().expect("writing lock");
             match map.get_mut(&c) {
                 Some((n, _)) if *n > 1 => {
                     *n -= 1;
-                    false
+                    return Ok(());
                 }
                 Some(_) => true,
-                None => true,
+                None => false,
             }
         };
-        if !done {
+        if !whole && cache::state_of(self.cache.entry(c)) == DIRTY {
             return Ok(());
         }
         // Dirty before the readers wake: asking again, they find it cached.

@@ -386,9 +386,9 @@ async fn upload_dirty(
 pub(in crate::engine) struct Uploaded {
     pub(in crate::engine) chunk: u64,
     /// The chunk's map entry (state and generation) when it was read;
-    /// `None` if a write of it was in flight then (between its two marks:
-    /// its data may land without a generation of its own if the process
-    /// dies before the second, so what was read stands for no generation).
+    /// `None` if a write of it was in flight then (between `begin_write`
+    /// and `end_write`: its data may be landing under the generation
+    /// `begin_write` gave it, so what was read stands for no generation).
     pub(in crate::engine) map_entry: Option<u64>,
     /// Its entry in the new chunk table.
     pub(in crate::engine) table_entry: ChunkEntry,
