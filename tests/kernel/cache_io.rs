@@ -24,14 +24,9 @@ fn ublk_flush_fails_for_good_once_the_cache_cannot_sync() {
     let dev = vm.resume(&["--no-prefetch", "--cache-io", "buffered"]);
     let f = direct(&dev);
     let mut a = Aligned::new(1 << 20);
-    let mut x = 7u64;
     for mib in 0..16u64 {
-        for b in a.buf(1 << 20).iter_mut() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            *b = x as u8;
-        }
+        a.buf(1 << 20)
+            .copy_from_slice(&format::noise(1 << 20, 7 + mib));
         f.write_all_at(a.buf(1 << 20), mib << 20).unwrap();
     }
     for round in 0..3 {
