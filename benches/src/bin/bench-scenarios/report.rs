@@ -63,8 +63,9 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
-/// The P1 section: each kernel's tables (direct, the headline, and
-/// buffered) from the rows' details, as `scripts/bench-ublk` printed them.
+/// The P1 section: each kernel's tables (direct, the headline; buffered;
+/// host memory) from the rows' details, as `scripts/bench-ublk` printed
+/// them.
 pub fn p1_tables(rows: &[Row]) -> String {
     let mut kernels = std::collections::BTreeMap::new();
     for r in rows.iter().filter(|r| r.id == "P1") {
